@@ -1,0 +1,38 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv/bin
+export MC_LOG_LEVEL ?= ERROR
+
+.PHONY: setup setup-vllm demo test check fmt test-fast bench bench-netns clean
+
+setup:
+	@scripts/setup.sh
+
+setup-vllm:
+	@scripts/setup.sh vllm
+
+demo: setup
+	$(VENV)/weightstream demo
+
+check: setup
+	$(VENV)/ruff format --check .
+	$(VENV)/ruff check .
+	$(VENV)/mypy .
+	$(VENV)/lint-imports
+
+fmt: setup
+	$(VENV)/ruff format .
+	$(VENV)/ruff check --fix .
+
+# The whole gate, then every test (the vLLM tests run in their own venv).
+test: setup-vllm check
+	$(VENV)/pytest -q -m "not gpu and not rdma"
+
+test-fast: setup
+	$(VENV)/pytest -q -m "not gpu and not rdma and not slow and not vllm and not netns"
+
+bench: setup
+	$(VENV)/python bench/cpu_bench.py
+
+clean:
+	rm -rf .venv .venv-vllm .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,248 @@
+"""The trainer side: `publish(version, named_tensors)`.
+
+    publish(v) ── take buffers (pool) ── pack + checksum (thread) ── expose on the bulk path
+        └──── PublishShard(v, rank) ──> broker ── all ranks in ──> Announce to subscribers
+    retire loop: Retire(v) from the broker ──> retract v's regions, buffers back to the pool
+
+Each rank of a trainer publishes its own shard of the tensors under the same version; the
+broker announces the version once every rank's shard is in. The bytes stay in this
+process's memory and are read by subscribers directly (mooncake) or through the fallback
+transport; they never pass through the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import zmq.asyncio
+
+from publishers.memory import BufferPool, BufferSet
+from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
+from streamer.client import BrokerClient, connect
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    import torch
+
+    from schemas.manifest import Shard
+    from streamer.config import ClientConfig
+    from streamer.transport.base import BulkSender
+
+__all__ = ["PublishResult", "Publisher", "SyncPublisher", "open_publisher"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class PublishResult:
+    """What `publish` did: the shard it sent and whether that completed the version."""
+
+    def __init__(self, version: int, shard: Shard, complete: bool, seconds: float) -> None:
+        self.version = version
+        self.shard = shard
+        self.complete = complete
+        self.seconds = seconds
+
+    def __repr__(self) -> str:
+        return f"PublishResult(version={self.version}, complete={self.complete}, seconds={self.seconds:.3f})"
+
+
+class Publisher:
+    """Publishes versions of one model from one trainer rank.
+
+    >>> async with open_publisher(config, model="llama", sender=MooncakeSender()) as publisher:
+    ...     await publisher.publish(step, dict(model.named_parameters()))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        client: BrokerClient,
+        sender: BulkSender | Sequence[BulkSender],
+        model: str,
+        rank: int = 0,
+        world_size: int = 1,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        region_bytes: int = DEFAULT_REGION_BYTES,
+        pool: BufferPool | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, {world_size})")
+        self.client = client
+        self.senders: list[BulkSender] = list(sender) if isinstance(sender, Sequence) else [sender]
+        if not self.senders:
+            raise ValueError("a publisher needs at least one sender")
+        self.model = model
+        self.rank = rank
+        self.world_size = world_size
+        self.bucket_bytes = bucket_bytes
+        self.region_bytes = region_bytes
+        self.pool = pool or BufferPool()
+        self.live: dict[int, BufferSet] = {}
+        """Versions whose bytes are still readable, by version."""
+
+    async def publish(
+        self, version: int, named_tensors: Mapping[str, torch.Tensor]
+    ) -> PublishResult:
+        """Pack `named_tensors` as `version` of this rank's shard and tell the broker.
+
+        Returns once the broker has the shard (not once subscribers have it: see
+        `wait_applied`). Raises `BrokerError("stale_version")` if `version` is not newer
+        than the latest announced one.
+        """
+        if not named_tensors:
+            raise ValueError("nothing to publish: named_tensors is empty")
+        started = time.perf_counter()
+        layout = plan(named_tensors, bucket_bytes=self.bucket_bytes, region_bytes=self.region_bytes)
+        buffer_set, _ = self.pool.take(layout.region_bytes)
+        try:
+            checksums = await asyncio.to_thread(pack, layout, named_tensors, buffer_set.buffers)
+            regions = buffer_set.regions
+            # Each region is offered on every transport; subscribers read from one they have.
+            per_sender = [sender.expose(regions) for sender in self.senders]
+            locators = [list(offers) for offers in zip(*per_sender, strict=True)]
+            shard = layout.shard(locators, checksums, self.rank)
+            self.live[version] = buffer_set
+            reply = await self.client.publish(
+                self.model, version, self.rank, self.world_size, shard
+            )
+        except BaseException:
+            self.live.pop(version, None)
+            self.pool.give_back(buffer_set)
+            raise
+        seconds = time.perf_counter() - started
+        logger.info(
+            "published model=%s version=%d rank=%d/%d bytes=%d buckets=%d seconds=%.3f complete=%s",
+            self.model,
+            version,
+            self.rank,
+            self.world_size,
+            layout.total_bytes,
+            len(shard.buckets),
+            seconds,
+            reply.complete,
+        )
+        return PublishResult(version, shard, reply.complete, seconds)
+
+    async def wait_applied(self, version: int, num_subscribers: int) -> int:
+        """Wait until `num_subscribers` have applied `version` (on-policy RL); no own timeout."""
+        return await self.client.wait_applied(self.model, version, num_subscribers)
+
+    async def retire_loop(self) -> None:
+        """Free the memory of versions the broker retires; runs until cancelled."""
+        while True:
+            retire = await self.client.retired.get()
+            if retire.model != self.model:
+                continue
+            buffer_set = self.live.pop(retire.version, None)
+            if buffer_set is None:
+                continue
+            # Regions stay registered: the buffers are reused for the next version.
+            self.pool.give_back(buffer_set)
+            logger.info(
+                "retired model=%s version=%d freed_bytes=%d",
+                self.model,
+                retire.version,
+                buffer_set.nbytes,
+            )
+
+    def close(self) -> None:
+        for sender in self.senders:
+            sender.close()
+
+
+@contextlib.asynccontextmanager
+async def open_publisher(
+    config: ClientConfig,
+    *,
+    model: str,
+    sender: BulkSender | Sequence[BulkSender],
+    rank: int = 0,
+    world_size: int = 1,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    context: zmq.asyncio.Context | None = None,
+) -> AsyncIterator[Publisher]:
+    """Connect to the broker and run the retire loop while the publisher is in use."""
+    ctx = context or zmq.asyncio.Context()
+    try:
+        async with connect(config, role="publisher", context=ctx) as client:
+            publisher = Publisher(
+                client=client,
+                sender=sender,
+                model=model,
+                rank=rank,
+                world_size=world_size,
+                bucket_bytes=bucket_bytes,
+            )
+            retire = asyncio.create_task(publisher.retire_loop(), name="retire")
+            try:
+                yield publisher
+            finally:
+                retire.cancel()
+                await asyncio.gather(retire, return_exceptions=True)
+                publisher.close()
+    finally:
+        if context is None:
+            ctx.destroy(linger=0)
+
+
+class SyncPublisher:
+    """A blocking wrapper for training loops: the publisher's event loop runs in a thread.
+
+    >>> with SyncPublisher(config, model="llama", sender=MooncakeSender()) as publisher:
+    ...     for step in range(steps):
+    ...         train_step()
+    ...         publisher.publish(step, model.state_dict())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        model: str,
+        sender: BulkSender | Sequence[BulkSender],
+        **kwargs: Any,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="weightstream-publisher", daemon=True
+        )
+        self._thread.start()
+        self._context_manager = open_publisher(config, model=model, sender=sender, **kwargs)
+        self.publisher: Publisher = self._call(self._context_manager.__aenter__())
+
+    def _call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return future.result(timeout=timeout_s)
+
+    def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> PublishResult:
+        return self._call(self.publisher.publish(version, named_tensors))
+
+    def wait_applied(self, version: int, num_subscribers: int, *, timeout_s: float) -> int:
+        async def wait() -> int:
+            async with asyncio.timeout(timeout_s):
+                return await self.publisher.wait_applied(version, num_subscribers)
+
+        return self._call(wait())
+
+    def close(self) -> None:
+        try:
+            self._call(self._context_manager.__aexit__(None, None, None), timeout_s=30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    def __enter__(self) -> SyncPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

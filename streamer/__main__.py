@@ -1,0 +1,105 @@
+"""`python -m streamer`: run the broker (the same as `weightstream broker`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from streamer.config import BrokerConfig
+from streamer.server import serve
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["add_broker_arguments", "broker_config", "main", "run_broker"]
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a TOML file with BrokerConfig fields")
+    parser.add_argument("--endpoint", help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
+    parser.add_argument("--http-host", help="status endpoint host (default 127.0.0.1)")
+    parser.add_argument(
+        "--http-port", type=int, help="status endpoint port (default 8790; 0 picks one)"
+    )
+    parser.add_argument("--state-dir", help="persist the registry here to survive restarts")
+    parser.add_argument(
+        "--retention", type=int, help="latest versions kept readable per model (default 2)"
+    )
+    parser.add_argument(
+        "--lease-ttl-s", type=float, help="lease lifetime without heartbeats (default 30)"
+    )
+    parser.add_argument(
+        "--peer-timeout-s", type=float, help="silence before a peer counts as gone (default 10)"
+    )
+    parser.add_argument(
+        "--ready-file", help="write {endpoint, http_port} as JSON here once listening (for scripts)"
+    )
+
+
+def broker_config(args: argparse.Namespace) -> BrokerConfig:
+    """TOML file first, then flags on top; raises ValueError on a bad value."""
+    fields: dict[str, object] = {}
+    if args.config:
+        with open(args.config, "rb") as file:
+            fields.update(tomllib.load(file))
+    for name in BrokerConfig.__struct_fields__:
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    try:
+        return msgspec.convert(fields, BrokerConfig)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"bad broker configuration: {exc}") from exc
+
+
+def run_broker(config: BrokerConfig, *, ready_file: str | None = None) -> int:
+    def on_ready(endpoint: str, http_port: int) -> None:
+        if ready_file:
+            tmp = Path(ready_file).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"endpoint": endpoint, "http_port": http_port}))
+            os.replace(tmp, ready_file)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(config, on_ready=on_ready)
+
+    asyncio.run(main())
+    logging.getLogger("streamer").info("broker stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m streamer", description="Run the weightstream broker."
+    )
+    add_broker_arguments(parser)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = broker_config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run_broker(config, ready_file=args.ready_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The broker: one ROUTER socket for every peer, the version registry behind it.
+
+Weights never pass through here; only control messages and manifests do.
+
+    publishers / subscribers (DEALER, routing id = peer_id)
+            │  Hello, PublishShard, Subscribe, AcquireLease, Heartbeat, Progress, Applied ...
+            ▼
+    ROUTER ── route_requests() ──> Registry ──> Outbox ──> send()   (one task owns the socket)
+                  │ every 0.25 s: expire leases and silent peers, persist the registry
+                  ▼
+    HTTP status (streamer.http) reads the same Registry
+
+A peer that sends garbage gets a typed `Error("protocol")` and the message is dropped; the
+broker keeps serving. A message from a peer that never said Hello (say, after a broker
+restart) gets `Error("unknown_peer")`, and the client says Hello again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import zmq
+import zmq.asyncio
+
+from schemas.codec import encode
+from schemas.messages import (
+    PROTOCOL_VERSION,
+    AcquireLease,
+    Announce,
+    Applied,
+    Error,
+    ErrorCode,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    LeaseGranted,
+    Message,
+    Progress,
+    Published,
+    PublishShard,
+    PullFailed,
+    ReleaseLease,
+    Subscribe,
+    Subscribed,
+    WaitApplied,
+    Welcome,
+)
+from streamer.errors import BrokerError, ProtocolError
+from streamer.frames import decode_header
+from streamer.metrics import BrokerStats
+from streamer.registry import Outbox, Registry
+
+if TYPE_CHECKING:
+    from streamer.config import BrokerConfig
+
+__all__ = ["Broker"]
+
+logger = logging.getLogger(__name__)
+
+_HOUSEKEEPING_S = 0.25
+_STATE_FILE = "registry.msgpack"
+
+
+class Broker:
+    """Routes control messages; `run()` is its only long-lived task.
+
+    >>> broker = Broker(BrokerConfig(endpoint="tcp://127.0.0.1:0"), context=ctx)  # doctest: +SKIP
+    >>> await broker.run()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: BrokerConfig, *, context: zmq.asyncio.Context) -> None:
+        self.config = config
+        self.broker_id = uuid.uuid4().hex[:12]
+        self.registry = Registry(
+            retention=config.retention,
+            lease_ttl_s=config.lease_ttl_s,
+            peer_timeout_s=config.peer_timeout_s,
+        )
+        self.stats = BrokerStats(started_at=time.time())
+        self._warned: set[bytes] = set()
+        self._state_path = Path(config.state_dir) / _STATE_FILE if config.state_dir else None
+        if self._state_path is not None and self._state_path.exists():
+            self.registry.restore(self._state_path.read_bytes())
+            logger.info(
+                "restored registry path=%s models=%d", self._state_path, len(self.registry.models)
+            )
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.socket.setsockopt(zmq.SNDHWM, config.queue_size)
+        self.socket.setsockopt(zmq.RCVHWM, config.queue_size)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 256 * 1024 * 1024)
+        self.socket.bind(config.endpoint)
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        logger.info("broker listening endpoint=%s broker_id=%s", self.endpoint, self.broker_id)
+        next_housekeeping = time.monotonic()
+        try:
+            while True:
+                timeout_ms = max(0, int((next_housekeeping - time.monotonic()) * 1000))
+                if await self.socket.poll(timeout=timeout_ms):
+                    frames = await self.socket.recv_multipart()
+                    await self._receive(frames)
+                if time.monotonic() >= next_housekeeping:
+                    await self._send(self.registry.expire(time.time()))
+                    self._persist()
+                    next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
+        finally:
+            self._persist()
+            self.socket.close(linger=0)
+
+    async def _receive(self, frames: list[bytes]) -> None:
+        self.stats.messages_total += 1
+        identity = frames[0]
+        if len(frames) != 2:
+            await self._protocol_error(identity, f"expected one frame, got {len(frames) - 1}")
+            return
+        try:
+            message = decode_header(frames[1])
+        except ProtocolError as exc:
+            await self._protocol_error(identity, str(exc))
+            return
+        try:
+            peer_id = identity.decode()
+        except UnicodeDecodeError:
+            await self._protocol_error(identity, "routing id is not UTF-8")
+            return
+        try:
+            await self._send(self._handle(peer_id, message))
+        except BrokerError as exc:
+            request_id = getattr(message, "request_id", 0)
+            await self._send(
+                [(peer_id, Error(code=_code(exc.code), detail=exc.detail, request_id=request_id))]
+            )
+
+    def _handle(self, peer_id: str, message: Message) -> Outbox:
+        now = time.time()
+        registry = self.registry
+        if isinstance(message, Hello):
+            if message.protocol_version != PROTOCOL_VERSION:
+                raise BrokerError(
+                    "incompatible",
+                    f"broker speaks protocol {PROTOCOL_VERSION}, peer {message.protocol_version}",
+                )
+            registry.hello(peer_id, message.role, message.host, message.pid, now)
+            logger.info("peer joined peer=%s role=%s host=%s", peer_id, message.role, message.host)
+            welcome = Welcome(
+                broker_id=self.broker_id, heartbeat_interval_s=self.config.heartbeat_interval_s
+            )
+            return [(peer_id, welcome)]
+        if not registry.known(peer_id):
+            raise BrokerError("unknown_peer", "say hello first (the broker may have restarted)")
+        registry.touch(peer_id, now)
+        match message:
+            case Heartbeat():
+                return []
+            case PublishShard(request_id=rid, model=model, version=version):
+                announced, outbox = registry.publish(
+                    peer_id, model, version, message.rank, message.world_size, message.shard, now
+                )
+                if announced:
+                    self.stats.announced_total += 1
+                    manifest = registry.models[model].versions[version].manifest
+                    logger.info(
+                        "announced model=%s version=%d bytes=%d tensors=%d subscribers=%d",
+                        model,
+                        version,
+                        manifest.total_bytes,
+                        len(manifest.tensors),
+                        sum(1 for _, m in outbox if isinstance(m, Announce)),
+                    )
+                self._persist()
+                reply = Published(request_id=rid, model=model, version=version, complete=announced)
+                return [(peer_id, reply), *outbox]
+            case Subscribe(request_id=rid, model=model):
+                current = registry.subscribe(peer_id, model)
+                latest = current.version if current is not None else None
+                subscribed = Subscribed(request_id=rid, model=model, latest=latest)
+                if current is None:
+                    return [(peer_id, subscribed)]
+                return [(peer_id, subscribed), (peer_id, Announce(manifest=current))]
+            case AcquireLease(request_id=rid, model=model, version=version):
+                ttl_s = registry.acquire_lease(peer_id, model, version, now)
+                return [
+                    (
+                        peer_id,
+                        LeaseGranted(request_id=rid, model=model, version=version, ttl_s=ttl_s),
+                    )
+                ]
+            case ReleaseLease(model=model, version=version):
+                return registry.release_lease(peer_id, model, version, now)
+            case Progress(model=model, version=version):
+                registry.progress(
+                    peer_id,
+                    model,
+                    version,
+                    message.bytes_done,
+                    message.bytes_total,
+                    message.bytes_per_s,
+                )
+                return []
+            case Applied(model=model, version=version):
+                self.stats.applied_total += 1
+                logger.info(
+                    "applied peer=%s model=%s version=%d pull_s=%.3f pause_s=%.4f",
+                    peer_id,
+                    model,
+                    version,
+                    message.pull_s,
+                    message.pause_s,
+                )
+                return registry.applied(
+                    peer_id, model, version, message.pull_s, message.pause_s, now
+                )
+            case PullFailed(model=model, version=version, reason=reason):
+                self.stats.pull_failures_total += 1
+                logger.warning(
+                    "pull failed peer=%s model=%s version=%d reason=%s",
+                    peer_id,
+                    model,
+                    version,
+                    reason,
+                )
+                registry.pull_failed(peer_id, model, version, reason)
+                return []
+            case WaitApplied(request_id=rid, model=model, version=version):
+                return registry.wait_applied(peer_id, rid, model, version, message.num_subscribers)
+            case Goodbye():
+                logger.info("peer left peer=%s", peer_id)
+                return registry.goodbye(peer_id, now)
+            case _:
+                raise BrokerError("protocol", f"a peer does not send {type(message).__name__}")
+
+    async def _send(self, outbox: Outbox) -> None:
+        for peer_id, message in outbox:
+            try:
+                await self.socket.send_multipart(
+                    [peer_id.encode(), encode(message)], flags=zmq.NOBLOCK
+                )
+            except zmq.Again:
+                logger.warning(
+                    "dropped %s to peer=%s: its queue is full", type(message).__name__, peer_id
+                )
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                logger.debug("peer=%s unreachable, dropped %s", peer_id, type(message).__name__)
+
+    async def _protocol_error(self, identity: bytes, detail: str) -> None:
+        self.stats.protocol_errors_total += 1
+        if identity not in self._warned:
+            self._warned.add(identity)
+            logger.warning("protocol error peer=%r detail=%s", identity, detail)
+        try:
+            error = encode(Error(code="protocol", detail=detail))
+            await self.socket.send_multipart([identity, error], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            logger.debug("could not answer peer=%r", identity)
+
+    def _persist(self) -> None:
+        if self._state_path is None or not self.registry.dirty:
+            return
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_bytes(self.registry.snapshot())
+        os.replace(tmp, self._state_path)
+
+
+def _code(code: str) -> ErrorCode:
+    known: tuple[ErrorCode, ...] = (
+        "protocol",
+        "incompatible",
+        "unknown_peer",
+        "unknown_model",
+        "version_unavailable",
+        "stale_version",
+        "bad_request",
+    )
+    for candidate in known:
+        if candidate == code:
+            return candidate
+    return "bad_request"

@@ -1,0 +1,375 @@
+"""The peer side of the broker protocol, used by publishers and subscribers alike.
+
+One DEALER socket, owned by one receive task; requests are matched to replies by
+`request_id`. If the broker restarts, the first message it does not recognise is answered
+`Error("unknown_peer")`: the client says Hello again, re-subscribes, and re-sends every request
+still waiting for an answer, so callers only see a delay.
+
+    caller ── request(msg) ──> send ──> broker
+                 ▲ future                 │
+    _receive() ──┴── replies, Announce (-> latest manifest per model), Retire (-> queue)
+    _heartbeat() ── Heartbeat every interval (also renews leases)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.asyncio
+
+from schemas.codec import encode
+from schemas.messages import (
+    AcquireLease,
+    Announce,
+    Applied,
+    AppliedReached,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    LeaseGranted,
+    Message,
+    Progress,
+    Published,
+    PublishShard,
+    PullFailed,
+    ReleaseLease,
+    Retire,
+    Role,
+    Subscribe,
+    Subscribed,
+    WaitApplied,
+    Welcome,
+)
+from streamer.errors import BrokerError, IncompatiblePeer, ProtocolError, VersionUnavailable
+from streamer.frames import decode_header
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from schemas.manifest import Manifest, Shard
+    from streamer.config import ClientConfig
+
+__all__ = ["BrokerClient", "connect"]
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerClient:
+    """Talk to the broker. Make one with `connect(...)`, which runs its tasks.
+
+    >>> async with connect(ClientConfig(broker=endpoint), role="subscriber", context=ctx) as client:
+    ...     await client.subscribe("llama")
+    ...     manifest = await client.next_manifest("llama", after=-1)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        role: Role,
+        context: zmq.asyncio.Context,
+        peer_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.role = role
+        self.host = socket.gethostname()
+        self.peer_id = peer_id or f"{role}-{self.host}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.ROUTING_ID, self.peer_id.encode())
+        self._socket.setsockopt(zmq.SNDHWM, config.queue_size)
+        self._socket.setsockopt(zmq.RCVHWM, config.queue_size)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(config.broker)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[Message, asyncio.Future[Message]]] = {}
+        self._welcome: asyncio.Future[Welcome] | None = None
+        self._subscriptions: set[str] = set()
+        self._manifests: dict[str, Manifest] = {}
+        self._manifest_changed = asyncio.Condition()
+        self.retired: asyncio.Queue[Retire] = asyncio.Queue(maxsize=config.queue_size)
+        self.broker_id: str | None = None
+        self._applied: dict[str, int] = {}
+        self._rehello: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    # requests
+
+    async def publish(
+        self, model: str, version: int, rank: int, world_size: int, shard: Shard
+    ) -> Published:
+        message = PublishShard(
+            request_id=next(self._ids),
+            model=model,
+            version=version,
+            rank=rank,
+            world_size=world_size,
+            shard=shard,
+        )
+        reply = await self._request(message)
+        assert isinstance(reply, Published)
+        return reply
+
+    async def subscribe(self, model: str) -> int | None:
+        """Follow a model; returns the latest version (its manifest arrives as an announcement)."""
+        self._subscriptions.add(model)
+        reply = await self._request(Subscribe(request_id=next(self._ids), model=model))
+        assert isinstance(reply, Subscribed)
+        return reply.latest
+
+    async def acquire_lease(self, model: str, version: int) -> float:
+        """Keep `version` readable while we pull it; raises `VersionUnavailable` if retired."""
+        reply = await self._request(
+            AcquireLease(request_id=next(self._ids), model=model, version=version)
+        )
+        assert isinstance(reply, LeaseGranted)
+        return reply.ttl_s
+
+    async def release_lease(self, model: str, version: int) -> None:
+        await self._send(ReleaseLease(model=model, version=version))
+
+    async def wait_applied(self, model: str, version: int, num_subscribers: int) -> int:
+        """Wait until `num_subscribers` subscribers report `version` (or newer) applied.
+
+        No timeout of its own: wrap it in `asyncio.timeout(...)`.
+        """
+        message = WaitApplied(
+            request_id=next(self._ids),
+            model=model,
+            version=version,
+            num_subscribers=num_subscribers,
+        )
+        reply = await self._request(message, timeout_s=None)
+        assert isinstance(reply, AppliedReached)
+        return reply.num_subscribers
+
+    # reports (no reply)
+
+    async def report_progress(
+        self, model: str, version: int, done: int, total: int, rate: float
+    ) -> None:
+        await self._send(
+            Progress(
+                model=model, version=version, bytes_done=done, bytes_total=total, bytes_per_s=rate
+            )
+        )
+
+    async def report_applied(
+        self, model: str, version: int, *, pull_s: float, pause_s: float, nbytes: int
+    ) -> None:
+        self._applied[model] = version
+        await self._send(
+            Applied(
+                model=model, version=version, pull_s=pull_s, pause_s=pause_s, bytes_total=nbytes
+            )
+        )
+
+    async def report_failure(self, model: str, version: int, reason: str) -> None:
+        await self._send(PullFailed(model=model, version=version, reason=reason[:2000]))
+
+    # announcements
+
+    def latest_manifest(self, model: str) -> Manifest | None:
+        return self._manifests.get(model)
+
+    async def next_manifest(self, model: str, *, after: int) -> Manifest:
+        """The newest announced manifest with a version above `after`, waiting for one.
+
+        A subscriber that fell behind gets the newest version directly, skipping the ones between.
+        """
+        async with self._manifest_changed:
+            while True:
+                self._raise_if_failed()
+                manifest = self._manifests.get(model)
+                if manifest is not None and manifest.version > after:
+                    return manifest
+                await self._manifest_changed.wait()
+
+    # plumbing
+
+    async def _request(self, message: Any, *, timeout_s: float | None = -1.0) -> Message:
+        self._raise_if_failed()
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[message.request_id] = (message, future)
+        limit = self.config.request_timeout_s if timeout_s == -1.0 else timeout_s
+        try:
+            await self._send(message)
+            try:
+                async with asyncio.timeout(limit):
+                    return await future
+            except TimeoutError:
+                raise TimeoutError(
+                    f"the broker at {self.config.broker} did not answer {type(message).__name__} "
+                    f"within {limit} s: is it running?"
+                ) from None
+        finally:
+            self._pending.pop(message.request_id, None)
+
+    async def _send(self, message: Any) -> None:
+        await self._socket.send(encode(message))
+
+    async def hello(self) -> Welcome:
+        loop = asyncio.get_running_loop()
+        self._welcome = loop.create_future()
+        await self._send(
+            Hello(peer_id=self.peer_id, role=self.role, host=self.host, pid=os.getpid())
+        )
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                welcome = await self._welcome
+        except TimeoutError:
+            raise TimeoutError(
+                f"no broker answered at {self.config.broker} within {self.config.request_timeout_s} s: "
+                "start one with `weightstream broker`, or pass --broker"
+            ) from None
+        if self.broker_id is not None and welcome.broker_id != self.broker_id:
+            logger.warning(
+                "broker restarted broker_id=%s (was %s)", welcome.broker_id, self.broker_id
+            )
+        self.broker_id = welcome.broker_id
+        return welcome
+
+    async def receive(self) -> None:
+        """The receive loop; runs until cancelled."""
+        try:
+            while True:
+                data = await self._socket.recv()
+                try:
+                    message = decode_header(data)
+                except ProtocolError as exc:
+                    logger.warning("dropped an undecodable message from the broker: %s", exc)
+                    continue
+                self._dispatch(message)
+        except asyncio.CancelledError:
+            raise
+        except zmq.ZMQError as exc:
+            self._fail(exc)
+            raise
+
+    def _dispatch(self, message: Message) -> None:
+        match message:
+            case Welcome():
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_result(message)
+            case Announce(manifest=manifest):
+                current = self._manifests.get(manifest.model)
+                if current is None or manifest.version > current.version:
+                    self._manifests[manifest.model] = manifest
+                    logger.debug(
+                        "announcement model=%s version=%d", manifest.model, manifest.version
+                    )
+                    asyncio.get_running_loop().create_task(self._notify()).add_done_callback(
+                        _discard
+                    )
+            case Retire():
+                try:
+                    self.retired.put_nowait(message)
+                except asyncio.QueueFull:
+                    logger.warning(
+                        "dropped Retire model=%s version=%d: queue full",
+                        message.model,
+                        message.version,
+                    )
+            case Error(code="unknown_peer"):
+                self._start_rehello()
+            case Error(code="incompatible", detail=detail):
+                error = IncompatiblePeer(detail)
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_exception(error)
+                self._fail(error)
+            case Error(code=code, detail=detail, request_id=rid) if rid in self._pending:
+                error_type = VersionUnavailable if code == "version_unavailable" else BrokerError
+                _, future = self._pending[rid]
+                if not future.done():
+                    future.set_exception(error_type(code, detail))
+            case Error(code=code, detail=detail):
+                logger.warning("broker error code=%s detail=%s", code, detail)
+            case Published() | Subscribed() | LeaseGranted() | AppliedReached():
+                entry = self._pending.get(message.request_id)
+                if entry is not None and not entry[1].done():
+                    entry[1].set_result(message)
+            case _:
+                logger.warning("ignored unexpected %s from the broker", type(message).__name__)
+
+    async def _notify(self) -> None:
+        async with self._manifest_changed:
+            self._manifest_changed.notify_all()
+
+    def _start_rehello(self) -> None:
+        if self._rehello is None or self._rehello.done():
+            self._rehello = asyncio.get_running_loop().create_task(self._redo_handshake())
+
+    async def _redo_handshake(self) -> None:
+        logger.info(
+            "broker does not know us (restarted?); saying hello again peer=%s", self.peer_id
+        )
+        try:
+            await self.hello()
+            for model in sorted(self._subscriptions):
+                await self._send(Subscribe(request_id=next(self._ids), model=model))
+            for message, _ in list(self._pending.values()):
+                await self._send(message)
+        except TimeoutError as exc:
+            logger.warning("%s", exc)
+
+    async def heartbeat(self) -> None:
+        """Heartbeats; runs until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            await self._send(Heartbeat(applied=dict(self._applied)))
+
+    def _fail(self, error: BaseException) -> None:
+        self._failure = error
+        for _, future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        asyncio.get_running_loop().create_task(self._notify()).add_done_callback(_discard)
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def goodbye(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            await self._socket.send(encode(Goodbye(reason="closing")), flags=zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self._socket.close(linger=100)
+
+
+def _discard(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background task failed: %r", task.exception())
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    config: ClientConfig,
+    *,
+    role: Role,
+    context: zmq.asyncio.Context,
+    peer_id: str | None = None,
+) -> AsyncIterator[BrokerClient]:
+    """Connect, say hello, and keep the receive and heartbeat tasks running while in use."""
+    client = BrokerClient(config, role=role, context=context, peer_id=peer_id)
+    tasks = [asyncio.create_task(client.receive(), name=f"{client.peer_id}-receive")]
+    try:
+        await client.hello()
+        tasks.append(asyncio.create_task(client.heartbeat(), name=f"{client.peer_id}-heartbeat"))
+        yield client
+        await client.goodbye()
+    finally:
+        if client._rehello is not None:
+            tasks.append(client._rehello)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        client.close()

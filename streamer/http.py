@@ -1,0 +1,231 @@
+"""The HTTP status endpoint: version queries and the fleet, read from the broker's registry.
+
+    GET /healthz                                  {"status": "ok", ...}
+    GET /v1/models                                every model: latest version, readable versions
+    GET /v1/models/{model}                        latest version and history
+    GET /v1/models/{model}/versions/{version}     manifest summary (tensors, buckets, bytes)
+    GET /v1/subscribers                           each subscriber: version, lag, progress, rate
+    GET /metrics                                  Prometheus text
+
+Model names may contain slashes (`org/name`); the routes match them greedily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from streamer.metrics import (
+    LATEST_VERSION,
+    PEERS,
+    SUBSCRIBER_LAG,
+    SUBSCRIBER_VERSION,
+    BrokerStats,
+    render,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from streamer.registry import PeerState, Registry
+
+__all__ = ["build_app", "fleet", "serve_http"]
+
+logger = logging.getLogger(__name__)
+
+_json = msgspec.json.Encoder()
+
+
+def _respond(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(body), status=status, content_type="application/json")
+
+
+def _not_found(detail: str) -> web.Response:
+    return _respond({"error": "not_found", "detail": detail}, status=404)
+
+
+def model_summary(registry: Registry, name: str) -> dict[str, Any]:
+    model = registry.models[name]
+    readable = sorted(v for v, r in model.versions.items() if not r.retiring)
+    latest = model.versions.get(model.latest) if model.latest is not None else None
+    return {
+        "model": name,
+        "latest": model.latest,
+        "readable_versions": readable,
+        "latest_bytes": latest.manifest.total_bytes if latest else None,
+        "latest_announced_at": latest.announced_at if latest else None,
+        "subscribers_at_latest": registry.count_applied(name, model.latest)
+        if model.latest is not None
+        else 0,
+    }
+
+
+def fleet(registry: Registry, now: float) -> list[dict[str, Any]]:
+    """One row per subscriber and model it follows."""
+    return [
+        _subscriber_row(registry, peer, name, now)
+        for peer in sorted(registry.peers.values(), key=lambda p: p.peer_id)
+        if peer.role == "subscriber"
+        for name in sorted(peer.subscriptions | set(peer.applied))
+    ]
+
+
+def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) -> dict[str, Any]:
+    model = registry.models.get(name)
+    latest = model.latest if model else None
+    applied = peer.applied.get(name)
+    lag = None if latest is None else latest - (applied if applied is not None else 0)
+    progress = peer.progress.get(name)
+    return {
+        "peer_id": peer.peer_id,
+        "host": peer.host,
+        "pid": peer.pid,
+        "state": "gone" if peer.gone else ("pulling" if progress else "idle"),
+        "model": name,
+        "applied_version": applied,
+        "latest_version": latest,
+        "lag": lag,
+        "pulling_version": progress[0] if progress else None,
+        "progress": round(progress[1] / progress[2], 4) if progress and progress[2] else None,
+        "bytes_per_s": progress[3] if progress else None,
+        "last_pull_s": peer.last_pull_s.get(name),
+        "last_pause_s": peer.last_pause_s.get(name),
+        "last_heartbeat_age_s": round(now - peer.last_seen, 3),
+        "last_error": peer.last_error.get(name),
+    }
+
+
+def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return _respond({"status": "ok", "uptime_s": round(time.time() - stats.started_at, 3)})
+
+    async def models(request: web.Request) -> web.Response:
+        return _respond({"models": [model_summary(registry, n) for n in sorted(registry.models)]})
+
+    async def model_or_version(request: web.Request) -> web.Response:
+        path: str = request.match_info["path"]
+        name, sep, version_text = path.rpartition("/versions/")
+        if sep and name in registry.models:
+            return _version(name, version_text)
+        if path not in registry.models:
+            return _not_found(f"no model named {path!r}; GET /v1/models lists them")
+        summary = model_summary(registry, path)
+        summary["history"] = [
+            {"version": v, "announced_at": t} for v, t in registry.models[path].history
+        ]
+        return _respond(summary)
+
+    def _version(name: str, version_text: str) -> web.Response:
+        try:
+            version = int(version_text)
+        except ValueError:
+            return _respond(
+                {"error": "bad_request", "detail": f"version {version_text!r} is not an integer"},
+                400,
+            )
+        record = registry.models[name].versions.get(version)
+        if record is None:
+            readable = sorted(registry.models[name].versions)
+            return _not_found(f"{name} version {version} is not readable (readable: {readable})")
+        manifest = record.manifest
+        return _respond(
+            {
+                "model": name,
+                "version": version,
+                "announced_at": record.announced_at,
+                "retiring": record.retiring,
+                "leases": len(record.leases),
+                "world_size": manifest.world_size,
+                "total_bytes": manifest.total_bytes,
+                "payload_bytes": manifest.payload_bytes,
+                "num_tensors": len(manifest.tensors),
+                "num_buckets": len(manifest.buckets),
+                "num_regions": len(manifest.regions),
+                "checksum_algorithm": manifest.checksum_algorithm,
+                "tensors": [
+                    {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
+                    for t in manifest.tensors
+                ],
+            }
+        )
+
+    async def subscribers(request: web.Request) -> web.Response:
+        return _respond({"subscribers": fleet(registry, time.time())})
+
+    async def metrics(request: web.Request) -> web.Response:
+        _refresh_gauges(registry, stats)
+        return web.Response(text=render(stats), content_type="text/plain", charset="utf-8")
+
+    @web.middleware
+    async def json_errors(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return _not_found(f"no route {request.path}; try /v1/models, /v1/subscribers, /metrics")
+        except web.HTTPMethodNotAllowed:
+            return _respond(
+                {"error": "method_not_allowed", "detail": "the status endpoint is read-only"}, 405
+            )
+
+    app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{path:.+}", model_or_version)
+    app.router.add_get("/v1/subscribers", subscribers)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _refresh_gauges(registry: Registry, stats: BrokerStats) -> None:
+    latest = [
+        ({"model": n}, float(m.latest)) for n, m in registry.models.items() if m.latest is not None
+    ]
+    versions: list[tuple[dict[str, str], float]] = []
+    lags: list[tuple[dict[str, str], float]] = []
+    for row in fleet(registry, time.time()):
+        if row["state"] == "gone" or row["applied_version"] is None:
+            continue
+        labels = {"model": row["model"], "peer": row["peer_id"]}
+        versions.append((labels, float(row["applied_version"])))
+        if row["lag"] is not None:
+            lags.append((labels, float(row["lag"])))
+    roles: dict[str, int] = {}
+    for peer in registry.peers.values():
+        if not peer.gone:
+            roles[peer.role] = roles.get(peer.role, 0) + 1
+    stats.gauges = {
+        LATEST_VERSION: latest,
+        SUBSCRIBER_VERSION: versions,
+        SUBSCRIBER_LAG: lags,
+        PEERS: [({"role": r}, float(c)) for r, c in sorted(roles.items())],
+    }
+
+
+async def serve_http(
+    registry: Registry,
+    stats: BrokerStats,
+    *,
+    host: str,
+    port: int,
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Serve the status endpoint until cancelled; `on_ready` gets the bound port."""
+    runner = web.AppRunner(build_app(registry, stats), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        logger.info("status endpoint listening url=http://%s:%d", host, bound)
+        if on_ready is not None:
+            on_ready(bound)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

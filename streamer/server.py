@@ -1,0 +1,55 @@
+"""Run the broker and its HTTP status endpoint together, in one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import zmq.asyncio
+
+from streamer.broker import Broker
+from streamer.http import serve_http
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from streamer.config import BrokerConfig
+
+__all__ = ["serve"]
+
+logger = logging.getLogger(__name__)
+
+
+async def serve(
+    config: BrokerConfig, *, on_ready: Callable[[str, int], None] | None = None
+) -> None:
+    """Serve until cancelled. `on_ready(endpoint, http_port)` runs once both are listening."""
+    ctx = zmq.asyncio.Context()
+    try:
+        broker = Broker(config, context=ctx)
+        http_ready = asyncio.Event()
+        http_port = 0
+
+        def _http_ready(port: int) -> None:
+            nonlocal http_port
+            http_port = port
+            http_ready.set()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(broker.run(), name="broker")
+            tg.create_task(
+                serve_http(
+                    broker.registry,
+                    broker.stats,
+                    host=config.http_host,
+                    port=config.http_port,
+                    on_ready=_http_ready,
+                ),
+                name="http",
+            )
+            await http_ready.wait()
+            if on_ready is not None:
+                on_ready(broker.endpoint, http_port)
+    finally:
+        ctx.destroy(linger=0)

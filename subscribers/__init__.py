@@ -1,0 +1,19 @@
+"""The inference side: follow a model, pull and verify versions, swap them in place.
+
+Only `subscribers.vllm_swap` imports vllm; import it explicitly where vLLM is installed.
+"""
+
+from subscribers.staging import Staging
+from subscribers.subscriber import PullConfig, Subscriber
+from subscribers.swap import SwapError, SwapReport, Swapper, TorchSwapper, VersionGate
+
+__all__ = [
+    "PullConfig",
+    "Staging",
+    "Subscriber",
+    "SwapError",
+    "SwapReport",
+    "Swapper",
+    "TorchSwapper",
+    "VersionGate",
+]

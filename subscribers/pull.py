@@ -1,0 +1,159 @@
+"""Pull a version into staging: buckets fetched in parallel, each verified as it lands.
+
+    buckets ──> [fetch i+2] [fetch i+1]      (up to `max_inflight` fetches in threads)
+                        └──> [verify i]      (checksum in a thread, while the next ones fetch)
+                                └──> progress (bytes done, rate) every `progress_interval_s`
+
+A bucket whose checksum does not match is fetched again once (a torn read), then the pull
+fails with `ChecksumMismatch`; any transport error fails it with `TransportError`. Either
+way nothing has touched the engine yet: staging is private to the subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from streamer.checksum import ALGORITHM, wsum64_words
+from streamer.errors import ChecksumMismatch, TransportError
+from streamer.transport.base import BulkReceiver, Fetch
+
+if TYPE_CHECKING:
+    from schemas.manifest import BucketSpec, Manifest
+    from subscribers.staging import Staging
+
+__all__ = ["PullReport", "pull"]
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class PullReport:
+    version: int
+    nbytes: int
+    seconds: float
+    refetched: int
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.nbytes / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Throttle:
+    """Caps the pull rate (bytes/s) so a background pull leaves bandwidth to the engine."""
+
+    def __init__(self, bytes_per_s: float | None) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._next = time.monotonic()
+
+    async def wait(self, nbytes: int) -> None:
+        if not self.bytes_per_s:
+            return
+        now = time.monotonic()
+        start = max(now, self._next)
+        self._next = start + nbytes / self.bytes_per_s
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+def _verify(staging: Staging, bucket: BucketSpec) -> bool:
+    raw = staging.bytes_of(bucket.region, bucket.offset, bucket.nbytes).numpy()
+    if raw.size % 8:
+        raw = np.concatenate([raw, np.zeros(8 - raw.size % 8, dtype=np.uint8)])
+    return wsum64_words(raw.view(np.int64)) == bucket.checksum
+
+
+def _receiver_for(
+    manifest: Manifest, region: int, receivers: Sequence[BulkReceiver]
+) -> tuple[BulkReceiver, int]:
+    for locator_index, locator in enumerate(manifest.regions[region].locators):
+        for receiver in receivers:
+            if receiver.accepts(locator):
+                return receiver, locator_index
+    kinds = sorted({type(loc).__name__ for loc in manifest.regions[region].locators})
+    raise TransportError(
+        f"no configured transport can read region {region} (offered: {', '.join(kinds)}); "
+        "install mooncake-transfer-engine or enable the zmq transport on both sides"
+    )
+
+
+async def pull(
+    manifest: Manifest,
+    staging: Staging,
+    receivers: Sequence[BulkReceiver],
+    *,
+    max_inflight: int = 4,
+    max_bytes_per_s: float | None = None,
+    on_progress: ProgressCallback | None = None,
+    progress_interval_s: float = 0.5,
+) -> PullReport:
+    """Fetch and verify every bucket of `manifest` into `staging`."""
+    if manifest.checksum_algorithm != ALGORITHM:
+        raise TransportError(f"unsupported checksum algorithm {manifest.checksum_algorithm!r}")
+    staging.prepare(manifest)
+    routes = [_receiver_for(manifest, r, receivers) for r in range(len(manifest.regions))]
+    total = sum(bucket.nbytes for bucket in manifest.buckets)
+    done = 0
+    refetched = 0
+    started = time.perf_counter()
+    last_report = started
+    slots = asyncio.Semaphore(max_inflight)
+    throttle = _Throttle(max_bytes_per_s)
+
+    async def fetch(bucket: BucketSpec) -> None:
+        receiver, locator_index = routes[bucket.region]
+        locator = manifest.regions[bucket.region].locators[locator_index]
+        request = Fetch(
+            locator, bucket.offset, bucket.nbytes, staging.address(bucket.region, bucket.offset)
+        )
+        await asyncio.wrap_future(pool.submit(receiver.fetch, [request]))
+
+    async def one(bucket: BucketSpec) -> None:
+        nonlocal done, refetched, last_report
+        async with slots:
+            await throttle.wait(bucket.nbytes)
+            await fetch(bucket)
+            if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
+                refetched += 1
+                logger.warning(
+                    "bucket checksum mismatch, fetching again model=%s version=%d region=%d offset=%d",
+                    manifest.model,
+                    manifest.version,
+                    bucket.region,
+                    bucket.offset,
+                )
+                await fetch(bucket)
+                if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
+                    raise ChecksumMismatch(
+                        f"{manifest.model} version {manifest.version}: bucket at region {bucket.region} "
+                        f"offset {bucket.offset} ({bucket.nbytes} bytes) fails its checksum twice; "
+                        "the publisher's memory changed after publishing, or the transport corrupts data"
+                    )
+        done += bucket.nbytes
+        now = time.perf_counter()
+        if on_progress is not None and (now - last_report >= progress_interval_s or done == total):
+            last_report = now
+            await on_progress(done, total, done / max(now - started, 1e-9))
+
+    # Our own pool, so that a failed pull can wait for every fetch still writing into staging
+    # before it returns: no stray write may land in the next version's staging.
+    pool = ThreadPoolExecutor(max_workers=2 * max_inflight, thread_name_prefix="pull")
+    try:
+        async with asyncio.TaskGroup() as group:
+            for bucket in manifest.buckets:
+                group.create_task(one(bucket))
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    finally:
+        await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+    seconds = time.perf_counter() - started
+    return PullReport(version=manifest.version, nbytes=total, seconds=seconds, refetched=refetched)

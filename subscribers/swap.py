@@ -1,0 +1,164 @@
+"""Swapping a staged version into a live engine, whole, at a version boundary.
+
+A `Swapper` is what a subscriber needs from an engine: check that a manifest fits its
+parameters (before any byte is pulled), and copy a fully staged, verified version into them.
+`TorchSwapper` does that for plain torch tensors (an `nn.Module`'s parameters), in place:
+every parameter keeps its storage (`data_ptr`), only the values change.
+
+The engine and the swap share a `VersionGate`: the engine holds it around each step (a
+forward pass, a generate call); the swap holds it while it copies. So no step ever sees
+half a version, and the engine's pause is the copy, not the transfer.
+
+    engine thread:   with gate.step(): model(x)      (many, concurrently with pulling)
+    subscriber:      pull (no gate) ... with gate.exclusive(): copy staged -> params
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from streamer.errors import StreamerError
+from subscribers.dtypes import torch_dtype
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+    from schemas.manifest import Manifest
+    from subscribers.staging import Staging
+
+__all__ = ["SwapError", "SwapReport", "Swapper", "TorchSwapper", "VersionGate"]
+
+
+class SwapError(StreamerError):
+    """A manifest does not fit the engine (missing name, wrong shape or dtype)."""
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    version: int
+    pause_s: float
+    nbytes: int
+
+
+class Swapper(Protocol):
+    def check(self, manifest: Manifest) -> None:
+        """Raise `SwapError` if `manifest` cannot be applied to this engine."""
+
+    async def swap_in(self, manifest: Manifest, staging: Staging) -> SwapReport:
+        """Apply the whole staged version at a step boundary, or nothing."""
+
+
+class VersionGate:
+    """A readers-writer gate: many engine steps at once, or one swap.
+
+    >>> gate = VersionGate()
+    >>> with gate.step():
+    ...     pass
+    >>> gate.version is None
+    True
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._steps = 0
+        self._swapping = False
+        self.version: int | None = None
+        """The version the engine is running now (None before the first swap)."""
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[int | None]:
+        """Hold around one engine step; yields the version that step runs on."""
+        with self._cond:
+            while self._swapping:
+                self._cond.wait()
+            self._steps += 1
+            version = self.version
+        try:
+            yield version
+        finally:
+            with self._cond:
+                self._steps -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Wait for running steps to finish, hold new ones off, and let the swap run."""
+        with self._cond:
+            while self._swapping:
+                self._cond.wait()
+            self._swapping = True
+            while self._steps:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._swapping = False
+                self._cond.notify_all()
+
+
+class TorchSwapper:
+    """Applies versions to named tensors in place (`dict(module.named_parameters())`).
+
+    With `strict=True` (the default) a manifest must cover every tensor; otherwise a manifest
+    may update a subset (say, only the adapters).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        gate: VersionGate | None = None,
+        strict: bool = True,
+    ) -> None:
+        self.tensors = dict(tensors)
+        self.gate = gate or VersionGate()
+        self.strict = strict
+
+    def check(self, manifest: Manifest) -> None:
+        problems: list[str] = []
+        names = set()
+        for spec in manifest.tensors:
+            names.add(spec.name)
+            target = self.tensors.get(spec.name)
+            if target is None:
+                problems.append(f"{spec.name}: not in the engine")
+                continue
+            if tuple(target.shape) != spec.shape:
+                problems.append(f"{spec.name}: shape {spec.shape} != engine {tuple(target.shape)}")
+            if target.dtype != torch_dtype(spec.dtype):
+                problems.append(f"{spec.name}: dtype {spec.dtype} != engine {target.dtype}")
+        if self.strict:
+            problems.extend(
+                f"{name}: missing from the manifest" for name in sorted(set(self.tensors) - names)
+            )
+        if problems:
+            shown = "; ".join(problems[:5]) + (
+                f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            )
+            raise SwapError(
+                f"{manifest.model} version {manifest.version} does not fit this engine: {shown}"
+            )
+
+    async def swap_in(self, manifest: Manifest, staging: Staging) -> SwapReport:
+        return await asyncio.to_thread(self._swap, manifest, staging)
+
+    def _swap(self, manifest: Manifest, staging: Staging) -> SwapReport:
+        self.check(manifest)
+        with self.gate.exclusive():
+            started = time.perf_counter()
+            with torch.no_grad():
+                for spec in manifest.tensors:
+                    self.tensors[spec.name].copy_(staging.tensor(spec))
+            if any(t.is_cuda for t in self.tensors.values()):
+                torch.cuda.synchronize()
+            self.gate.version = manifest.version
+            pause_s = time.perf_counter() - started
+        return SwapReport(version=manifest.version, pause_s=pause_s, nbytes=manifest.payload_bytes)

@@ -1,0 +1,5 @@
+import sys
+
+from weightstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,276 @@
+"""The `weightstream` command line.
+
+weightstream broker     run the broker and its HTTP status endpoint
+weightstream publish    publish a checkpoint directory, or a synthetic model, as version(s) N
+weightstream subscribe  keep a local torch model on the newest version
+weightstream status     the fleet as a table (or --json)
+weightstream demo       broker + trainer + two subscribers, end to end, checked bit for bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from streamer.__main__ import add_broker_arguments, broker_config, run_broker
+from streamer.config import ClientConfig
+from streamer.errors import StreamerError
+from subscribers.subscriber import PullConfig
+from weightstream.commands import PublishJob, SubscribeJob, run_publish, run_subscribe
+from weightstream.status import fetch_status, render_status
+from weightstream.transports import TRANSPORT_CHOICES
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine, Sequence
+
+__all__ = ["main", "parse_versions"]
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+DEFAULT_HTTP = "http://127.0.0.1:8790"
+
+
+def parse_versions(spec: str) -> list[int]:
+    """`3`, `1-5` or `1,2,7` -> a list of increasing versions.
+
+    >>> parse_versions("1-3,7")
+    [1, 2, 3, 7]
+    """
+    versions: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise argparse.ArgumentTypeError(f"bad version list {spec!r}; write 3, 1-5 or 1,2,7")
+        versions.extend(range(int(first), int(last or first) + 1))
+    if versions != sorted(set(versions)):
+        raise argparse.ArgumentTypeError(f"versions must increase: {spec!r}")
+    return versions
+
+
+def _size(text: str) -> int:
+    """`64MB`, `1GiB`, `1e9` -> bytes."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    lowered = (
+        text.strip().lower().removesuffix("b")
+        if not text.lower().endswith("ib")
+        else text.strip().lower()
+    )
+    for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(float(lowered))
+
+
+def _client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        default=os.environ.get("WEIGHTSTREAM_BROKER", DEFAULT_BROKER),
+        help=f"broker endpoint (env WEIGHTSTREAM_BROKER; default {DEFAULT_BROKER})",
+    )
+    parser.add_argument("--model", default="demo", help="model name (default demo)")
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORT_CHOICES,
+        default="auto",
+        help="bulk transport: mooncake (tcp), zmq fallback, both, or auto (default)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="this machine's address as peers should reach it (default 127.0.0.1)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightstream",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default=os.environ.get("WEIGHTSTREAM_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    broker = commands.add_parser("broker", help="run the broker and its HTTP status endpoint")
+    add_broker_arguments(broker)
+
+    publish = commands.add_parser("publish", help="publish version(s) of a model")
+    _client_args(publish)
+    publish.add_argument(
+        "--version",
+        "--versions",
+        dest="versions",
+        type=parse_versions,
+        required=True,
+        help="version(s) to publish: 3, 1-5 or 1,2,7",
+    )
+    source = publish.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a safetensors file or directory")
+    source.add_argument(
+        "--synthetic",
+        type=_size,
+        default=_size("64MB"),
+        metavar="SIZE",
+        help="publish a synthetic Llama-like model of SIZE (default 64MB)",
+    )
+    publish.add_argument("--seed", type=int, default=0)
+    publish.add_argument("--rank", type=int, default=0)
+    publish.add_argument("--world-size", type=int, default=1)
+    publish.add_argument("--bucket", type=_size, default=_size("64MiB"), metavar="SIZE")
+    publish.add_argument(
+        "--wait-subscribers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after each version, wait until N subscribers applied it",
+    )
+    publish.add_argument("--wait-timeout-s", type=float, default=600.0)
+    publish.add_argument("--interval-s", type=float, default=0.0, help="pause between versions")
+    publish.add_argument(
+        "--exit", action="store_true", help="exit after publishing (the bytes stop being readable!)"
+    )
+
+    subscribe = commands.add_parser("subscribe", help="keep a local model on the newest version")
+    _client_args(subscribe)
+    subscribe.add_argument(
+        "--init",
+        help="start from this safetensors checkpoint (default: shapes of the first version)",
+    )
+    subscribe.add_argument(
+        "--dump-dir", help="after each version, write the live tensors here as vN.safetensors"
+    )
+    subscribe.add_argument(
+        "--dump-all", action="store_true", help="keep every vN.safetensors, not only the newest"
+    )
+    subscribe.add_argument(
+        "--exit-after-version", type=int, metavar="N", help="exit once version N is applied"
+    )
+    subscribe.add_argument("--max-inflight", type=int, default=4, help="buckets fetched at once")
+    subscribe.add_argument(
+        "--max-rate", type=_size, metavar="BYTES_PER_S", help="cap the pull rate"
+    )
+    subscribe.add_argument("--pull-timeout-s", type=float, default=600.0)
+    subscribe.add_argument("--max-attempts", type=int, default=3)
+
+    status = commands.add_parser("status", help="show models and subscribers")
+    status.add_argument(
+        "--http",
+        default=os.environ.get("WEIGHTSTREAM_HTTP", DEFAULT_HTTP),
+        help=f"the broker's status URL (env WEIGHTSTREAM_HTTP; default {DEFAULT_HTTP})",
+    )
+    status.add_argument("--json", action="store_true")
+
+    demo = commands.add_parser(
+        "demo", help="broker + trainer + subscribers on this machine, checked bit for bit"
+    )
+    demo.add_argument(
+        "--size", type=_size, default=_size("128MB"), help="model size (default 128MB)"
+    )
+    demo.add_argument("--versions", type=int, default=5, help="versions to publish (default 5)")
+    demo.add_argument("--subscribers", type=int, default=2, help="subscriber processes (default 2)")
+    demo.add_argument("--transport", choices=TRANSPORT_CHOICES, default="auto")
+    return parser
+
+
+def _run(coroutine: Coroutine[Any, Any, None]) -> int:
+    """Run until done or SIGTERM/SIGINT; a signal is a normal, clean exit."""
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await coroutine
+
+    asyncio.run(main())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # mooncake's glog is loud at INFO
+    try:
+        return _dispatch(parser, args)
+    except (StreamerError, TimeoutError, OSError, ValueError) as exc:
+        # An expected failure (no broker, bad checkpoint path...): one clear line, no traceback.
+        logging.getLogger("weightstream").error("%s", exc)  # noqa: TRY400
+        return 1
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "broker":
+        return run_broker(broker_config(args), ready_file=args.ready_file)
+    if args.command == "status":
+        status = asyncio.run(fetch_status(args.http.rstrip("/")))
+        print(json.dumps(status, indent=2) if args.json else render_status(status))
+        return 0
+    if args.command == "demo":
+        from weightstream.demo import run_demo
+
+        return run_demo(
+            size=args.size,
+            versions=args.versions,
+            subscribers=args.subscribers,
+            transport=args.transport,
+        )
+    client = ClientConfig(broker=args.broker)
+    if args.command == "publish":
+        job = PublishJob(
+            client=client,
+            model=args.model,
+            versions=args.versions,
+            checkpoint=args.checkpoint,
+            synthetic_bytes=args.synthetic,
+            seed=args.seed,
+            rank=args.rank,
+            world_size=args.world_size,
+            transport=args.transport,
+            host=args.host,
+            bucket_bytes=args.bucket,
+            wait_subscribers=args.wait_subscribers,
+            wait_timeout_s=args.wait_timeout_s,
+            interval_s=args.interval_s,
+            serve_after=not args.exit,
+        )
+        return _run(run_publish(job))
+    try:
+        pull = msgspec.convert(
+            {
+                "max_inflight": args.max_inflight,
+                "max_bytes_per_s": args.max_rate,
+                "pull_timeout_s": args.pull_timeout_s,
+                "max_attempts": args.max_attempts,
+            },
+            PullConfig,
+        )
+    except msgspec.ValidationError as exc:
+        parser.error(str(exc))
+    job_s = SubscribeJob(
+        client=client,
+        model=args.model,
+        transport=args.transport,
+        host=args.host,
+        pull=pull,
+        init_checkpoint=args.init,
+        dump_dir=args.dump_dir,
+        dump_all=args.dump_all,
+        exit_after_version=args.exit_after_version,
+    )
+    return _run(run_subscribe(job_s))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

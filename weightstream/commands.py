@@ -1,0 +1,188 @@
+"""What `weightstream publish` and `weightstream subscribe` do, as plain async functions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import zmq.asyncio
+
+from publishers.publisher import open_publisher
+from publishers.sources import load_checkpoint, synthetic_llama
+from streamer.client import connect
+from subscribers.dtypes import torch_dtype
+from subscribers.subscriber import PullConfig, Subscriber
+from subscribers.swap import SwapReport, TorchSwapper
+from weightstream.transports import make_receivers, make_senders
+
+if TYPE_CHECKING:
+    from schemas.manifest import Manifest
+    from streamer.config import ClientConfig
+    from subscribers.pull import PullReport
+
+__all__ = ["PublishJob", "SubscribeJob", "run_publish", "run_subscribe", "shard_of"]
+
+logger = logging.getLogger(__name__)
+
+
+def shard_of(
+    tensors: dict[str, torch.Tensor], rank: int, world_size: int
+) -> dict[str, torch.Tensor]:
+    """The tensors rank `rank` of `world_size` publishes: every `world_size`-th, from `rank`."""
+    return {
+        name: t for index, (name, t) in enumerate(tensors.items()) if index % world_size == rank
+    }
+
+
+@dataclass(frozen=True)
+class PublishJob:
+    client: ClientConfig
+    model: str
+    versions: list[int]
+    checkpoint: str | None
+    synthetic_bytes: int
+    seed: int
+    rank: int
+    world_size: int
+    transport: str
+    host: str
+    bucket_bytes: int
+    wait_subscribers: int
+    wait_timeout_s: float
+    interval_s: float
+    serve_after: bool
+
+
+async def run_publish(job: PublishJob) -> None:
+    ctx = zmq.asyncio.Context()
+    try:
+        senders = make_senders(job.transport, host=job.host)
+        async with open_publisher(
+            job.client,
+            model=job.model,
+            sender=senders,
+            rank=job.rank,
+            world_size=job.world_size,
+            bucket_bytes=job.bucket_bytes,
+            context=ctx,
+        ) as publisher:
+            for index, version in enumerate(job.versions):
+                if index and job.interval_s:
+                    await asyncio.sleep(job.interval_s)
+                if job.checkpoint:
+                    tensors = await asyncio.to_thread(load_checkpoint, job.checkpoint)
+                else:
+                    tensors = await asyncio.to_thread(
+                        synthetic_llama, job.synthetic_bytes, version=version, seed=job.seed
+                    )
+                result = await publisher.publish(
+                    version, shard_of(tensors, job.rank, job.world_size)
+                )
+                if job.wait_subscribers:
+                    started = time.perf_counter()
+                    async with asyncio.timeout(job.wait_timeout_s):
+                        count = await publisher.wait_applied(version, job.wait_subscribers)
+                    logger.info(
+                        "version=%d applied by %d subscribers in %.2f s (published in %.2f s)",
+                        version,
+                        count,
+                        time.perf_counter() - started,
+                        result.seconds,
+                    )
+            if job.serve_after:
+                logger.info("serving the published bytes until stopped (Ctrl-C)")
+                await asyncio.Event().wait()
+    finally:
+        ctx.destroy(linger=0)
+
+
+@dataclass(frozen=True)
+class SubscribeJob:
+    client: ClientConfig
+    model: str
+    transport: str
+    host: str
+    pull: PullConfig
+    init_checkpoint: str | None
+    dump_dir: str | None
+    dump_all: bool
+    exit_after_version: int | None
+
+
+def _tensors_for(manifest: Manifest) -> dict[str, torch.Tensor]:
+    """An engine's parameters shaped after a manifest (zeros until the first swap)."""
+    return {s.name: torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in manifest.tensors}
+
+
+def _dump(directory: Path, version: int, tensors: dict[str, torch.Tensor], keep_all: bool) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"v{version}.safetensors"
+    tmp = directory / f".v{version}.tmp"
+    save_file(tensors, str(tmp), metadata={"version": str(version)})
+    os.replace(tmp, target)
+    if not keep_all:
+        for old in directory.glob("v*.safetensors"):
+            if old != target:
+                old.unlink(missing_ok=True)
+
+
+async def run_subscribe(job: SubscribeJob) -> None:
+    ctx = zmq.asyncio.Context()
+    receivers = make_receivers(job.transport, host=job.host)
+    done = asyncio.Event()
+    try:
+        async with connect(job.client, role="subscriber", context=ctx) as client:
+            await client.subscribe(job.model)
+            if job.init_checkpoint:
+                tensors = await asyncio.to_thread(load_checkpoint, job.init_checkpoint)
+            else:
+                logger.info("waiting for the first version of model=%s", job.model)
+                first = await client.next_manifest(job.model, after=-1)
+                tensors = _tensors_for(first)
+            swapper = TorchSwapper(tensors)
+
+            async def on_applied(manifest: Manifest, pull: PullReport, swap: SwapReport) -> None:
+                if job.dump_dir:
+                    await asyncio.to_thread(
+                        _dump, Path(job.dump_dir), manifest.version, tensors, job.dump_all
+                    )
+                if (
+                    job.exit_after_version is not None
+                    and manifest.version >= job.exit_after_version
+                ):
+                    done.set()
+
+            subscriber = Subscriber(
+                client=client,
+                receivers=receivers,
+                swapper=swapper,
+                model=job.model,
+                config=job.pull,
+                on_applied=on_applied,
+            )
+            runner = asyncio.create_task(subscriber.run(), name="subscriber")
+            waiter = asyncio.create_task(done.wait(), name="exit-after")
+            try:
+                finished, _ = await asyncio.wait(
+                    {runner, waiter}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if runner in finished:
+                    runner.result()  # a failure of the subscriber loop surfaces here
+                logger.info("reached version=%s, exiting", subscriber.applied)
+            finally:
+                for task in (runner, waiter):
+                    task.cancel()
+                await asyncio.gather(runner, waiter, return_exceptions=True)
+                subscriber.close()
+    finally:
+        for receiver in receivers:
+            receiver.close()
+        ctx.destroy(linger=0)

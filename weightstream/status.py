@@ -1,0 +1,97 @@
+"""`weightstream status`: the broker's view of models and subscribers, as a table or JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+
+__all__ = ["fetch_status", "render_status"]
+
+
+async def fetch_status(http_url: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.get(f"{http_url}/v1/models") as response:
+            response.raise_for_status()
+            models = await response.json()
+        async with session.get(f"{http_url}/v1/subscribers") as response:
+            response.raise_for_status()
+            subscribers = await response.json()
+    return {"models": models["models"], "subscribers": subscribers["subscribers"]}
+
+
+def _size(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes:.0f} B"
+        nbytes /= 1000
+    return "-"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(lines)
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """Two tables: models, then subscribers."""
+    now = time.time()
+    model_rows = [
+        [
+            m["model"],
+            str(m["latest"]),
+            ",".join(map(str, m["readable_versions"])) or "-",
+            _size(m["latest_bytes"]),
+            f"{now - m['latest_announced_at']:.0f}s ago" if m["latest_announced_at"] else "-",
+            str(m["subscribers_at_latest"]),
+        ]
+        for m in status["models"]
+    ]
+    sub_rows = []
+    for s in status["subscribers"]:
+        progress = "-"
+        if s["progress"] is not None:
+            progress = (
+                f"v{s['pulling_version']} {s['progress'] * 100:.0f}% {_size(s['bytes_per_s'])}/s"
+            )
+        sub_rows.append(
+            [
+                s["peer_id"],
+                s["model"],
+                s["state"],
+                "-" if s["applied_version"] is None else str(s["applied_version"]),
+                "-" if s["lag"] is None else str(s["lag"]),
+                progress,
+                "-" if s["last_pull_s"] is None else f"{s['last_pull_s']:.2f}s",
+                "-" if s["last_pause_s"] is None else f"{s['last_pause_s'] * 1e3:.1f}ms",
+                (s["last_error"] or "")[:60],
+            ]
+        )
+    return "\n\n".join(
+        [
+            _table(["MODEL", "LATEST", "READABLE", "SIZE", "ANNOUNCED", "AT LATEST"], model_rows),
+            _table(
+                [
+                    "SUBSCRIBER",
+                    "MODEL",
+                    "STATE",
+                    "VERSION",
+                    "LAG",
+                    "PULLING",
+                    "LAST PULL",
+                    "PAUSE",
+                    "LAST ERROR",
+                ],
+                sub_rows,
+            ),
+        ]
+    )
