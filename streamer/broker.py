@@ -128,11 +128,8 @@ class Broker:
         except ProtocolError as exc:
             await self._protocol_error(identity, str(exc))
             return
-        try:
-            peer_id = identity.decode()
-        except UnicodeDecodeError:
-            await self._protocol_error(identity, "routing id is not UTF-8")
-            return
+        # latin-1 maps any routing id to a str and back exactly (ours are ASCII peer ids).
+        peer_id = identity.decode("latin-1")
         try:
             await self._send(self._handle(peer_id, message))
         except BrokerError as exc:
@@ -243,7 +240,7 @@ class Broker:
         for peer_id, message in outbox:
             try:
                 await self.socket.send_multipart(
-                    [peer_id.encode(), encode(message)], flags=zmq.NOBLOCK
+                    [peer_id.encode("latin-1"), encode(message)], flags=zmq.NOBLOCK
                 )
             except zmq.Again:
                 logger.warning(

@@ -1,0 +1,161 @@
+"""Start and watch real weightstream processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import torch
+from safetensors.torch import load_file
+
+from publishers.sources import synthetic_llama
+
+ENV = {**os.environ, "MC_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class Proc:
+    name: str
+    process: asyncio.subprocess.Process
+    log: Path
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Fleet:
+    """Every process a test starts; all are stopped at the end."""
+
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    async def start(self, name: str, *args: str, prefix: tuple[str, ...] = ()) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            process = await asyncio.create_subprocess_exec(
+                *prefix,
+                sys.executable,
+                "-m",
+                "weightstream",
+                *args,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=ENV,
+            )
+        proc = Proc(name, process, log)
+        self.procs.append(proc)
+        return proc
+
+    async def stop(self, proc: Proc, *, timeout_s: float = 15) -> int:
+        if proc.process.returncode is None:
+            proc.process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await proc.process.wait()
+        except TimeoutError:
+            proc.process.kill()
+            await proc.process.wait()
+            raise AssertionError(f"{proc.name} ignored SIGTERM:\n{proc.tail()}") from None
+
+    async def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.process.returncode is None:
+                proc.process.kill()
+                await proc.process.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.procs)
+
+
+@dataclass
+class BrokerInfo:
+    proc: Proc
+    endpoint: str
+    http: str
+
+
+async def start_broker(
+    fleet: Fleet, *extra: str, endpoint: str = "tcp://127.0.0.1:0"
+) -> BrokerInfo:
+    ready = fleet.workdir / f"broker-{len(fleet.procs)}.json"
+    proc = await fleet.start(
+        "broker",
+        "broker",
+        "--endpoint",
+        endpoint,
+        "--http-port",
+        "0",
+        "--ready-file",
+        str(ready),
+        "--peer-timeout-s",
+        "3",
+        *extra,
+    )
+    async with asyncio.timeout(30):
+        while not ready.exists():
+            assert proc.process.returncode is None, proc.tail()
+            await asyncio.sleep(0.05)
+    info = json.loads(ready.read_text())
+    return BrokerInfo(proc, info["endpoint"], f"http://127.0.0.1:{info['http_port']}")
+
+
+async def get_json(url: str) -> Any:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(url) as response:
+            assert response.status == 200, (url, response.status, await response.text())
+            return await response.json()
+
+
+async def wait_for(
+    check: Callable[[], Any],
+    *,
+    timeout_s: float,
+    what: str,
+    fleet: Fleet | None = None,
+    every_s: float = 0.1,
+) -> Any:
+    """Poll an async `check` until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(every_s)
+    logs = fleet.logs() if fleet else ""
+    raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{logs}")
+
+
+def subscribers_at(rows: list[dict[str, Any]], version: int) -> list[dict[str, Any]]:
+    return [r for r in rows if r["state"] != "gone" and r["applied_version"] == version]
+
+
+_expected: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+
+def expected(size: int, version: int) -> dict[str, torch.Tensor]:
+    key = (size, version)
+    if key not in _expected:
+        _expected[key] = synthetic_llama(size, version=version)
+    return _expected[key]
+
+
+def assert_dump_equals(path: Path, size: int, version: int) -> None:
+    live = load_file(str(path))
+    want = expected(size, version)
+    assert set(live) == set(want), f"{path}: tensor names differ"
+    different = [n for n, t in want.items() if not torch.equal(live[n], t)]
+    assert not different, (
+        f"{path}: {len(different)} tensors differ from version {version}: {different[:3]}"
+    )
