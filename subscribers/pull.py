@@ -1,7 +1,7 @@
 """Pull a version into staging: buckets fetched in parallel, each verified as it lands.
 
-    buckets ──> [fetch i+2] [fetch i+1]      (up to `max_inflight` fetches in threads)
-                        └──> [verify i]      (checksum in a thread, while the next ones fetch)
+    buckets ──> [fetch i+1]                  (`max_inflight` fetches at a time, in threads)
+                  └──> [verify i]            (checksum in a thread, while the next one fetches)
                                 └──> progress (bytes done, rate) every `progress_interval_s`
 
 A bucket whose checksum does not match is fetched again once (a torn read), then the pull
@@ -91,7 +91,7 @@ async def pull(
     staging: Staging,
     receivers: Sequence[BulkReceiver],
     *,
-    max_inflight: int = 4,
+    max_inflight: int = 1,
     max_bytes_per_s: float | None = None,
     on_progress: ProgressCallback | None = None,
     progress_interval_s: float = 0.5,
@@ -122,22 +122,24 @@ async def pull(
         async with slots:
             await throttle.wait(bucket.nbytes)
             await fetch(bucket)
-            if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
-                refetched += 1
-                logger.warning(
-                    "bucket checksum mismatch, fetching again model=%s version=%d region=%d offset=%d",
-                    manifest.model,
-                    manifest.version,
-                    bucket.region,
-                    bucket.offset,
-                )
+        # Verify outside the slot: the next bucket's fetch runs meanwhile.
+        if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
+            refetched += 1
+            logger.warning(
+                "bucket checksum mismatch, fetching again model=%s version=%d region=%d offset=%d",
+                manifest.model,
+                manifest.version,
+                bucket.region,
+                bucket.offset,
+            )
+            async with slots:
                 await fetch(bucket)
-                if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
-                    raise ChecksumMismatch(
-                        f"{manifest.model} version {manifest.version}: bucket at region {bucket.region} "
-                        f"offset {bucket.offset} ({bucket.nbytes} bytes) fails its checksum twice; "
-                        "the publisher's memory changed after publishing, or the transport corrupts data"
-                    )
+            if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
+                raise ChecksumMismatch(
+                    f"{manifest.model} version {manifest.version}: bucket at region {bucket.region} "
+                    f"offset {bucket.offset} ({bucket.nbytes} bytes) fails its checksum twice; "
+                    "the publisher's memory changed after publishing, or the transport corrupts data"
+                )
         done += bucket.nbytes
         now = time.perf_counter()
         if on_progress is not None and (now - last_report >= progress_interval_s or done == total):
@@ -146,7 +148,7 @@ async def pull(
 
     # Our own pool, so that a failed pull can wait for every fetch still writing into staging
     # before it returns: no stray write may land in the next version's staging.
-    pool = ThreadPoolExecutor(max_workers=2 * max_inflight, thread_name_prefix="pull")
+    pool = ThreadPoolExecutor(max_workers=max_inflight + 2, thread_name_prefix="pull")
     try:
         async with asyncio.TaskGroup() as group:
             for bucket in manifest.buckets:

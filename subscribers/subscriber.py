@@ -45,8 +45,9 @@ AppliedCallback = Callable[[Manifest, PullReport, SwapReport], Awaitable[None]]
 
 
 class PullConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    max_inflight: Annotated[int, msgspec.Meta(ge=1)] = 4
-    """Buckets fetched at once."""
+    max_inflight: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Buckets fetched at once (checksums always overlap the next fetch). Over mooncake tcp one
+    large read at a time is fastest (bench/RESULTS.md); RDMA NICs like a few in flight."""
     max_bytes_per_s: Positive | None = None
     """Cap on the pull rate, to leave bandwidth to the engine; None for no cap."""
     pull_timeout_s: Positive = 600.0

@@ -152,7 +152,12 @@ def _parser() -> argparse.ArgumentParser:
     subscribe.add_argument(
         "--exit-after-version", type=int, metavar="N", help="exit once version N is applied"
     )
-    subscribe.add_argument("--max-inflight", type=int, default=4, help="buckets fetched at once")
+    subscribe.add_argument(
+        "--max-inflight",
+        type=int,
+        default=1,
+        help="buckets fetched at once (default 1; more for RDMA)",
+    )
     subscribe.add_argument(
         "--max-rate", type=_size, metavar="BYTES_PER_S", help="cap the pull rate"
     )

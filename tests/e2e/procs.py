@@ -111,10 +111,10 @@ async def start_broker(
 
 
 async def get_json(url: str) -> Any:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        async with session.get(url) as response:
-            assert response.status == 200, (url, response.status, await response.text())
-            return await response.json()
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+        assert response.status == 200, (url, response.status, await response.text())
+        return await response.json()
 
 
 async def wait_for(

@@ -132,7 +132,8 @@ async def test_two_rank_trainer_three_subscribers_bit_exact_at_every_version(
         fleet=fleet,
     )
     assert_dump_equals(late / "v3.safetensors", SIZE, 3)
-    assert not (late / "v1.safetensors").exists() and not (late / "v2.safetensors").exists()
+    assert not (late / "v1.safetensors").exists()
+    assert not (late / "v2.safetensors").exists()
 
     metrics = await _text(f"{broker.http}/metrics")
     assert 'weightstream_latest_version{model="llama"} 3' in metrics
@@ -198,7 +199,8 @@ async def test_garbage_on_broker_sockets_and_http_leaves_it_serving(fleet: Fleet
         await dealer.send(b"\xc1\xc1 definitely not msgpack")
         async with asyncio.timeout(10):
             error = decode_message(await dealer.recv())
-        assert isinstance(error, Error) and error.code == "protocol"
+        assert isinstance(error, Error)
+        assert error.code == "protocol"
         await dealer.send_multipart([b"one", b"two", b"three"])
         async with asyncio.timeout(10):
             assert decode_message(await dealer.recv()).code == "protocol"  # type: ignore[union-attr]

@@ -1,0 +1,171 @@
+"""Several nodes as network namespaces: subscribers reach the trainer over a bridge, not loopback.
+
+Also a node whose link goes down mid-way: it stays on its last version, and catches up once
+the link is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import Fleet, assert_dump_equals, get_json, start_broker, wait_for
+from weightstream.netns import NodeNet, netns_available
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.netns,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(not netns_available(), reason="needs root and iproute2 (ip netns)"),
+]
+
+SIZE = 3_000_000
+_nets = itertools.count(100)
+
+
+@pytest.fixture
+def nodes():
+    net = NodeNet(2, prefix="wst", net=next(_nets)).open()
+    yield net
+    net.close()
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path):
+    fleet = Fleet(tmp_path)
+    yield fleet
+    await fleet.stop_all()
+
+
+async def test_subscribers_in_namespaces_follow_a_trainer_over_the_bridge(
+    fleet: Fleet, nodes: NodeNet, tmp_path: Path
+):
+    broker = await start_broker(fleet, endpoint=f"tcp://{nodes.host_address}:0")
+    dumps = [tmp_path / f"node{i}" for i in range(2)]
+    for node, dump in enumerate(dumps):
+        await fleet.start(
+            f"node{node}",
+            "subscribe",
+            "--broker",
+            broker.endpoint,
+            "--model",
+            "llama",
+            "--transport",
+            "mooncake",
+            "--host",
+            nodes.address(node),
+            "--dump-dir",
+            str(dump),
+            "--dump-all",
+            prefix=nodes.exec_prefix(node),
+        )
+    await fleet.start(
+        "trainer",
+        "publish",
+        "--broker",
+        broker.endpoint,
+        "--model",
+        "llama",
+        "--transport",
+        "mooncake",
+        "--host",
+        nodes.host_address,
+        "--synthetic",
+        str(SIZE),
+        "--bucket",
+        "512KiB",
+        "--versions",
+        "1-2",
+        "--wait-subscribers",
+        "2",
+    )
+    for version in (1, 2):
+
+        async def both(version: int = version):
+            rows = (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
+            return sum((r["applied_version"] or 0) >= version for r in rows) == 2
+
+        await wait_for(both, timeout_s=90, what=f"both nodes at v{version}", fleet=fleet)
+        for dump in dumps:
+            path = dump / f"v{version}.safetensors"
+            await wait_for(
+                lambda path=path: asyncio.sleep(0, path.exists()), timeout_s=10, what=str(path)
+            )
+            assert_dump_equals(path, SIZE, version)
+
+    # The subscribers really are on other hosts: the broker sees them from their own addresses.
+    rows = (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
+    assert len(rows) == 2
+
+
+async def test_node_with_link_down_stays_on_its_version_and_catches_up(
+    fleet: Fleet, nodes: NodeNet, tmp_path: Path
+):
+    broker = await start_broker(fleet, endpoint=f"tcp://{nodes.host_address}:0")
+    dump = tmp_path / "node0"
+    await fleet.start(
+        "node0",
+        "subscribe",
+        "--broker",
+        broker.endpoint,
+        "--model",
+        "llama",
+        "--transport",
+        "mooncake",
+        "--host",
+        nodes.address(0),
+        "--dump-dir",
+        str(dump),
+        "--dump-all",
+        "--pull-timeout-s",
+        "5",
+        "--max-attempts",
+        "2",
+        prefix=nodes.exec_prefix(0),
+    )
+    trainer_args = [
+        "publish",
+        "--broker",
+        broker.endpoint,
+        "--model",
+        "llama",
+        "--transport",
+        "mooncake",
+        "--host",
+        nodes.host_address,
+        "--synthetic",
+        str(SIZE),
+        "--bucket",
+        "512KiB",
+    ]
+    await fleet.start("v1", *trainer_args, "--versions", "1", "--wait-subscribers", "1")
+    await wait_for(
+        lambda: asyncio.sleep(0, (dump / "v1.safetensors").exists()),
+        timeout_s=60,
+        what="v1",
+        fleet=fleet,
+    )
+
+    nodes.link(0, up=False)  # the cable is pulled
+    await fleet.start("v2", *trainer_args, "--versions", "2")
+
+    async def latest_is_2():
+        return (await get_json(f"{broker.http}/v1/models/llama"))["latest"] == 2
+
+    await wait_for(latest_is_2, timeout_s=60, what="v2 announced", fleet=fleet)
+    await asyncio.sleep(3)
+    assert not (dump / "v2.safetensors").exists()
+    assert_dump_equals(dump / "v1.safetensors", SIZE, 1)  # still serving version 1, intact
+
+    nodes.link(0, up=True)
+    await fleet.start("v3", *trainer_args, "--versions", "3")
+    await wait_for(
+        lambda: asyncio.sleep(0, (dump / "v3.safetensors").exists()),
+        timeout_s=90,
+        what="v3",
+        fleet=fleet,
+    )
+    assert_dump_equals(dump / "v3.safetensors", SIZE, 3)

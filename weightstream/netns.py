@@ -1,0 +1,102 @@
+"""Throwaway network namespaces: several "nodes" on one machine, for tests and benchmarks.
+
+    root namespace: bridge <prefix>br, address 10.213.<net>.1/24   (broker, publisher)
+        ├── veth ── namespace <prefix>1: 10.213.<net>.11/24       (a subscriber node)
+        ├── veth ── namespace <prefix>2: 10.213.<net>.12/24
+        ...
+
+Needs root and iproute2. Every address lives only inside namespaces made here, and
+`NodeNet.close()` deletes them all (also after a crash: `cleanup(prefix)` removes leftovers).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+__all__ = ["NodeNet", "netns_available"]
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)  # noqa: S603,S607
+
+
+def netns_available() -> bool:
+    """True if we are root and `ip netns` works here."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = f"wsprobe{os.getpid()}"
+    if _ip("netns", "add", probe, check=False).returncode != 0:
+        return False
+    _ip("netns", "delete", probe, check=False)
+    return True
+
+
+@dataclass
+class NodeNet:
+    """`count` namespaces joined to a bridge in the root namespace."""
+
+    count: int
+    prefix: str = "ws"
+    net: int = 213
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.prefix}br"
+
+    @property
+    def host_address(self) -> str:
+        """The root namespace's address on the bridge (broker, publisher)."""
+        return f"10.213.{self.net}.1"
+
+    def address(self, node: int) -> str:
+        return f"10.213.{self.net}.{11 + node}"
+
+    def exec_prefix(self, node: int) -> tuple[str, ...]:
+        """Prepend to a command line to run it inside node `node`'s namespace."""
+        return ("ip", "netns", "exec", self.namespaces[node])
+
+    def open(self) -> NodeNet:
+        self.cleanup()
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.host_address}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for node in range(self.count):
+            namespace = f"{self.prefix}{node}"
+            outer, inner = f"{self.prefix}v{node}", f"{self.prefix}p{node}"
+            _ip("netns", "add", namespace)
+            self.namespaces.append(namespace)
+            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            _ip("link", "set", inner, "netns", namespace)
+            _ip("link", "set", outer, "master", self.bridge)
+            _ip("link", "set", outer, "up")
+            _ip("-n", namespace, "addr", "add", f"{self.address(node)}/24", "dev", inner)
+            _ip("-n", namespace, "link", "set", inner, "up")
+            _ip("-n", namespace, "link", "set", "lo", "up")
+        return self
+
+    def link(self, node: int, *, up: bool) -> None:
+        """Take a node's link down (a cable pulled) or bring it back."""
+        _ip("link", "set", f"{self.prefix}v{node}", "up" if up else "down")
+
+    def cleanup(self) -> None:
+        listing = _ip("netns", "list", check=False).stdout.split()
+        for name in listing:
+            if name.startswith(self.prefix) and name[len(self.prefix) :].isdigit():
+                _ip("netns", "delete", name, check=False)
+        for node in range(64):
+            _ip("link", "delete", f"{self.prefix}v{node}", check=False)
+        _ip("link", "delete", self.bridge, check=False)
+        self.namespaces.clear()
+
+    def close(self) -> None:
+        self.cleanup()
+
+    def __enter__(self) -> NodeNet:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
