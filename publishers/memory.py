@@ -4,16 +4,23 @@ A version stays readable until the broker retires it, so a publisher holds up to
 `retention + 1` sets of buffers (one being packed while `retention` are readable).
 Buffers are pinned when CUDA is present (fast device-to-host packing, and RDMA-friendly),
 registered with the bulk transport once, and returned to the pool on `Retire`.
+
+With `shm_prefix`, buffers live in POSIX shared memory (`/dev/shm/<prefix>-<n>`), so that
+subscribers on the same machine map them instead of fetching them (`streamer.transport.shm`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass
+import mmap
+import os
+from dataclasses import dataclass, field
 
 import torch
 
 from streamer.transport.base import Region
+from streamer.transport.shm import SHM_DIR
 
 __all__ = ["BufferPool", "BufferSet"]
 
@@ -25,6 +32,7 @@ class BufferSet:
     """The buffers of one version: one 1-D uint8 tensor per region."""
 
     buffers: list[torch.Tensor]
+    shm_names: list[str] = field(default_factory=list)
 
     @property
     def regions(self) -> list[Region]:
@@ -43,9 +51,14 @@ class BufferSet:
 class BufferPool:
     """Free buffer sets, reused when a new version's layout fits in one."""
 
-    def __init__(self, *, pin_memory: bool | None = None) -> None:
+    def __init__(self, *, pin_memory: bool | None = None, shm_prefix: str | None = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.shm_prefix = shm_prefix
         self._free: list[BufferSet] = []
+        self._all: list[BufferSet] = []
+        self._names: dict[int, str] = {}
+        self._mappings: list[mmap.mmap] = []
+        self._counter = itertools.count()
         self.allocated_bytes = 0
 
     def take(self, region_bytes: tuple[int, ...]) -> tuple[BufferSet, bool]:
@@ -53,20 +66,48 @@ class BufferPool:
         for index, candidate in enumerate(self._free):
             if candidate.fits(region_bytes):
                 return self._free.pop(index), False
-        buffers = [
-            torch.empty(n, dtype=torch.uint8, pin_memory=self.pin_memory) for n in region_bytes
+        buffer_set = BufferSet([self._allocate(n) for n in region_bytes])
+        buffer_set.shm_names = [
+            self._names[b.data_ptr()] for b in buffer_set.buffers if b.data_ptr() in self._names
         ]
+        self._all.append(buffer_set)
         self.allocated_bytes += sum(region_bytes)
         logger.info(
-            "allocated publish buffers bytes=%d pinned=%s pool_bytes=%d",
+            "allocated publish buffers bytes=%d pinned=%s shm=%s pool_bytes=%d",
             sum(region_bytes),
             self.pin_memory,
+            self.shm_prefix is not None,
             self.allocated_bytes,
         )
-        return BufferSet(buffers), True
+        return buffer_set, True
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        if self.shm_prefix is None:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        name = f"{self.shm_prefix}-{next(self._counter)}"
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, max(nbytes, 1))
+            mapping = mmap.mmap(fd, max(nbytes, 1))
+        finally:
+            os.close(fd)
+        self._mappings.append(mapping)
+        tensor = torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes]
+        if self.pin_memory:
+            # Page-locked for fast device-to-host packing; done once per buffer, never per version.
+            torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), max(nbytes, 1), 0)  # type: ignore[no-untyped-call]
+        self._names[tensor.data_ptr()] = name
+        return tensor
+
+    def shm_name(self, address: int) -> str | None:
+        """The shared-memory segment a buffer starting at `address` lives in, if any."""
+        return self._names.get(address)
 
     def give_back(self, buffer_set: BufferSet) -> None:
         self._free.append(buffer_set)
 
-    def drop(self, buffer_set: BufferSet) -> None:
-        self.allocated_bytes -= buffer_set.nbytes
+    def close(self) -> None:
+        """Unlink every shared-memory segment (mappings go when their last view does)."""
+        for name in self._names.values():
+            (SHM_DIR / name).unlink(missing_ok=True)
+        self._names.clear()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
@@ -25,6 +27,7 @@ import zmq.asyncio
 from publishers.memory import BufferPool, BufferSet
 from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
 from streamer.client import BrokerClient, connect
+from streamer.transport.shm import ShmSender
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -73,11 +76,22 @@ class Publisher:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         region_bytes: int = DEFAULT_REGION_BYTES,
         pool: BufferPool | None = None,
+        node_local: bool = False,
     ) -> None:
+        """`node_local=True` puts the buffers in POSIX shared memory and offers them to
+        same-host subscribers, who map them instead of fetching them."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, {world_size})")
         self.client = client
         self.senders: list[BulkSender] = list(sender) if isinstance(sender, Sequence) else [sender]
+        if node_local:
+            if pool is None:
+                safe = "".join(c if c.isalnum() else "_" for c in model)[:40]
+                prefix = f"weightstream-{safe}-r{rank}-{os.getpid()}-{secrets.token_hex(3)}"
+                pool = BufferPool(shm_prefix=prefix)
+            if pool.shm_prefix is None:
+                raise ValueError("node_local needs a pool with shm_prefix")
+            self.senders.append(ShmSender(pool.shm_name))
         if not self.senders:
             raise ValueError("a publisher needs at least one sender")
         self.model = model
@@ -110,14 +124,14 @@ class Publisher:
             per_sender = [sender.expose(regions) for sender in self.senders]
             locators = [list(offers) for offers in zip(*per_sender, strict=True)]
             shard = layout.shard(locators, checksums, self.rank)
-            self.live[version] = buffer_set
             reply = await self.client.publish(
                 self.model, version, self.rank, self.world_size, shard
             )
         except BaseException:
-            self.live.pop(version, None)
             self.pool.give_back(buffer_set)
             raise
+        # Only once the broker took it: a refused `version` may be one still live here.
+        self.live[version] = buffer_set
         seconds = time.perf_counter() - started
         logger.info(
             "published model=%s version=%d rank=%d/%d bytes=%d buckets=%d seconds=%.3f complete=%s",
@@ -157,6 +171,7 @@ class Publisher:
     def close(self) -> None:
         for sender in self.senders:
             sender.close()
+        self.pool.close()
 
 
 @contextlib.asynccontextmanager
@@ -168,6 +183,7 @@ async def open_publisher(
     rank: int = 0,
     world_size: int = 1,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    node_local: bool = False,
     context: zmq.asyncio.Context | None = None,
 ) -> AsyncIterator[Publisher]:
     """Connect to the broker and run the retire loop while the publisher is in use."""
@@ -181,6 +197,7 @@ async def open_publisher(
                 rank=rank,
                 world_size=world_size,
                 bucket_bytes=bucket_bytes,
+                node_local=node_local,
             )
             retire = asyncio.create_task(publisher.retire_loop(), name="retire")
             try:

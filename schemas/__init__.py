@@ -11,6 +11,7 @@ from schemas.manifest import (
     MooncakeLocator,
     RegionSpec,
     Shard,
+    ShmLocator,
     TensorSpec,
     validate_shard,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "MooncakeLocator",
     "RegionSpec",
     "Shard",
+    "ShmLocator",
     "TensorSpec",
     "decode_manifest",
     "decode_message",

@@ -6,7 +6,7 @@ tensor lives at an aligned offset inside one region; every region is cut into *b
 A `Locator` says where a region's bytes can be read; a region may offer several.
 
     Manifest(model, version)
-      regions[k]  nbytes, locators (mooncake | zmq)   <- one or more per trainer rank
+      regions[k]  nbytes, locators (mooncake | zmq | shm)   <- one or more per trainer rank
       tensors[i]  name, dtype, shape, region, offset, nbytes
       buckets[j]  region, offset, nbytes, checksum
 """
@@ -28,6 +28,7 @@ __all__ = [
     "MooncakeLocator",
     "RegionSpec",
     "Shard",
+    "ShmLocator",
     "TensorSpec",
     "Version",
     "validate_shard",
@@ -73,7 +74,17 @@ class FrameLocator(msgspec.Struct, frozen=True, tag="zmq"):
     key: str
 
 
-Locator = MooncakeLocator | FrameLocator
+class ShmLocator(msgspec.Struct, frozen=True, tag="shm"):
+    """A region in POSIX shared memory on host `host`: same-host subscribers map it, no copy."""
+
+    host: str
+    """An id of the machine (hostname and boot id): shared memory is only shared there."""
+    name: str
+    """The segment's name under /dev/shm."""
+    nbytes: NonNegative
+
+
+Locator = MooncakeLocator | FrameLocator | ShmLocator
 
 
 class RegionSpec(msgspec.Struct, frozen=True, gc=False):

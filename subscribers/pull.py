@@ -21,11 +21,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from schemas.manifest import ShmLocator
 from streamer.checksum import ALGORITHM, wsum64_words
 from streamer.errors import ChecksumMismatch, TransportError
 from streamer.transport.base import BulkReceiver, Fetch
+from streamer.transport.shm import ShmReceiver
 
 if TYPE_CHECKING:
+    import torch
+
     from schemas.manifest import BucketSpec, Manifest
     from subscribers.staging import Staging
 
@@ -75,8 +79,9 @@ def _verify(staging: Staging, bucket: BucketSpec) -> bool:
 def _receiver_for(
     manifest: Manifest, region: int, receivers: Sequence[BulkReceiver]
 ) -> tuple[BulkReceiver, int]:
-    for locator_index, locator in enumerate(manifest.regions[region].locators):
-        for receiver in receivers:
+    """The first receiver (in the subscriber's order of preference) that can read a locator."""
+    for receiver in receivers:
+        for locator_index, locator in enumerate(manifest.regions[region].locators):
             if receiver.accepts(locator):
                 return receiver, locator_index
     kinds = sorted({type(loc).__name__ for loc in manifest.regions[region].locators})
@@ -95,12 +100,24 @@ async def pull(
     max_bytes_per_s: float | None = None,
     on_progress: ProgressCallback | None = None,
     progress_interval_s: float = 0.5,
+    verify: bool = True,
 ) -> PullReport:
-    """Fetch and verify every bucket of `manifest` into `staging`."""
+    """Fetch and verify every bucket of `manifest` into `staging`.
+
+    Regions a same-host publisher offers in shared memory (and a `ShmReceiver` accepts) are
+    mapped, not fetched. `verify=False` skips the host checksums, for a swapper that verifies
+    on the device anyway (it must then raise `ChecksumMismatch` itself).
+    """
     if manifest.checksum_algorithm != ALGORITHM:
         raise TransportError(f"unsupported checksum algorithm {manifest.checksum_algorithm!r}")
-    staging.prepare(manifest)
     routes = [_receiver_for(manifest, r, receivers) for r in range(len(manifest.regions))]
+    mapped: dict[int, torch.Tensor] = {}
+    for region, (receiver, locator_index) in enumerate(routes):
+        locator = manifest.regions[region].locators[locator_index]
+        if isinstance(receiver, ShmReceiver) and isinstance(locator, ShmLocator):
+            mapping = await asyncio.to_thread(receiver.mapping, locator)
+            mapped[region] = staging.segment(locator.name, mapping)
+    staging.prepare(manifest, mapped)
     total = sum(bucket.nbytes for bucket in manifest.buckets)
     done = 0
     refetched = 0
@@ -119,11 +136,12 @@ async def pull(
 
     async def one(bucket: BucketSpec) -> None:
         nonlocal done, refetched, last_report
-        async with slots:
-            await throttle.wait(bucket.nbytes)
-            await fetch(bucket)
+        if not staging.is_mapped(bucket.region):
+            async with slots:
+                await throttle.wait(bucket.nbytes)
+                await fetch(bucket)
         # Verify outside the slot: the next bucket's fetch runs meanwhile.
-        if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
+        if verify and not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
             refetched += 1
             logger.warning(
                 "bucket checksum mismatch, fetching again model=%s version=%d region=%d offset=%d",
@@ -132,8 +150,9 @@ async def pull(
                 bucket.region,
                 bucket.offset,
             )
-            async with slots:
-                await fetch(bucket)
+            if not staging.is_mapped(bucket.region):
+                async with slots:
+                    await fetch(bucket)
             if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
                 raise ChecksumMismatch(
                     f"{manifest.model} version {manifest.version}: bucket at region {bucket.region} "

@@ -7,6 +7,12 @@ larger than any before it, so the hot path never allocates or registers memory.
 With `shm_name` set, the buffer lives in POSIX shared memory (`/dev/shm/<shm_name>`), so the
 node's other processes (say, the workers of a tensor-parallel vLLM engine) map the staged
 version instead of fetching it again: one fetch per node.
+
+A region that a same-host publisher offers in shared memory is not copied at all: `prepare`
+takes it as `mapped`, and that region's views point straight at the publisher's memory.
+
+    staging: [ region 0 | region 2 ]  own buffer (fetched into)
+             region 1 -> publisher's /dev/shm segment (mapped, zero copy)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from streamer.transport.base import BulkReceiver, Region
 from subscribers.dtypes import torch_dtype
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
 __all__ = ["SHM_DIR", "Staging", "map_shared", "region_offsets"]
 
@@ -79,26 +85,66 @@ class Staging:
         self.shm_name = shm_name
         self.buffer = torch.empty(0, dtype=torch.uint8)
         self.region_offsets: list[int] = []
+        self._regions: list[torch.Tensor] = []
+        self._mapped: set[int] = set()
+        self._segments: dict[str, torch.Tensor] = {}
         self._mapping: mmap.mmap | None = None
 
     @property
     def region(self) -> Region:
         return Region(self.buffer.data_ptr(), self.buffer.numel())
 
-    def prepare(self, manifest: Manifest) -> None:
-        """Lay out `manifest`'s regions; grow (and re-register) the buffer only if needed."""
-        self.region_offsets, needed = region_offsets(manifest)
-        if needed <= self.buffer.numel():
-            return
-        if self.buffer.numel():
+    def prepare(self, manifest: Manifest, mapped: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Lay out `manifest`'s regions; grow (and re-register) the buffer only if needed.
+
+        Regions in `mapped` (region index -> host uint8 tensor, e.g. `segment(...)`) are not
+        laid out in the buffer: their views are the given tensors.
+        """
+        mapped = dict(mapped or {})
+        offsets: list[int] = []
+        cursor = 0
+        for index, region in enumerate(manifest.regions):
+            offsets.append(cursor)
+            if index not in mapped:
+                cursor = _align(cursor + region.nbytes)
+        self.region_offsets = offsets
+        if cursor > self.buffer.numel():
+            if self.buffer.numel():
+                for receiver in self.receivers:
+                    receiver.unregister(self.region)
+            self.buffer = self._allocate(cursor)
             for receiver in self.receivers:
-                receiver.unregister(self.region)
-        self.buffer = self._allocate(needed)
-        for receiver in self.receivers:
-            receiver.register(self.region)
-        logger.info(
-            "allocated staging bytes=%d pinned=%s shm=%s", needed, self.pin_memory, self.shm_name
-        )
+                receiver.register(self.region)
+            logger.info(
+                "allocated staging bytes=%d pinned=%s shm=%s",
+                cursor,
+                self.pin_memory,
+                self.shm_name,
+            )
+        self._mapped = set(mapped)
+        self._regions = [
+            mapped[index][: region.nbytes]
+            if index in mapped
+            else self.buffer[offsets[index] : offsets[index] + region.nbytes]
+            for index, region in enumerate(manifest.regions)
+        ]
+
+    def segment(self, name: str, mapping: mmap.mmap) -> torch.Tensor:
+        """A host tensor over a mapped publisher segment, made once per segment and reused,
+        so that its address is stable across versions (register it with CUDA only once)."""
+        view = self._segments.get(name)
+        if view is None or view.numel() < len(mapping):
+            view = torch.frombuffer(mapping, dtype=torch.uint8)
+            self._segments[name] = view
+        return view
+
+    def is_mapped(self, region: int) -> bool:
+        """True if `region` points at a publisher's memory rather than our own buffer."""
+        return region in self._mapped
+
+    def region_tensor(self, region: int) -> torch.Tensor:
+        """Region `region`'s host bytes (our buffer, or a publisher's mapped segment)."""
+        return self._regions[region]
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         if self.shm_name is None:
@@ -114,11 +160,10 @@ class Staging:
         return torch.frombuffer(self._mapping, dtype=torch.uint8)
 
     def address(self, region: int, offset: int) -> int:
-        return self.buffer.data_ptr() + self.region_offsets[region] + offset
+        return int(self._regions[region].data_ptr()) + offset
 
     def bytes_of(self, region: int, offset: int, nbytes: int) -> torch.Tensor:
-        start = self.region_offsets[region] + offset
-        return self.buffer[start : start + nbytes]
+        return self._regions[region][offset : offset + nbytes]
 
     def tensor(self, spec: TensorSpec) -> torch.Tensor:
         """A view of a staged tensor with its dtype and shape."""
@@ -127,6 +172,7 @@ class Staging:
 
     def _release_mapping(self) -> None:
         self.buffer = torch.empty(0, dtype=torch.uint8)
+        self._regions = []
         if self._mapping is not None:
             try:
                 self._mapping.close()
@@ -139,5 +185,6 @@ class Staging:
             for receiver in self.receivers:
                 receiver.unregister(self.region)
         self._release_mapping()
+        self._segments.clear()
         if self.shm_name is not None:
             (SHM_DIR / self.shm_name).unlink(missing_ok=True)

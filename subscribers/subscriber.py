@@ -4,10 +4,10 @@
         │ check it fits the engine (before pulling a byte)
         │ acquire a lease (the publisher keeps the version readable while we read it)
         ▼
-    pull: fetch buckets in parallel into staging, verify each  ── Progress ──> broker
-        │ release the lease
+    pull: fetch buckets into staging (or map a same-host publisher's), verify each ── Progress ──> broker
+        │ swapper.stage (e.g. to the GPU, verified there), still serving the old version
         ▼
-    swapper.swap_in at a step boundary (the engine kept serving the old version until now)
+    swapper.swap_in at a step boundary, then release the lease
         └── Applied(version) ──> broker
 
 A version is applied whole or not at all. A failed pull (dead or slow publisher, a bucket
@@ -158,6 +158,7 @@ class Subscriber:
                 return
             self.swapper.check(manifest)
             started = time.perf_counter()
+            # The lease holds until the swap is done: staging may map the publisher's memory.
             await self.client.acquire_lease(self.model, manifest.version)
             try:
                 async with asyncio.timeout(self.config.pull_timeout_s):
@@ -169,10 +170,12 @@ class Subscriber:
                         max_bytes_per_s=self.config.max_bytes_per_s,
                         on_progress=self._progress(manifest.version),
                         progress_interval_s=self.config.progress_interval_s,
+                        verify=not getattr(self.swapper, "verifies_on_device", False),
                     )
+                    await self.swapper.stage(manifest, self.staging)
+                swap = await self.swapper.swap_in(manifest, self.staging)
             finally:
                 await self.client.release_lease(self.model, manifest.version)
-            swap = await self.swapper.swap_in(manifest, self.staging)
             self.applied = manifest.version
             total_s = time.perf_counter() - started
             logger.info(

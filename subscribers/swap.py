@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -48,8 +49,19 @@ class SwapReport:
 
 
 class Swapper(Protocol):
+    """What a subscriber needs from an engine.
+
+    The subscriber calls, per version: `check` (before pulling a byte), then after the pull
+    `stage` (the engine still serves the old version; e.g. copy to the GPU and verify there),
+    then `swap_in` at the version boundary. A swapper whose `stage` verifies every bucket on
+    the device sets `verifies_on_device = True`, and the host skips its own checksums.
+    """
+
     def check(self, manifest: Manifest) -> None:
         """Raise `SwapError` if `manifest` cannot be applied to this engine."""
+
+    async def stage(self, manifest: Manifest, staging: Staging) -> None:
+        """Prepare the pulled version off the critical path; raise to refuse it."""
 
     async def swap_in(self, manifest: Manifest, staging: Staging) -> SwapReport:
         """Apply the whole staged version at a step boundary, or nothing."""
@@ -135,6 +147,13 @@ class TorchSwapper:
                 problems.append(f"{spec.name}: shape {spec.shape} != engine {tuple(target.shape)}")
             if target.dtype != torch_dtype(spec.dtype):
                 problems.append(f"{spec.name}: dtype {spec.dtype} != engine {target.dtype}")
+            # Caught here, not halfway through a swap that has already copied other tensors.
+            needed = math.prod(spec.shape) * torch_dtype(spec.dtype).itemsize
+            if spec.nbytes != needed:
+                problems.append(
+                    f"{spec.name}: {spec.nbytes} bytes where shape {spec.shape} of {spec.dtype} "
+                    f"needs {needed}"
+                )
         if self.strict:
             problems.extend(
                 f"{name}: missing from the manifest" for name in sorted(set(self.tensors) - names)
@@ -146,6 +165,9 @@ class TorchSwapper:
             raise SwapError(
                 f"{manifest.model} version {manifest.version} does not fit this engine: {shown}"
             )
+
+    async def stage(self, manifest: Manifest, staging: Staging) -> None:
+        """Nothing to prepare: the staged host bytes are copied straight in at the boundary."""
 
     async def swap_in(self, manifest: Manifest, staging: Staging) -> SwapReport:
         return await asyncio.to_thread(self._swap, manifest, staging)

@@ -27,7 +27,7 @@ from streamer.errors import StreamerError
 from subscribers.subscriber import PullConfig
 from weightstream.commands import PublishJob, SubscribeJob, run_publish, run_subscribe
 from weightstream.status import fetch_status, render_status
-from weightstream.transports import TRANSPORT_CHOICES
+from weightstream.transports import parse_transports
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Sequence
@@ -78,9 +78,11 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="model name (default demo)")
     parser.add_argument(
         "--transport",
-        choices=TRANSPORT_CHOICES,
-        default="auto",
-        help="bulk transport: mooncake (tcp), zmq fallback, both, or auto (default)",
+        type=parse_transports,
+        default=["auto"],
+        metavar="LIST",
+        help="bulk transports in order of preference: auto (default), or a comma-separated list "
+        "of mooncake, zmq, shm (same-host shared memory)",
     )
     parser.add_argument(
         "--host",
@@ -180,7 +182,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--versions", type=int, default=5, help="versions to publish (default 5)")
     demo.add_argument("--subscribers", type=int, default=2, help="subscriber processes (default 2)")
-    demo.add_argument("--transport", choices=TRANSPORT_CHOICES, default="auto")
+    demo.add_argument(
+        "--transport",
+        type=parse_transports,
+        default=["mooncake"],
+        metavar="LIST",
+        help="transports the demo's processes use (default mooncake, to show the network path)",
+    )
     return parser
 
 

@@ -50,7 +50,7 @@ class PublishJob:
     seed: int
     rank: int
     world_size: int
-    transport: str
+    transport: list[str]
     host: str
     bucket_bytes: int
     wait_subscribers: int
@@ -62,7 +62,7 @@ class PublishJob:
 async def run_publish(job: PublishJob) -> None:
     ctx = zmq.asyncio.Context()
     try:
-        senders = make_senders(job.transport, host=job.host)
+        senders, node_local = make_senders(job.transport, host=job.host)
         async with open_publisher(
             job.client,
             model=job.model,
@@ -70,6 +70,7 @@ async def run_publish(job: PublishJob) -> None:
             rank=job.rank,
             world_size=job.world_size,
             bucket_bytes=job.bucket_bytes,
+            node_local=node_local,
             context=ctx,
         ) as publisher:
             for index, version in enumerate(job.versions):
@@ -106,7 +107,7 @@ async def run_publish(job: PublishJob) -> None:
 class SubscribeJob:
     client: ClientConfig
     model: str
-    transport: str
+    transport: list[str]
     host: str
     pull: PullConfig
     init_checkpoint: str | None

@@ -38,7 +38,7 @@ __all__ = ["run_demo"]
 logger = logging.getLogger(__name__)
 
 
-def run_demo(*, size: int, versions: int, subscribers: int, transport: str) -> int:
+def run_demo(*, size: int, versions: int, subscribers: int, transport: list[str]) -> int:
     # The demo prints its own progress; keep the libraries' INFO lines for the log files.
     logging.getLogger().setLevel(logging.WARNING)
 
@@ -108,7 +108,7 @@ def _progress_line(version: int, status: dict[str, Any]) -> str:
     return f"  v{version}: " + " | ".join(parts)
 
 
-async def _demo(*, size: int, versions: int, subscribers: int, transport: str) -> int:
+async def _demo(*, size: int, versions: int, subscribers: int, transport: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="weightstream-demo-"))
     processes: list[subprocess.Popen[bytes]] = []
     ctx = zmq.asyncio.Context()
@@ -133,7 +133,7 @@ async def _demo(*, size: int, versions: int, subscribers: int, transport: str) -
         ready = await _wait_for_file(workdir / "broker.json", broker, timeout_s=30)
         endpoint, http = ready["endpoint"], f"http://127.0.0.1:{ready['http_port']}"
         print(f"broker at {endpoint}, status at {http}")
-        common = ["--broker", endpoint, "--model", "demo", "--transport", transport]
+        common = ["--broker", endpoint, "--model", "demo", "--transport", ",".join(transport)]
         processes.extend(
             _spawn(
                 [
@@ -150,8 +150,9 @@ async def _demo(*, size: int, versions: int, subscribers: int, transport: str) -
         )
         config = ClientConfig(broker=endpoint)
         tensors: dict[str, torch.Tensor] = {}
+        senders, node_local = make_senders(transport, host="127.0.0.1")
         async with open_publisher(
-            config, model="demo", sender=make_senders(transport, host="127.0.0.1"), context=ctx
+            config, model="demo", sender=senders, node_local=node_local, context=ctx
         ) as publisher:
             for version in range(1, versions + 1):
                 tensors = await asyncio.to_thread(synthetic_llama, size, version=version)

@@ -2,6 +2,7 @@
 
 from streamer.transport.base import BulkReceiver, BulkSender, Fetch, Region
 from streamer.transport.mooncake import MooncakeReceiver, MooncakeSender, mooncake_available
+from streamer.transport.shm import ShmReceiver, ShmSender, host_id
 from streamer.transport.zmq_frames import ZmqFrameReceiver, ZmqFrameSender
 
 __all__ = [
@@ -11,7 +12,10 @@ __all__ = [
     "MooncakeReceiver",
     "MooncakeSender",
     "Region",
+    "ShmReceiver",
+    "ShmSender",
     "ZmqFrameReceiver",
     "ZmqFrameSender",
+    "host_id",
     "mooncake_available",
 ]
