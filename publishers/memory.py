@@ -11,6 +11,7 @@ subscribers on the same machine map them instead of fetching them (`streamer.tra
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import mmap
@@ -58,6 +59,7 @@ class BufferPool:
         self._all: list[BufferSet] = []
         self._names: dict[int, str] = {}
         self._mappings: list[mmap.mmap] = []
+        self._registered: list[int] = []
         self._counter = itertools.count()
         self.allocated_bytes = 0
 
@@ -94,10 +96,26 @@ class BufferPool:
         self._mappings.append(mapping)
         tensor = torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes]
         if self.pin_memory:
-            # Page-locked for fast device-to-host packing; done once per buffer, never per version.
-            torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), max(nbytes, 1), 0)  # type: ignore[no-untyped-call]
+            # Page-locked for fast device-to-host packing; once per buffer, never per version.
+            self._register(tensor)
         self._names[tensor.data_ptr()] = name
         return tensor
+
+    def _register(self, tensor: torch.Tensor) -> None:
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        rc = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0))
+        if rc != 0:
+            # The refused call leaves the runtime's last error set, and torch would raise it at
+            # some unrelated later launch: take it off now with a tiny launch of our own.
+            with contextlib.suppress(RuntimeError):
+                torch.zeros(1, device="cuda").add_(1)
+            logger.warning(
+                "cudaHostRegister of %d bytes returned %d; packing into pageable memory",
+                tensor.numel(),
+                rc,
+            )
+            return
+        self._registered.append(tensor.data_ptr())
 
     def shm_name(self, address: int) -> str | None:
         """The shared-memory segment a buffer starting at `address` lives in, if any."""
@@ -107,7 +125,12 @@ class BufferPool:
         self._free.append(buffer_set)
 
     def close(self) -> None:
-        """Unlink every shared-memory segment (mappings go when their last view does)."""
+        """Unregister and unlink every shared-memory segment (mappings go with their last view)."""
+        if self._registered:
+            cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+            for address in self._registered:
+                cudart.cudaHostUnregister(address)
+            self._registered.clear()
         for name in self._names.values():
             (SHM_DIR / name).unlink(missing_ok=True)
         self._names.clear()

@@ -3,11 +3,13 @@
 Only `subscribers.vllm_swap` imports vllm; import it explicitly where vLLM is installed.
 """
 
+from subscribers.cuda_swap import CudaSwapper
 from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
-from subscribers.swap import SwapError, SwapReport, Swapper, TorchSwapper, VersionGate
+from subscribers.swap import SwapError, Swapper, SwapReport, TorchSwapper, VersionGate
 
 __all__ = [
+    "CudaSwapper",
     "PullConfig",
     "Staging",
     "Subscriber",
