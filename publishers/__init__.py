@@ -1,6 +1,6 @@
 """The trainer side: pack tensors, publish versions, serve their bytes until retired."""
 
-from publishers.publisher import PublishResult, Publisher, SyncPublisher, open_publisher
+from publishers.publisher import Publisher, PublishResult, SyncPublisher, open_publisher
 from publishers.sources import load_checkpoint, synthetic_llama
 
 __all__ = [

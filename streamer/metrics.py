@@ -78,5 +78,10 @@ def render(stats: BrokerStats) -> str:
         kind, text = _HELP[name]
         lines.append(f"# HELP {name} {text}")
         lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{_labels(labels)} {value:g}" for labels, value in values)
+        lines.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in values)
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """Whole numbers exactly (versions are often step counts: `:g` would round 12345678)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -2,8 +2,9 @@
 
 The publisher's side is a ROUTER socket served by one background thread; each read request
 `[FrameRead]` is answered `[FrameReply, payload]`, the payload sent zero-copy straight from
-the registered region. Receivers keep one DEALER per endpoint per thread, pipeline every
-request of a batch, and copy each payload into its destination as it arrives.
+the registered region. Receivers lend each fetching thread a DEALER for the endpoint (kept
+idle between fetches, so there are never more than fetches at once), pipeline every request
+of a batch, and copy each payload into its destination as it arrives.
 
     subscriber thread (DEALER) --FrameRead x N-->  ROUTER (server thread) -- memoryview(region)
                                <--FrameReply,payload--
@@ -118,7 +119,7 @@ class ZmqFrameReceiver:
     def __init__(self, *, timeout_s: float = 30.0) -> None:
         self._ctx = zmq.Context()
         self._timeout_ms = int(timeout_s * 1000)
-        self._local = threading.local()
+        self._idle: dict[str, list[zmq.Socket[bytes]]] = defaultdict(list)
         self._sockets: list[zmq.Socket[bytes]] = []
         self._lock = threading.Lock()
 
@@ -140,64 +141,75 @@ class ZmqFrameReceiver:
         for endpoint, group in by_endpoint.items():
             self._fetch_from(endpoint, group)
 
-    def _socket_for(self, endpoint: str) -> zmq.Socket[bytes]:
-        sockets: dict[str, zmq.Socket[bytes]] = getattr(self._local, "sockets", {})
-        self._local.sockets = sockets
-        if endpoint not in sockets:
-            socket = self._ctx.socket(zmq.DEALER)
-            socket.setsockopt(zmq.SNDHWM, _HWM)
-            socket.setsockopt(zmq.RCVHWM, _HWM)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(endpoint)
-            sockets[endpoint] = socket
-            with self._lock:
-                self._sockets.append(socket)
-        return sockets[endpoint]
+    def _checkout(self, endpoint: str) -> zmq.Socket[bytes]:
+        """An idle socket to `endpoint`, or a new one: the caller's until `_checkin`."""
+        with self._lock:
+            if self._idle[endpoint]:
+                return self._idle[endpoint].pop()
+        socket = self._ctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.SNDHWM, _HWM)
+        socket.setsockopt(zmq.RCVHWM, _HWM)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(endpoint)
+        with self._lock:
+            self._sockets.append(socket)
+        return socket
+
+    def _checkin(self, endpoint: str, socket: zmq.Socket[bytes]) -> None:
+        with self._lock:
+            self._idle[endpoint].append(socket)
 
     def _fetch_from(self, endpoint: str, group: list[Fetch]) -> None:
-        socket = self._socket_for(endpoint)
-        pending: dict[int, Fetch] = {}
-        base = secrets.randbits(40)
-        for index, fetch in enumerate(group):
-            assert isinstance(fetch.locator, FrameLocator)
-            read = FrameRead(
-                request_id=base + index,
-                key=fetch.locator.key,
-                offset=fetch.offset,
-                nbytes=fetch.nbytes,
-            )
-            pending[read.request_id] = fetch
-            socket.send(_encoder.encode(read))
-        while pending:
-            if not socket.poll(self._timeout_ms):
-                self._drop(endpoint)
-                raise TransportError(
-                    f"no reply from {endpoint} within {self._timeout_ms / 1000:.0f} s "
-                    f"({len(pending)} ranges outstanding): is the publisher alive?"
+        socket = self._checkout(endpoint)
+        timed_out = False
+        try:
+            pending: dict[int, Fetch] = {}
+            base = secrets.randbits(40)
+            for index, fetch in enumerate(group):
+                assert isinstance(fetch.locator, FrameLocator)
+                read = FrameRead(
+                    request_id=base + index,
+                    key=fetch.locator.key,
+                    offset=fetch.offset,
+                    nbytes=fetch.nbytes,
                 )
-            frames = socket.recv_multipart(copy=False)
-            if len(frames) != 2:
-                raise TransportError(f"bulk reply from {endpoint} has {len(frames)} frames, not 2")
-            try:
-                reply = _reply_decoder.decode(frames[0].buffer)
-            except msgspec.DecodeError as exc:
-                raise TransportError(f"undecodable bulk reply from {endpoint}") from exc
-            if reply.request_id not in pending:
-                continue  # a late answer to a batch that already failed
-            fetch = pending.pop(reply.request_id)
-            if not reply.ok:
-                raise TransportError(f"{endpoint} refused a read: {reply.detail}")
-            payload = frames[1].buffer
-            if len(payload) != fetch.nbytes:
-                raise TransportError(
-                    f"{endpoint} sent {len(payload)} bytes where {fetch.nbytes} were asked"
-                )
-            _view(fetch.address, fetch.nbytes)[:] = payload
+                pending[read.request_id] = fetch
+                socket.send(_encoder.encode(read))
+            while pending:
+                if not socket.poll(self._timeout_ms):
+                    timed_out = True
+                    raise TransportError(
+                        f"no reply from {endpoint} within {self._timeout_ms / 1000:.0f} s "
+                        f"({len(pending)} ranges outstanding): is the publisher alive?"
+                    )
+                frames = socket.recv_multipart(copy=False)
+                if len(frames) != 2:
+                    raise TransportError(
+                        f"bulk reply from {endpoint} has {len(frames)} frames, not 2"
+                    )
+                try:
+                    reply = _reply_decoder.decode(frames[0].buffer)
+                except msgspec.DecodeError as exc:
+                    raise TransportError(f"undecodable bulk reply from {endpoint}") from exc
+                if reply.request_id not in pending:
+                    continue  # a late answer to a batch that already failed
+                fetch = pending.pop(reply.request_id)
+                if not reply.ok:
+                    raise TransportError(f"{endpoint} refused a read: {reply.detail}")
+                payload = frames[1].buffer
+                if len(payload) != fetch.nbytes:
+                    raise TransportError(
+                        f"{endpoint} sent {len(payload)} bytes where {fetch.nbytes} were asked"
+                    )
+                _view(fetch.address, fetch.nbytes)[:] = payload
+        finally:
+            if timed_out:
+                self._drop(socket)
+            else:
+                self._checkin(endpoint, socket)
 
-    def _drop(self, endpoint: str) -> None:
-        """Forget a socket after a timeout so that stale replies cannot confuse the next batch."""
-        sockets: dict[str, zmq.Socket[bytes]] = self._local.sockets
-        socket = sockets.pop(endpoint)
+    def _drop(self, socket: zmq.Socket[bytes]) -> None:
+        """Close a socket after a timeout rather than lend it out again to a dead peer."""
         with self._lock:
             self._sockets.remove(socket)
         socket.close(linger=0)
@@ -207,4 +219,5 @@ class ZmqFrameReceiver:
             for socket in self._sockets:
                 socket.close(linger=0)
             self._sockets.clear()
+            self._idle.clear()
         self._ctx.term()

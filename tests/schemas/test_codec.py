@@ -1,0 +1,401 @@
+"""The wire codec: every message round-trips, and no bytes make a decoder raise anything else
+than `ProtocolError`. Manifest assembly and shard validation."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, get_args
+
+import msgspec
+import pytest
+from hypothesis import given, strategies as st
+
+from schemas import codec
+from schemas.manifest import (
+    BucketSpec,
+    DType,
+    FrameLocator,
+    Locator,
+    Manifest,
+    MooncakeLocator,
+    RegionSpec,
+    Shard,
+    ShmLocator,
+    TensorSpec,
+    validate_shard,
+)
+from schemas.messages import (
+    AcquireLease,
+    Announce,
+    Applied,
+    AppliedReached,
+    Error,
+    ErrorCode,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    LeaseGranted,
+    Message,
+    Progress,
+    Published,
+    PublishShard,
+    PullFailed,
+    ReleaseLease,
+    Retire,
+    Role,
+    Subscribe,
+    Subscribed,
+    WaitApplied,
+    Welcome,
+)
+from streamer.errors import ProtocolError
+from streamer.frames import MAX_MESSAGE_BYTES, decode_header
+
+# Leaves, with the constraints the wire types declare (msgspec.Meta is invisible to hypothesis).
+INT64 = st.integers(-(2**63), 2**63 - 1)
+NON_NEGATIVE = st.integers(0, 2**63 - 1)
+POSITIVE = st.integers(1, 2**63 - 1)
+FLOATS = st.floats(allow_nan=False)
+MODEL_NAMES = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._/-",
+    min_size=1,
+    max_size=200,
+)
+
+LOCATOR_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
+    MooncakeLocator: st.builds(
+        MooncakeLocator, session=st.text(), address=NON_NEGATIVE, protocol=st.text()
+    ),
+    FrameLocator: st.builds(FrameLocator, endpoint=st.text(), key=st.text()),
+    ShmLocator: st.builds(ShmLocator, host=st.text(), name=st.text(), nbytes=NON_NEGATIVE),
+}
+LOCATORS = st.one_of(*LOCATOR_STRATEGIES.values())
+REGIONS = st.builds(
+    RegionSpec,
+    nbytes=NON_NEGATIVE,
+    locators=st.lists(LOCATORS, max_size=4).map(tuple),
+    rank=NON_NEGATIVE,
+)
+TENSORS = st.builds(
+    TensorSpec,
+    name=st.text(),
+    dtype=st.sampled_from(get_args(DType)),
+    shape=st.lists(NON_NEGATIVE, max_size=4).map(tuple),
+    region=NON_NEGATIVE,
+    offset=NON_NEGATIVE,
+    nbytes=NON_NEGATIVE,
+)
+BUCKETS = st.builds(
+    BucketSpec, region=NON_NEGATIVE, offset=NON_NEGATIVE, nbytes=NON_NEGATIVE, checksum=st.text()
+)
+SHARDS = st.builds(
+    Shard,
+    regions=st.lists(REGIONS, max_size=4).map(tuple),
+    tensors=st.lists(TENSORS, max_size=4).map(tuple),
+    buckets=st.lists(BUCKETS, max_size=4).map(tuple),
+    checksum_algorithm=st.text(),
+)
+MANIFESTS = st.builds(
+    Manifest,
+    model=MODEL_NAMES,
+    version=NON_NEGATIVE,
+    regions=st.lists(REGIONS, max_size=4).map(tuple),
+    tensors=st.lists(TENSORS, max_size=4).map(tuple),
+    buckets=st.lists(BUCKETS, max_size=4).map(tuple),
+    checksum_algorithm=st.text(),
+    world_size=INT64,
+    published_at=FLOATS,
+)
+
+MESSAGES: dict[type, st.SearchStrategy[Any]] = {
+    Hello: st.builds(
+        Hello,
+        peer_id=st.text(),
+        role=st.sampled_from(get_args(Role)),
+        protocol_version=INT64,
+        host=st.text(),
+        pid=INT64,
+    ),
+    Welcome: st.builds(
+        Welcome, broker_id=st.text(), protocol_version=INT64, heartbeat_interval_s=FLOATS
+    ),
+    Error: st.builds(
+        Error, code=st.sampled_from(get_args(ErrorCode)), detail=st.text(), request_id=NON_NEGATIVE
+    ),
+    Goodbye: st.builds(Goodbye, reason=st.text()),
+    PublishShard: st.builds(
+        PublishShard,
+        request_id=NON_NEGATIVE,
+        model=MODEL_NAMES,
+        version=NON_NEGATIVE,
+        rank=NON_NEGATIVE,
+        world_size=POSITIVE,
+        shard=SHARDS,
+    ),
+    Published: st.builds(
+        Published,
+        request_id=NON_NEGATIVE,
+        model=st.text(),
+        version=NON_NEGATIVE,
+        complete=st.booleans(),
+    ),
+    Subscribe: st.builds(Subscribe, request_id=NON_NEGATIVE, model=MODEL_NAMES),
+    Subscribed: st.builds(
+        Subscribed, request_id=NON_NEGATIVE, model=st.text(), latest=st.none() | NON_NEGATIVE
+    ),
+    Announce: st.builds(Announce, manifest=MANIFESTS),
+    AcquireLease: st.builds(
+        AcquireLease, request_id=NON_NEGATIVE, model=MODEL_NAMES, version=NON_NEGATIVE
+    ),
+    LeaseGranted: st.builds(
+        LeaseGranted, request_id=NON_NEGATIVE, model=st.text(), version=NON_NEGATIVE, ttl_s=FLOATS
+    ),
+    ReleaseLease: st.builds(ReleaseLease, model=MODEL_NAMES, version=NON_NEGATIVE),
+    Heartbeat: st.builds(Heartbeat, applied=st.dictionaries(st.text(), INT64, max_size=4)),
+    Progress: st.builds(
+        Progress,
+        model=MODEL_NAMES,
+        version=NON_NEGATIVE,
+        bytes_done=NON_NEGATIVE,
+        bytes_total=NON_NEGATIVE,
+        bytes_per_s=FLOATS,
+    ),
+    Applied: st.builds(
+        Applied,
+        model=MODEL_NAMES,
+        version=NON_NEGATIVE,
+        pull_s=FLOATS,
+        pause_s=FLOATS,
+        bytes_total=NON_NEGATIVE,
+    ),
+    PullFailed: st.builds(PullFailed, model=MODEL_NAMES, version=NON_NEGATIVE, reason=st.text()),
+    WaitApplied: st.builds(
+        WaitApplied,
+        request_id=NON_NEGATIVE,
+        model=MODEL_NAMES,
+        version=NON_NEGATIVE,
+        num_subscribers=POSITIVE,
+    ),
+    AppliedReached: st.builds(
+        AppliedReached,
+        request_id=NON_NEGATIVE,
+        model=st.text(),
+        version=NON_NEGATIVE,
+        num_subscribers=INT64,
+    ),
+    Retire: st.builds(Retire, model=st.text(), version=NON_NEGATIVE),
+}
+
+WIRE_TAGS: dict[type, str] = {
+    Hello: "hello",
+    Welcome: "welcome",
+    Error: "error",
+    Goodbye: "goodbye",
+    PublishShard: "publish",
+    Published: "published",
+    Subscribe: "subscribe",
+    Subscribed: "subscribed",
+    Announce: "announce",
+    AcquireLease: "lease",
+    LeaseGranted: "lease_granted",
+    ReleaseLease: "release",
+    Heartbeat: "heartbeat",
+    Progress: "progress",
+    Applied: "applied",
+    PullFailed: "pull_failed",
+    WaitApplied: "wait_applied",
+    AppliedReached: "applied_reached",
+    Retire: "retire",
+}
+
+
+def test_every_message_and_locator_type_has_a_strategy_and_a_pinned_tag() -> None:
+    members = set(get_args(Message))
+    assert set(MESSAGES) == members
+    assert set(WIRE_TAGS) == members
+    assert set(LOCATOR_STRATEGIES) == set(get_args(Locator))
+
+
+@pytest.mark.parametrize("message_type", list(WIRE_TAGS), ids=lambda t: t.__name__)
+def test_wire_tag_is_the_stable_string(message_type: type) -> None:
+    info = msgspec.inspect.type_info(message_type)
+    assert isinstance(info, msgspec.inspect.StructType)
+    assert (info.tag_field, info.tag) == ("kind", WIRE_TAGS[message_type])
+
+
+@pytest.mark.parametrize("message_type", list(MESSAGES), ids=lambda t: t.__name__)
+@given(data=st.data())
+def test_every_message_round_trips_through_the_codec(
+    message_type: type, data: st.DataObject
+) -> None:
+    message = data.draw(MESSAGES[message_type])
+    encoded = codec.encode(message)
+    assert codec.decode_message(encoded) == message
+    assert decode_header(encoded) == message
+    assert decode_header(memoryview(encoded)) == message
+
+
+@given(MANIFESTS)
+def test_manifest_round_trips_through_its_own_decoder(manifest: Manifest) -> None:
+    assert codec.decode_manifest(codec.encode(manifest)) == manifest
+
+
+@given(st.binary())
+def test_decode_header_raises_only_protocol_error_on_arbitrary_bytes(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_header(data)
+
+
+MSGPACK_VALUES = st.recursive(
+    st.none() | st.booleans() | INT64 | FLOATS | st.text(max_size=8) | st.binary(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+FIELD_NAMES = st.sampled_from(
+    sorted(
+        {
+            field.name
+            for struct in [*MESSAGES, Manifest, Shard, RegionSpec, TensorSpec]
+            for field in msgspec.structs.fields(struct)
+        }
+    )
+)
+
+
+@given(
+    kind=st.sampled_from([*WIRE_TAGS.values(), "nonsense"]),
+    fields=st.dictionaries(FIELD_NAMES, MSGPACK_VALUES, max_size=6),
+)
+def test_decode_header_raises_only_protocol_error_on_wrongly_typed_fields(
+    kind: str, fields: dict[str, Any]
+) -> None:
+    """Well-formed msgpack with a real tag but fields of any type: decoded, or ProtocolError."""
+    data = msgspec.msgpack.encode({"kind": kind, **fields})
+    try:
+        message = decode_header(data)
+    except ProtocolError:
+        return
+    assert isinstance(message, get_args(Message))
+
+
+@pytest.mark.parametrize(
+    ("data", "detail"),
+    [
+        (msgspec.msgpack.encode({"kind": "telepathy"}), "undecodable"),
+        (msgspec.msgpack.encode({"kind": "subscribe", "request_id": -1, "model": "m"}), ">= 0"),
+        (msgspec.msgpack.encode({"kind": "subscribe", "request_id": 1, "model": "a b"}), "regex"),
+        (
+            msgspec.msgpack.encode({"kind": "subscribe", "request_id": 1}),
+            "missing required field `model`",
+        ),
+        (b"", "undecodable"),
+    ],
+    ids=["unknown-tag", "negative-request-id", "bad-model-name", "missing-field", "empty"],
+)
+def test_decode_header_names_the_problem(data: bytes, detail: str) -> None:
+    with pytest.raises(ProtocolError, match=detail) as raised:
+        decode_header(data)
+    assert isinstance(raised.value.__cause__, msgspec.DecodeError)
+
+
+def test_decode_header_refuses_an_oversized_frame_unread() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode_header(bytes(MAX_MESSAGE_BYTES + 1))
+
+
+# Manifest.assemble and validate_shard
+
+
+def _locator(key: str) -> tuple[FrameLocator, ...]:
+    return (FrameLocator(endpoint="tcp://127.0.0.1:1", key=key),)
+
+
+def _shard(rank: int, names: list[str], *, regions: int = 1, algorithm: str = "wsum64") -> Shard:
+    """`regions` regions of 1024 bytes; tensor i in region i % regions; one bucket per region."""
+    return Shard(
+        regions=tuple(
+            RegionSpec(nbytes=1024, locators=_locator(f"{rank}-{r}"), rank=rank)
+            for r in range(regions)
+        ),
+        tensors=tuple(
+            TensorSpec(
+                name=name, dtype="float32", shape=(4,), region=i % regions, offset=256, nbytes=16
+            )
+            for i, name in enumerate(names)
+        ),
+        buckets=tuple(
+            BucketSpec(region=r, offset=0, nbytes=1024, checksum=f"{rank}-{r}")
+            for r in range(regions)
+        ),
+        checksum_algorithm=algorithm,
+    )
+
+
+def test_assemble_shifts_region_indices_past_earlier_ranks() -> None:
+    rank0 = _shard(0, ["a", "b"], regions=2)
+    rank1 = _shard(1, ["c", "d"], regions=2)
+
+    manifest = Manifest.assemble("org/model", 7, [rank0, rank1], published_at=12.5)
+
+    assert (manifest.model, manifest.version, manifest.world_size) == ("org/model", 7, 2)
+    assert manifest.published_at == 12.5
+    assert manifest.regions == rank0.regions + rank1.regions
+    assert [(t.name, t.region) for t in manifest.tensors] == [
+        ("a", 0),
+        ("b", 1),
+        ("c", 2),
+        ("d", 3),
+    ]
+    assert [(b.region, b.checksum) for b in manifest.buckets] == [
+        (0, "0-0"),
+        (1, "0-1"),
+        (2, "1-0"),
+        (3, "1-1"),
+    ]
+    # Every tensor still points at the region of the rank that published it.
+    for tensor in manifest.tensors:
+        owner = manifest.regions[tensor.region]
+        assert owner.rank == (0 if tensor.name in "ab" else 1)
+    assert manifest.total_bytes == 4 * 1024
+    assert manifest.payload_bytes == 4 * 16
+
+
+def test_assemble_refuses_a_tensor_published_by_two_ranks() -> None:
+    with pytest.raises(ValueError, match="'shared'"):
+        Manifest.assemble("m", 1, [_shard(0, ["a", "shared"]), _shard(1, ["shared"])])
+
+
+def test_assemble_refuses_shards_with_different_checksum_algorithms() -> None:
+    with pytest.raises(ValueError, match="checksum algorithm"):
+        Manifest.assemble("m", 1, [_shard(0, ["a"]), _shard(1, ["b"], algorithm="crc32")])
+
+
+def test_assemble_keeps_the_shards_checksum_algorithm() -> None:
+    manifest = Manifest.assemble("m", 1, [_shard(0, ["a"], algorithm="crc32")])
+    assert manifest.checksum_algorithm == "crc32"
+
+
+def test_validate_shard_accepts_ranges_that_end_exactly_at_the_region_end() -> None:
+    shard = _shard(0, ["a"])
+    edge = msgspec.structs.replace(shard.tensors[0], offset=1008, nbytes=16)
+    validate_shard(msgspec.structs.replace(shard, tensors=(edge,)))
+
+
+@pytest.mark.parametrize(
+    ("field", "change", "message"),
+    [
+        ("tensors", {"offset": 1010}, "tensor 'a' ends at byte 1026, past the end of region 0"),
+        ("tensors", {"region": 3}, "tensor 'a' names region 3, but the shard has 1"),
+        ("buckets", {"nbytes": 1025}, "bucket 0 ends at byte 1025"),
+        ("buckets", {"region": 1}, "bucket 0 names region 1"),
+    ],
+)
+def test_validate_shard_rejects_ranges_outside_their_region(
+    field: str, change: dict[str, int], message: str
+) -> None:
+    shard = _shard(0, ["a"])
+    bad = msgspec.structs.replace(getattr(shard, field)[0], **change)
+    with pytest.raises(ValueError, match=message):
+        validate_shard(msgspec.structs.replace(shard, **{field: (bad,)}))
