@@ -2,7 +2,8 @@
 
     publish(v) ── take buffers (pool) ── pack + checksum (thread) ── expose on the bulk path
         └──── PublishShard(v, rank) ──> broker ── all ranks in ──> Announce to subscribers
-    retire loop: Retire(v) from the broker ──> retract v's regions, buffers back to the pool
+    retire loop: Retire(v) from the broker ──> v's buffers back to the pool (they stay
+                 registered: the next version packed into them is exposed at the same place)
 
 Each rank of a trainer publishes its own shard of the tensors under the same version; the
 broker announces the version once every rank's shard is in. The bytes stay in this

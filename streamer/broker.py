@@ -133,6 +133,8 @@ class Broker:
         try:
             await self._send(self._handle(peer_id, message))
         except BrokerError as exc:
+            if exc.code == "protocol":
+                self.stats.protocol_errors_total += 1
             request_id = getattr(message, "request_id", 0)
             await self._send(
                 [(peer_id, Error(code=_code(exc.code), detail=exc.detail, request_id=request_id))]

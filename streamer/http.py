@@ -79,7 +79,7 @@ def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) 
     model = registry.models.get(name)
     latest = model.latest if model else None
     applied = peer.applied.get(name)
-    lag = None if latest is None else latest - (applied if applied is not None else 0)
+    lag = None if latest is None or applied is None else latest - applied
     progress = peer.progress.get(name)
     return {
         "peer_id": peer.peer_id,
@@ -130,7 +130,9 @@ def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
             )
         record = registry.models[name].versions.get(version)
         if record is None:
-            readable = sorted(registry.models[name].versions)
+            readable = sorted(
+                v for v, r in registry.models[name].versions.items() if not r.retiring
+            )
             return _not_found(f"{name} version {version} is not readable (readable: {readable})")
         manifest = record.manifest
         return _respond(

@@ -57,6 +57,7 @@ class ZmqFrameSender:
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self._regions: dict[str, Region] = {}
+        self._keys: dict[Region, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="zmq-frame-sender", daemon=True)
@@ -66,7 +67,10 @@ class ZmqFrameSender:
         locators: list[Locator] = []
         with self._lock:
             for region in regions:
-                key = f"{region.address:x}-{secrets.token_hex(4)}"
+                # One key per buffer: a publisher re-exposes the same buffers version after version.
+                key = self._keys.get(region)
+                if key is None:
+                    key = self._keys[region] = f"{region.address:x}-{secrets.token_hex(4)}"
                 self._regions[key] = region
                 locators.append(FrameLocator(endpoint=self.endpoint, key=key))
         return locators
@@ -76,6 +80,8 @@ class ZmqFrameSender:
         with self._lock:
             for key in [key for key, region in self._regions.items() if region in gone]:
                 del self._regions[key]
+            for region in gone:
+                self._keys.pop(region, None)
 
     def close(self) -> None:
         self._stop.set()
