@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export MC_LOG_LEVEL ?= ERROR
 
-.PHONY: setup setup-vllm demo test check fmt test-fast bench bench-netns clean
+.PHONY: setup setup-vllm demo test test-vllm check fmt test-fast bench bench-netns clean
 
 setup:
 	@scripts/setup.sh
@@ -27,6 +27,11 @@ fmt: setup
 # The whole gate, then every test (the vLLM tests run in their own venv).
 test: setup-vllm check
 	$(VENV)/pytest -q -m "not gpu and not rdma"
+	$(MAKE) --no-print-directory test-vllm
+
+# vLLM on CPU, in .venv-vllm: offline (TP=2, multiprocess) and server mode, a refused version.
+test-vllm: setup-vllm
+	.venv-vllm/bin/python -m pytest -q tests/vllm
 
 test-fast: setup
 	$(VENV)/pytest -q -m "not gpu and not rdma and not slow and not vllm and not netns"

@@ -1,0 +1,405 @@
+"""A vLLM engine that stays on the newest version by itself: a Subscriber driving a VllmSwapper.
+
+    broker ── Announce ──> Subscriber.run()                 (its own event loop and task)
+                             │ check: names and shapes vs the engine's checkpoint
+                             │ pull into Staging(shm_name)  (the engine keeps generating)
+                             ▼
+                           VllmSwapper.swap_in
+      server  (AsyncLLM)  on the API server's loop: pause -> start/update/finish -> resume
+      offline (LLM)       handed to the thread that owns the LLM: WeightStream.generate()
+                          applies it before its next generate call, apply_latest() on demand
+
+`follow()` is the coroutine both modes run: `WeightStream` runs it on a background thread for
+an offline `LLM`; `subscribers.vllm_server` runs it on the API server's event loop. Failed
+pulls follow the Subscriber's policy: reported to the broker (its /v1/subscribers shows
+`last_error`), the engine stays on its version, the next version is tried as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import zmq.asyncio
+
+from streamer.client import connect
+from streamer.config import ClientConfig
+from streamer.errors import StreamerError
+from streamer.transport import (
+    MooncakeReceiver,
+    ShmReceiver,
+    ZmqFrameReceiver,
+    mooncake_available,
+)
+from subscribers.staging import Staging
+from subscribers.subscriber import PullConfig, Subscriber
+from subscribers.vllm_swap import PauseMode, VllmSwapper
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from types import TracebackType
+
+    from schemas.manifest import Manifest
+    from streamer.transport.base import BulkReceiver
+    from subscribers.pull import PullReport
+    from subscribers.swap import SwapReport
+
+__all__ = [
+    "FollowConfig",
+    "FollowStatus",
+    "WeightStream",
+    "follow",
+    "make_receivers",
+    "transport_names",
+]
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("mooncake", "zmq", "shm")
+
+ENV_PREFIX = "WEIGHTSTREAM_"
+
+
+class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a following engine needs to know; `from_env` reads it from WEIGHTSTREAM_* vars."""
+
+    model: str
+    """The model name the trainer publishes under."""
+    broker: str = "tcp://127.0.0.1:5555"
+    transport: str = "auto"
+    """`auto` (shm, then mooncake or zmq) or a comma-separated list of mooncake, zmq, shm,
+    in order of preference; shm maps a same-host publisher's memory instead of copying it."""
+    host: str = "127.0.0.1"
+    """This machine's address as publishers reach it (mooncake)."""
+    model_path: str | None = None
+    """The engine's checkpoint directory (default: the engine's own model path)."""
+    pause_mode: PauseMode = "wait"
+    """Server mode: "wait" lets requests in flight finish on the old version (see docs)."""
+    shm_name: str | None = None
+    """Name of the staging file in /dev/shm (default: unique per process)."""
+    applied: int | None = None
+    """The version the engine's checkpoint already is, if it is a published one."""
+    pull: PullConfig = msgspec.field(default_factory=PullConfig)
+
+    def __post_init__(self) -> None:
+        transport_names(self.transport)  # raises ValueError on a bad list
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> FollowConfig:
+        """WEIGHTSTREAM_MODEL (required), _BROKER, _TRANSPORT, _HOST, _MODEL_PATH, _PAUSE_MODE,
+        _SHM_NAME, _APPLIED; raises ValueError naming the bad variable."""
+        fields: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            value = environ.get(ENV_PREFIX + name.upper())
+            if value and name != "pull":
+                fields[name] = value
+        if "model" not in fields:
+            raise ValueError(f"set {ENV_PREFIX}MODEL to the model name the trainer publishes")
+        try:
+            return msgspec.convert(fields, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"bad {ENV_PREFIX}* configuration: {exc}") from exc
+
+
+@dataclass
+class FollowStatus:
+    """What a following engine is doing; updated by the follower, read by anyone."""
+
+    model: str
+    applied: int | None = None
+    pulling: int | None = None
+    failed: int | None = None
+    """The last version that failed (pull, checksum, or a manifest that does not fit)."""
+    last_error: str | None = None
+    failures: int = 0
+    last_pull_s: float | None = None
+    last_pause_s: float | None = None
+    connected: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Following(Subscriber):
+    """A Subscriber that records what it is doing in a `FollowStatus`."""
+
+    def __init__(
+        self, *, status: FollowStatus, changed: threading.Condition, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.status = status
+        self.changed = changed
+
+    def _update(self, **changes: Any) -> None:
+        with self.changed:
+            for name, value in changes.items():
+                setattr(self.status, name, value)
+            self.changed.notify_all()
+
+    async def apply(self, manifest: Manifest) -> None:
+        self._update(pulling=manifest.version)
+        try:
+            await super().apply(manifest)
+        except (StreamerError, TimeoutError) as exc:
+            self._update(
+                failed=manifest.version,
+                last_error=f"version {manifest.version}: {type(exc).__name__}: {exc}",
+                failures=self.status.failures + 1,
+            )
+            raise
+        finally:
+            self._update(pulling=None)
+
+
+def transport_names(transport: str) -> list[str]:
+    """`auto` -> shm then mooncake (zmq without mooncake); else the comma-separated list."""
+    names = [part.strip() for part in transport.split(",") if part.strip()]
+    if names == ["auto"]:
+        return ["shm", "mooncake" if mooncake_available() else "zmq"]
+    if not names or len(set(names)) != len(names) or set(names) - set(TRANSPORTS):
+        raise ValueError(
+            f"bad transport list {transport!r}: use auto, or a comma-separated list of "
+            f"{', '.join(TRANSPORTS)}"
+        )
+    return names
+
+
+def make_receivers(transport: str, *, host: str, protocol: str = "tcp") -> list[BulkReceiver]:
+    """The receivers for a transport list, in order of preference (as weightstream.transports)."""
+    receivers: list[BulkReceiver] = []
+    for name in transport_names(transport):
+        if name == "mooncake":
+            receivers.append(MooncakeReceiver(host=host, protocol=protocol))
+        elif name == "zmq":
+            receivers.append(ZmqFrameReceiver())
+        else:
+            receivers.append(ShmReceiver())
+    return receivers
+
+
+def _shm_name(model: str) -> str:
+    return f"weightstream-{re.sub(r'[^A-Za-z0-9._-]', '_', model)}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def follow(
+    config: FollowConfig,
+    swapper: VllmSwapper,
+    status: FollowStatus,
+    *,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Follow `config.model` until cancelled: pull each new version and swap it in.
+
+    `on_ready` runs once the broker has answered our Hello. The staging file in /dev/shm
+    is removed on the way out.
+    """
+    ctx = zmq.asyncio.Context()
+    receivers: list[BulkReceiver] = []
+    staging: Staging | None = None
+
+    async def on_applied(manifest: Manifest, pull: PullReport, swap: SwapReport) -> None:
+        with swapper.changed:
+            status.applied = manifest.version
+            status.last_pull_s = round(pull.seconds, 4)
+            status.last_pause_s = round(swap.pause_s, 4)
+            swapper.changed.notify_all()
+
+    try:
+        receivers = make_receivers(config.transport, host=config.host)
+        staging = Staging(receivers=receivers, shm_name=config.shm_name or _shm_name(config.model))
+        async with connect(
+            ClientConfig(broker=config.broker), role="subscriber", context=ctx
+        ) as client:
+            subscriber = _Following(
+                status=status,
+                changed=swapper.changed,
+                client=client,
+                receivers=receivers,
+                swapper=swapper,
+                model=config.model,
+                config=config.pull,
+                staging=staging,
+                applied=config.applied,
+                on_applied=on_applied,
+            )
+            status.connected = True
+            logger.info(
+                "following model=%s broker=%s shm=%s applied=%s",
+                config.model,
+                config.broker,
+                staging.shm_name,
+                config.applied,
+            )
+            if on_ready is not None:
+                on_ready()
+            await subscriber.run()
+    finally:
+        status.connected = False
+        if staging is not None:
+            staging.close()
+        for receiver in receivers:
+            receiver.close()
+        ctx.destroy(linger=0)
+
+
+class WeightStream:
+    """An offline `vllm.LLM` that follows a model's versions while it generates.
+
+    Pulls run on a background thread with its own event loop; each pulled version is
+    applied on the thread that calls `generate` (vLLM's offline engine is not thread-safe),
+    right before the next generate call, so a generate call never spans two versions.
+
+    >>> llm = LLM(model=path, weight_transfer_config={"backend": "weightstream"})
+    >>> with WeightStream.follow(llm, broker="tcp://trainer:5555", model="llama") as ws:
+    ...     outputs = ws.generate(prompts, params)    # on the newest version pulled so far
+    ...     ws.apply_latest(min_version=7, timeout_s=60)  # on-policy: wait for version 7
+    """
+
+    def __init__(self, llm: Any, config: FollowConfig) -> None:
+        self.llm = llm
+        self.config = config
+        self.swapper = VllmSwapper(llm, model_path=config.model_path)
+        self.status = FollowStatus(model=config.model, applied=config.applied)
+        self.version: int | None = config.applied
+        """The version the engine runs now (None: its start-up checkpoint)."""
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._run, name="weightstream-follow", daemon=True)
+
+    @classmethod
+    def follow(
+        cls,
+        llm: Any,
+        *,
+        model: str,
+        broker: str = "tcp://127.0.0.1:5555",
+        model_path: str | None = None,
+        transport: str = "auto",
+        host: str = "127.0.0.1",
+        applied: int | None = None,
+        pull: PullConfig | None = None,
+        connect_timeout_s: float = 30.0,
+    ) -> WeightStream:
+        """Start following; returns once the broker has answered (raises if it does not)."""
+        config = FollowConfig(
+            model=model,
+            broker=broker,
+            transport=transport,
+            host=host,
+            model_path=model_path,
+            applied=applied,
+            pull=pull or PullConfig(),
+        )
+        stream = cls(llm, config)
+        stream.start(connect_timeout_s)
+        return stream
+
+    def start(self, connect_timeout_s: float = 30.0) -> None:
+        self._thread.start()
+        if not self._ready.wait(connect_timeout_s):
+            self.close()
+            raise TimeoutError(f"no broker answered at {self.config.broker}")
+        if self._error is not None:
+            self.close()
+            raise self._error
+
+    def _run(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        try:
+            await follow(self.config, self.swapper, self.status, on_ready=self._ready.set)
+        except (StreamerError, TimeoutError, zmq.ZMQError) as exc:
+            logger.error("weightstream follower stopped: %s", exc)  # noqa: TRY400
+            self._error = exc
+        finally:
+            self._ready.set()
+            with self.swapper.changed:
+                self.swapper.changed.notify_all()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`llm.generate(...)`, on the newest version pulled so far."""
+        self.apply_latest()
+        return self.llm.generate(*args, **kwargs)
+
+    def apply_latest(
+        self,
+        *,
+        wait: bool = False,
+        min_version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> int | None:
+        """Apply a version that is pulled and waiting; returns the version the engine runs.
+
+        `wait=True` first waits for a pull in flight; `min_version=n` waits until version
+        `n` or newer is applied, or a version >= n has failed (then the engine stays where
+        it was). Raises TimeoutError after `timeout_s`, and the follower's error if it died.
+        Call it on the thread that calls `generate`.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._error is not None:
+                raise RuntimeError("the weightstream follower stopped") from self._error
+            report = self.swapper.apply_staged()
+            if report is not None:
+                self.version = report.version
+                logger.info(
+                    "applied version=%d pause_ms=%.1f", report.version, report.pause_s * 1e3
+                )
+                continue
+            if not self._busy(wait=wait, min_version=min_version):
+                return self.version
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"version >= {min_version} not applied within {timeout_s} s; status: "
+                    f"{self.status.as_dict()}"
+                )
+            self.swapper.wait_staged(min(remaining, 1.0))
+
+    def _busy(self, *, wait: bool, min_version: int | None) -> bool:
+        with self.swapper.changed:
+            if self.swapper.staged is not None:
+                return True
+            if not self._thread.is_alive():
+                return False
+            if (wait or min_version is not None) and self.status.pulling is not None:
+                return True
+            if min_version is None:
+                return False
+            applied = max(v for v in (self.version, self.status.applied, -1) if v is not None)
+            failed = self.status.failed
+            return applied < min_version and (failed is None or failed < min_version)
+
+    def close(self) -> None:
+        """Stop following (the engine stays on its version); call it on the engine's thread."""
+        if self._loop is not None and self._task is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> WeightStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,491 @@
+"""Applying a staged version inside a running vLLM engine (the only module importing vllm).
+
+Two halves, joined by vLLM's weight-transfer API and by node-local shared memory:
+
+    subscriber process (front end)                 every worker process of the engine
+    ------------------------------                 ----------------------------------
+    Staging(shm_name) holds version v, verified
+    VllmSwapper.swap_in(manifest, staging)
+      pause_generation(mode)       (AsyncLLM only)
+      start_weight_update()  ───── collective_rpc ──> initialize_layerwise_reload(model)
+      update_weights(info)   ───── collective_rpc ──> WeightstreamTransferEngine.receive_weights
+                                                        map /dev/shm/<shm_name> (read-only copy)
+                                                        model.load_weights(views, layer by layer)
+      finish_weight_update(weight_version=str(v)) ──> finalize_layerwise_reload(model)
+      resume_generation()          (AsyncLLM only)
+
+`info` is small JSON-able data: the shared-memory segments (the subscriber's staging, plus
+any same-host publisher segment that staging maps instead of copying) and one (name, dtype,
+shape, segment, offset, nbytes) row per tensor, in layer order. No tensor ever travels through
+RPC or pickle, and a tensor-parallel engine's workers all read the one copy on the node.
+
+The engine must be started with `weight_transfer_config={"backend": "weightstream"}` (or
+`--weight-transfer-config '{"backend": "weightstream"}'`); the backend reaches every worker
+process through the `vllm.general_plugins` entry point `register_backend`.
+
+Two front ends: an `AsyncLLM` (the OpenAI server's engine client) is driven with its async
+calls from the subscriber's event loop; an offline `LLM` must be driven from the thread that
+calls `generate`, so `swap_in` hands the staged version over and waits until that thread
+calls `apply_staged()` between two generate calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import torch
+from vllm import LLM
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferInitRequest,
+    WeightTransferUpdateInfo,
+    WeightTransferUpdateRequest,
+    layerwise_groups,
+)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+from schemas.manifest import ShmLocator
+from streamer.transport.shm import host_id
+from subscribers.dtypes import torch_dtype
+from subscribers.staging import map_shared
+from subscribers.swap import SwapError, SwapReport
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from schemas.manifest import Manifest
+    from subscribers.staging import Staging
+
+__all__ = [
+    "BACKEND",
+    "PauseMode",
+    "VllmSwapper",
+    "WeightstreamTransferEngine",
+    "checkpoint_tensors",
+    "register_backend",
+    "update_info",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "weightstream"
+"""The name of the backend in `weight_transfer_config`."""
+
+PauseMode = Literal["wait", "keep"]
+
+# safetensors header dtype codes -> our manifest dtype names
+_SAFETENSORS_DTYPES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BOOL": "bool",
+    "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64",
+}  # fmt: skip
+
+
+# --- worker side: the "weightstream" weight-transfer backend -----------------------------
+
+
+@dataclass
+class WeightstreamInitInfo(WeightTransferInitInfo):  # type: ignore[misc]
+    """Nothing to rendezvous: the bytes are already on this node."""
+
+
+@dataclass
+class WeightstreamUpdateInfo(WeightTransferUpdateInfo):  # type: ignore[misc]
+    """Where one staged version lies, in node-local shared memory.
+
+    `segments` rows are [name under /dev/shm, nbytes]; `tensors` rows are [name, dtype,
+    shape, segment index, offset in the segment, nbytes], in layer order.
+    """
+
+    segments: list[list[Any]]
+    tensors: list[list[Any]] = field(default_factory=list)
+    version: int = -1
+
+
+class WeightstreamTransferEngine(
+    WeightTransferEngine[WeightstreamInitInfo, WeightstreamUpdateInfo]  # type: ignore[misc]
+):
+    """Loads a version staged in node-local shared memory, whole layers in layer order.
+
+    Runs in each worker process; vLLM builds it in `Worker.load_model` when the engine is
+    started with `weight_transfer_config={"backend": "weightstream"}`.
+    """
+
+    init_info_cls = WeightstreamInitInfo
+    update_info_cls = WeightstreamUpdateInfo
+    supports_draft_weight_update = False
+
+    def init_transfer_engine(self, init_info: WeightstreamInitInfo) -> None:
+        """Nothing to set up: each update names the shared memory to read."""
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class ends with torch.accelerator.synchronize(), which raises on CPU.
+        self.receive_weights(self.parse_update_info(update_info))
+        if torch.accelerator.is_available():
+            torch.accelerator.synchronize()
+
+    def receive_weights(self, update_info: WeightstreamUpdateInfo) -> None:
+        mappings = [map_shared(name, nbytes) for name, nbytes in update_info.segments]
+        try:
+            # Every range is checked before the first tensor is loaded: a bad update leaves
+            # the model untouched rather than half loaded.
+            weights = list(_staged_tensors([view for _, view in mappings], update_info))
+            try:
+                self.model.load_weights(iter(weights))
+            except BaseException:
+                # Put back the kernel tensors of the layers that got nothing, so the engine
+                # does not run forward passes on meta tensors; the worker ends the bracket.
+                self.finish_weight_update()
+                raise
+            del weights
+        finally:
+            for mapping, view in mappings:
+                del view
+                try:
+                    mapping.close()
+                except BufferError:  # a deferred layer still views it; unmapped with its view
+                    logger.debug("staging of version=%d still viewed", update_info.version)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+
+    def shutdown(self) -> None:
+        """Nothing to release: mappings live only inside `receive_weights`."""
+
+
+def _staged_tensors(
+    segments: list[torch.Tensor], info: WeightstreamUpdateInfo
+) -> Iterator[tuple[str, torch.Tensor]]:
+    rows = {row[0]: row for row in info.tensors}
+    for name in _layer_order(list(rows)):
+        _, dtype_name, shape, segment, offset, nbytes = rows[name]
+        dtype = torch_dtype(dtype_name)
+        numel = 1
+        for size in shape:
+            numel *= size
+        size = segments[segment].numel()
+        if offset < 0 or offset + nbytes > size or numel * dtype.itemsize != nbytes:
+            raise ValueError(
+                f"version {info.version}: tensor {name!r} ({dtype_name}{list(shape)}, "
+                f"{nbytes} bytes at {offset}) does not fit segment {segment} ({size} bytes)"
+            )
+        view = segments[segment][offset : offset + nbytes]
+        yield name, view.view(dtype).view(tuple(shape))
+
+
+def _layer_order(names: list[str]) -> list[str]:
+    """Embeddings, layer 0, layer 1, ..., final norm and head: layerwise reload then
+    processes (and frees the buffers of) one layer before the next arrives."""
+    return [name for group in layerwise_groups(names) for name in group]
+
+
+def register_backend() -> None:
+    """The `vllm.general_plugins` entry point: make "weightstream" a backend in this process.
+
+    vLLM loads general plugins in every process (API server, engine core, workers), possibly
+    more than once, so this is idempotent.
+    """
+    try:
+        WeightTransferEngineFactory.register_engine(BACKEND, WeightstreamTransferEngine)
+    except ValueError:  # "already registered": this process loaded the plugin before
+        logger.debug("weight-transfer backend %r already registered", BACKEND)
+
+
+# --- front end: what a checkpoint holds, and the update info of a staged version -----------
+
+
+def checkpoint_tensors(model_path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`{name: (dtype, shape)}` of a model directory's safetensors files, headers only.
+
+    >>> checkpoint_tensors("/models/tiny-llama")["lm_head.weight"]  # doctest: +SKIP
+    ('float32', (384, 128))
+    """
+    root = Path(model_path)
+    files = [root] if root.is_file() else sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors files in {root}: pass the model directory")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in files:
+        with path.open("rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header: dict[str, Any] = msgspec.json.decode(file.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                dtype = _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
+                tensors[name] = (dtype, tuple(entry["shape"]))
+    return tensors
+
+
+def _model_dir(model: str) -> Path:
+    path = Path(model)
+    if not path.exists():
+        raise ValueError(
+            f"the engine's model {model!r} is not a local path: pass model_path=<the checkpoint "
+            "directory> (WEIGHTSTREAM_MODEL_PATH), so manifests can be checked against it"
+        )
+    return path
+
+
+def update_info(manifest: Manifest, staging: Staging) -> dict[str, Any]:
+    """The JSON-able update info naming where each tensor of a staged version lies.
+
+    A region staging holds in its own buffer lies in `staging.shm_name`; a region staging
+    maps from a same-host publisher lies in the publisher's segment, from its start.
+    """
+    segments: dict[str, int] = {}  # name -> nbytes, in order of first use
+    places: list[tuple[str, int]] = []  # per region: (segment name, offset of the region)
+    for index, region in enumerate(manifest.regions):
+        if staging.is_mapped(index):
+            locator = next(
+                loc
+                for loc in region.locators
+                if isinstance(loc, ShmLocator) and loc.host == host_id()
+            )
+            segments.setdefault(locator.name, locator.nbytes)
+            places.append((locator.name, 0))
+        else:
+            if staging.shm_name is None:
+                raise ValueError(
+                    "a vLLM engine reads staging from shared memory: pass Staging(shm_name=...)"
+                )
+            segments.setdefault(staging.shm_name, staging.buffer.numel())
+            places.append((staging.shm_name, staging.region_offsets[index]))
+    numbers = {name: number for number, name in enumerate(segments)}
+    rows = {
+        spec.name: [
+            spec.name,
+            spec.dtype,
+            list(spec.shape),
+            numbers[places[spec.region][0]],
+            places[spec.region][1] + spec.offset,
+            spec.nbytes,
+        ]
+        for spec in manifest.tensors
+    }
+    return {
+        "segments": [[name, nbytes] for name, nbytes in segments.items()],
+        "tensors": [rows[name] for name in _layer_order(list(rows))],
+        "version": manifest.version,
+    }
+
+
+# --- front end: the swapper -----------------------------------------------------------------
+
+
+@dataclass
+class _Handover:
+    manifest: Manifest
+    info: dict[str, Any]
+    done: concurrent.futures.Future[SwapReport]
+
+
+class VllmSwapper:
+    """Applies versions to a running vLLM engine: an offline `LLM` or an `AsyncLLM`.
+
+    With an `AsyncLLM`, `swap_in` pauses the engine (`pause_mode="wait"`: requests in
+    flight finish on the old version, new ones wait), swaps, labels the engine with the
+    version and resumes. With an `LLM`, `swap_in` waits until the thread that owns it calls
+    `apply_staged()` (between generate calls, so nothing is in flight).
+
+    >>> swapper = VllmSwapper(engine_client)  # AsyncLLM: Subscriber(swapper=swapper, ...)
+    >>> swapper = VllmSwapper(llm)            # LLM: call swapper.apply_staged() before generate
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        model_path: str | Path | None = None,
+        pause_mode: PauseMode = "wait",
+        strict: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.offline = isinstance(engine, LLM)
+        vllm_config = engine.llm_engine.vllm_config if self.offline else engine.vllm_config
+        transfer = vllm_config.weight_transfer_config
+        if transfer is None or transfer.backend != BACKEND:
+            raise ValueError(
+                "start the engine with weight_transfer_config={'backend': 'weightstream'} "
+                '(vllm serve: --weight-transfer-config \'{"backend": "weightstream"}\')'
+            )
+        if pause_mode not in ("wait", "keep"):
+            raise ValueError(f"pause_mode must be 'wait' or 'keep', not {pause_mode!r}")
+        self.pause_mode = pause_mode
+        self.strict = strict
+        self.model_path = (
+            Path(model_path) if model_path else _model_dir(vllm_config.model_config.model)
+        )
+        self.expected = checkpoint_tensors(self.model_path)
+        self.changed = threading.Condition()
+        """Notified when a version is handed over or applied (offline engines)."""
+        self._handover: _Handover | None = None
+        self._initialized = False
+        self.last_drain_s = 0.0
+        """How long the last pause waited for requests in flight (AsyncLLM, mode "wait")."""
+
+    def check(self, manifest: Manifest) -> None:
+        problems: list[str] = []
+        names = set()
+        for spec in manifest.tensors:
+            names.add(spec.name)
+            expected = self.expected.get(spec.name)
+            if expected is None:
+                problems.append(f"{spec.name}: not in the engine's checkpoint")
+            elif expected[1] != spec.shape:
+                problems.append(f"{spec.name}: shape {spec.shape} != engine {expected[1]}")
+        if self.strict:
+            problems.extend(
+                f"{name}: missing from the manifest" for name in sorted(set(self.expected) - names)
+            )
+        if problems:
+            shown = "; ".join(problems[:5])
+            more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            raise SwapError(
+                f"{manifest.model} version {manifest.version} does not fit the vLLM engine "
+                f"({self.model_path}): {shown}{more}"
+            )
+
+    async def stage(self, manifest: Manifest, staging: Staging) -> None:
+        """Nothing to prepare: the workers read the staged bytes at the boundary."""
+
+    async def swap_in(self, manifest: Manifest, staging: Staging) -> SwapReport:
+        self.check(manifest)
+        info = update_info(manifest, staging)
+        if self.offline:
+            return await self._hand_over(manifest, info)
+        return await self._swap_async(manifest, info)
+
+    # AsyncLLM: driven from the subscriber's event loop (the API server's loop).
+
+    async def _swap_async(self, manifest: Manifest, info: dict[str, Any]) -> SwapReport:
+        engine = self.engine
+        if not self._initialized:
+            await engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info={}))
+            self._initialized = True
+        started = time.perf_counter()
+        # Without the pause the scheduler runs forward passes between start and finish, on
+        # layers that layerwise reload has moved to the meta device. The caches are cleared:
+        # prefix-cache entries computed with the old weights are wrong for the new ones.
+        pause = engine.pause_generation(mode=self.pause_mode, clear_cache=True)
+        await self._guarded(manifest, "pause_generation", pause)
+        paused = time.perf_counter()
+        self.last_drain_s = paused - started
+        try:
+            await self._guarded(manifest, "start_weight_update", engine.start_weight_update())
+            update = engine.update_weights(WeightTransferUpdateRequest(update_info=info))
+            await self._guarded(manifest, "update_weights", update)
+            finish = engine.finish_weight_update(weight_version=str(manifest.version))
+            await self._guarded(manifest, "finish_weight_update", finish)
+        finally:
+            await self._guarded(manifest, "resume_generation", engine.resume_generation())
+        return SwapReport(
+            version=manifest.version,
+            pause_s=time.perf_counter() - paused,
+            nbytes=manifest.payload_bytes,
+        )
+
+    async def _guarded(self, manifest: Manifest, step: str, call: Any) -> None:
+        try:
+            await call
+        except Exception as exc:
+            raise SwapError(_failed(manifest, step, exc)) from exc
+
+    # LLM: handed over to the thread that calls generate.
+
+    async def _hand_over(self, manifest: Manifest, info: dict[str, Any]) -> SwapReport:
+        done: concurrent.futures.Future[SwapReport] = concurrent.futures.Future()
+        with self.changed:
+            self._handover = _Handover(manifest, info, done)
+            self.changed.notify_all()
+        logger.info("version=%d staged; waiting for the engine thread", manifest.version)
+        try:
+            return await asyncio.wrap_future(done)
+        finally:
+            self._withdraw(done)
+
+    def _withdraw(self, done: concurrent.futures.Future[SwapReport]) -> None:
+        """Take back a hand-over the engine thread has not picked up (we were cancelled)."""
+        with self.changed:
+            handover = self._handover
+            if handover is not None and handover.done is done:
+                self._handover = None
+                done.cancel()
+
+    @property
+    def staged(self) -> int | None:
+        """The version waiting for `apply_staged()`, if any (offline engines)."""
+        handover = self._handover
+        return handover.manifest.version if handover is not None else None
+
+    def apply_staged(self) -> SwapReport | None:
+        """Apply the version `swap_in` handed over, if any; call it on the engine's thread.
+
+        Blocks for the swap itself (start / update / finish); returns None if nothing was
+        waiting. A failed swap is logged and reported to the subscriber, not raised here.
+        """
+        with self.changed:
+            handover, self._handover = self._handover, None
+        if handover is None or not handover.done.set_running_or_notify_cancel():
+            return None
+        manifest, llm = handover.manifest, self.engine
+        started = time.perf_counter()
+        step = "init_weight_transfer_engine"
+        try:
+            if not self._initialized:
+                llm.init_weight_transfer_engine({"init_info": {}})
+                self._initialized = True
+            step = "start_weight_update"
+            llm.start_weight_update()
+            step = "update_weights"
+            llm.update_weights({"update_info": handover.info})
+            step = "finish_weight_update"
+            llm.finish_weight_update(weight_version=str(manifest.version))
+        except Exception as exc:  # noqa: BLE001  (handed to the subscriber thread as SwapError)
+            error = SwapError(_failed(manifest, step, exc))
+            logger.error("%s", error)  # noqa: TRY400  (the traceback travels with the error)
+            handover.done.set_exception(error)
+            return None
+        finally:
+            with self.changed:
+                self.changed.notify_all()
+        report = SwapReport(
+            version=manifest.version,
+            pause_s=time.perf_counter() - started,
+            nbytes=manifest.payload_bytes,
+        )
+        handover.done.set_result(report)
+        return report
+
+    def wait_staged(self, timeout_s: float) -> None:
+        """Block up to `timeout_s` for a hand-over or any other notification on `changed`."""
+        with self.changed:
+            if self._handover is None:
+                self.changed.wait(timeout_s)
+
+
+def _failed(manifest: Manifest, step: str, exc: BaseException) -> str:
+    if step in ("update_weights", "finish_weight_update"):
+        outcome = "the engine may hold a mix of versions until the next version applies"
+    else:
+        outcome = "the engine's weights are unchanged"
+    return (
+        f"{manifest.model} version {manifest.version}: {step} failed in the engine "
+        f"({type(exc).__name__}: {exc}); {outcome}"
+    )

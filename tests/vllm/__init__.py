@@ -1,0 +1,1 @@
+"""vLLM on CPU test helpers: a tiny offline Llama checkpoint."""
