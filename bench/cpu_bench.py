@@ -116,7 +116,7 @@ def raw_reads(nodes: Nodes, nbytes: int, count: int) -> tuple[float, float]:
 
 async def ours(
     nodes: Nodes, size: int, count: int, versions: int, workdir: Path
-) -> dict[str, object]:
+) -> dict[str, float]:
     ready = workdir / "broker.json"
     broker = subprocess.Popen(
         [
@@ -258,13 +258,13 @@ def report(
     nbytes: int,
     raw_one: float,
     raw_all: float,
-    result: dict[str, object],
+    result: dict[str, float],
 ) -> None:
     n = args.subscribers
     size_gb = nbytes / 1e9
     pull_s, slowest, e2e_s, publish_s = (
-        float(result[k]) for k in ("pull_s", "slowest_pull_s", "e2e_s", "publish_s")
-    )  # type: ignore[arg-type]
+        result[k] for k in ("pull_s", "slowest_pull_s", "e2e_s", "publish_s")
+    )
     per_sub = size_gb / pull_s
     aggregate = n * size_gb / slowest
     lines = [

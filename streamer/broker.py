@@ -159,8 +159,9 @@ class Broker:
             raise BrokerError("unknown_peer", "say hello first (the broker may have restarted)")
         registry.touch(peer_id, now)
         match message:
-            case Heartbeat():
-                return []
+            case Heartbeat(applied=applied):
+                # Heartbeats repeat what each subscriber runs, so a restarted broker relearns it.
+                return registry.heartbeat(peer_id, applied, now)
             case PublishShard(request_id=rid, model=model, version=version):
                 announced, outbox = registry.publish(
                     peer_id, model, version, message.rank, message.world_size, message.shard, now

@@ -313,6 +313,8 @@ class BrokerClient:
         )
         try:
             await self.hello()
+            if self._applied:
+                await self._send(Heartbeat(applied=dict(self._applied)))
             for model in sorted(self._subscriptions):
                 await self._send(Subscribe(request_id=next(self._ids), model=model))
             for message, _ in list(self._pending.values()):

@@ -306,6 +306,17 @@ class Registry:
         peer.last_error.pop(model, None)
         return self._wake_waiters()
 
+    def heartbeat(self, peer_id: str, applied: dict[str, int], now: float) -> Outbox:
+        """Take the versions a peer says it runs (after a broker restart, the only source)."""
+        peer = self.peers[peer_id]
+        changed = False
+        for model, version in applied.items():
+            if version > peer.applied.get(model, -1):
+                peer.applied[model] = version
+                peer.applied_at[model] = now
+                changed = True
+        return self._wake_waiters() if changed else []
+
     def pull_failed(self, peer_id: str, model: str, version: int, reason: str) -> None:
         peer = self.peers[peer_id]
         peer.progress.pop(model, None)

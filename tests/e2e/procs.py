@@ -137,6 +137,10 @@ async def wait_for(
     raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{logs}")
 
 
+async def file_exists(path: Path) -> bool:
+    return await asyncio.to_thread(path.exists)
+
+
 def subscribers_at(rows: list[dict[str, Any]], version: int) -> list[dict[str, Any]]:
     return [r for r in rows if r["state"] != "gone" and r["applied_version"] == version]
 

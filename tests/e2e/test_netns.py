@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import Fleet, assert_dump_equals, get_json, start_broker, wait_for
+from tests.e2e.procs import Fleet, assert_dump_equals, file_exists, get_json, start_broker, wait_for
 from weightstream.netns import NodeNet, netns_available
 
 pytestmark = [
@@ -91,9 +92,7 @@ async def test_subscribers_in_namespaces_follow_a_trainer_over_the_bridge(
         await wait_for(both, timeout_s=90, what=f"both nodes at v{version}", fleet=fleet)
         for dump in dumps:
             path = dump / f"v{version}.safetensors"
-            await wait_for(
-                lambda path=path: asyncio.sleep(0, path.exists()), timeout_s=10, what=str(path)
-            )
+            await wait_for(partial(file_exists, path), timeout_s=10, what=str(path))
             assert_dump_equals(path, SIZE, version)
 
     # The subscribers really are on other hosts: the broker sees them from their own addresses.

@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from schemas.messages import Error, Hello, Welcome
 from tests.e2e.procs import (
     Fleet,
     assert_dump_equals,
+    file_exists,
     get_json,
     start_broker,
     subscribers_at,
@@ -113,9 +115,7 @@ async def test_two_rank_trainer_three_subscribers_bit_exact_at_every_version(
         assert summary["total_bytes"] >= SIZE * 0.9
         for dump in dumps:
             path = dump / f"v{version}.safetensors"
-            await wait_for(
-                lambda path=path: asyncio.sleep(0, path.exists()), timeout_s=10, what=str(path)
-            )
+            await wait_for(partial(file_exists, path), timeout_s=10, what=str(path))
             assert_dump_equals(path, SIZE, version)
 
     # Retention 2: version 1 is retired once nobody reads it.

@@ -338,3 +338,19 @@ def test_restore_of_version_zero_makes_it_the_latest() -> None:
 def test_retention_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="retention"):
         Registry(retention=0)
+
+
+def test_heartbeat_restores_applied_versions_and_wakes_waiters_after_a_restart():
+    registry = Registry(retention=2)
+    registry.hello("trainer", "publisher", "h", 1, now=0.0)
+    registry.hello("sub", "subscriber", "h", 2, now=0.0)
+    # A restarted broker knows nothing of what "sub" runs until it says so.
+    assert registry.wait_applied("trainer", 7, "m", 3, 1) == []
+    assert registry.heartbeat("sub", {"m": 2}, now=1.0) == []
+    out = registry.heartbeat("sub", {"m": 3}, now=2.0)
+    assert [(peer, type(message).__name__) for peer, message in out] == [
+        ("trainer", "AppliedReached")
+    ]
+    assert registry.peers["sub"].applied == {"m": 3}
+    assert registry.heartbeat("sub", {"m": 1}, now=3.0) == []  # never backwards
+    assert registry.peers["sub"].applied == {"m": 3}

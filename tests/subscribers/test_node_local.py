@@ -52,7 +52,11 @@ async def test_same_host_subscriber_maps_the_publishers_memory(broker, zmq_ctx):
                 tensors = synthetic_llama(size, version=version)
                 result = await publisher.publish(version, tensors)
                 assert any(isinstance(loc, ShmLocator) for loc in result.shard.regions[0].locators)
-                await until(lambda version=version: subscriber.applied == version)
+
+                def reached(version: int = version) -> bool:
+                    return subscriber.applied == version
+
+                await until(reached)
                 assert all(torch.equal(params[n], t) for n, t in tensors.items())
                 # Region 0 of staging *is* the publisher's buffer: same bytes, no copy made.
                 assert subscriber.staging.is_mapped(0)
