@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import struct
 import threading
@@ -68,9 +69,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKEND",
+    "EXTENSION",
     "PauseMode",
     "VllmSwapper",
     "WeightstreamTransferEngine",
+    "WeightstreamWorkerExtension",
     "checkpoint_tensors",
     "register_backend",
     "update_info",
@@ -168,6 +171,36 @@ class WeightstreamTransferEngine(
 
     def shutdown(self) -> None:
         """Nothing to release: mappings live only inside `receive_weights`."""
+
+
+class WeightstreamWorkerExtension:
+    """The same load for vLLM versions without the weight-transfer API.
+
+    Start the engine with `worker_extension_cls="subscribers.vllm_swap.WeightstreamWorkerExtension"`
+    instead of `weight_transfer_config`; vLLM mixes this class into every worker, and the
+    swapper calls `collective_rpc("weightstream_reload", args=(json,))`: one reload bracket
+    (`model_runner.reload_weights`, checkpoint format, layer order) per version.
+    """
+
+    def weightstream_reload(self, info_json: str) -> None:
+        info = WeightstreamUpdateInfo(**json.loads(info_json))
+        mappings = [map_shared(name, nbytes) for name, nbytes in info.segments]
+        try:
+            weights = list(_staged_tensors([view for _, view in mappings], info))
+            runner: Any = self.model_runner  # type: ignore[attr-defined]
+            runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+            del weights
+        finally:
+            for mapping, view in mappings:
+                del view
+                try:
+                    mapping.close()
+                except BufferError:
+                    logger.debug("staging of version=%d still viewed", info.version)
+
+
+EXTENSION = f"{WeightstreamWorkerExtension.__module__}.{WeightstreamWorkerExtension.__qualname__}"
+"""The value of `worker_extension_cls` for the extension route."""
 
 
 def _staged_tensors(
@@ -319,11 +352,18 @@ class VllmSwapper:
         self.engine = engine
         self.offline = isinstance(engine, LLM)
         vllm_config = engine.llm_engine.vllm_config if self.offline else engine.vllm_config
-        transfer = vllm_config.weight_transfer_config
-        if transfer is None or transfer.backend != BACKEND:
+        transfer = getattr(vllm_config, "weight_transfer_config", None)
+        extension = getattr(vllm_config.parallel_config, "worker_extension_cls", "")
+        self.route: Literal["native", "extension"]
+        if transfer is not None and transfer.backend == BACKEND:
+            self.route = "native"  # vLLM's weight-transfer API, with a version label
+        elif extension == EXTENSION:
+            self.route = "extension"  # older vLLM: one collective_rpc per version
+        else:
             raise ValueError(
                 "start the engine with weight_transfer_config={'backend': 'weightstream'} "
-                '(vllm serve: --weight-transfer-config \'{"backend": "weightstream"}\')'
+                '(vllm serve: --weight-transfer-config \'{"backend": "weightstream"}\'), '
+                f"or, on a vLLM without that API, with worker_extension_cls={EXTENSION!r}"
             )
         if pause_mode not in ("wait", "keep"):
             raise ValueError(f"pause_mode must be 'wait' or 'keep', not {pause_mode!r}")
@@ -337,6 +377,7 @@ class VllmSwapper:
         """Notified when a version is handed over or applied (offline engines)."""
         self._handover: _Handover | None = None
         self._initialized = False
+        self._step = ""
         self.last_drain_s = 0.0
         """How long the last pause waited for requests in flight (AsyncLLM, mode "wait")."""
 
@@ -376,7 +417,7 @@ class VllmSwapper:
 
     async def _swap_async(self, manifest: Manifest, info: dict[str, Any]) -> SwapReport:
         engine = self.engine
-        if not self._initialized:
+        if not self._initialized and self.route == "native":
             await engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info={}))
             self._initialized = True
         started = time.perf_counter()
@@ -388,11 +429,15 @@ class VllmSwapper:
         paused = time.perf_counter()
         self.last_drain_s = paused - started
         try:
-            await self._guarded(manifest, "start_weight_update", engine.start_weight_update())
-            update = engine.update_weights(WeightTransferUpdateRequest(update_info=info))
-            await self._guarded(manifest, "update_weights", update)
-            finish = engine.finish_weight_update(weight_version=str(manifest.version))
-            await self._guarded(manifest, "finish_weight_update", finish)
+            if self.route == "extension":
+                reload = engine.collective_rpc("weightstream_reload", args=(json.dumps(info),))
+                await self._guarded(manifest, "update_weights", reload)
+            else:
+                await self._guarded(manifest, "start_weight_update", engine.start_weight_update())
+                update = engine.update_weights(WeightTransferUpdateRequest(update_info=info))
+                await self._guarded(manifest, "update_weights", update)
+                finish = engine.finish_weight_update(weight_version=str(manifest.version))
+                await self._guarded(manifest, "finish_weight_update", finish)
         finally:
             await self._guarded(manifest, "resume_generation", engine.resume_generation())
         return SwapReport(
@@ -437,28 +482,24 @@ class VllmSwapper:
     def apply_staged(self) -> SwapReport | None:
         """Apply the version `swap_in` handed over, if any; call it on the engine's thread.
 
-        Blocks for the swap itself (start / update / finish); returns None if nothing was
+        Blocks for the swap itself (one reload bracket); returns None if nothing was
         waiting. A failed swap is logged and reported to the subscriber, not raised here.
         """
         with self.changed:
             handover, self._handover = self._handover, None
         if handover is None or not handover.done.set_running_or_notify_cancel():
             return None
-        manifest, llm = handover.manifest, self.engine
+        manifest = handover.manifest
         started = time.perf_counter()
-        step = "init_weight_transfer_engine"
+        self._step = "update_weights"
         try:
-            if not self._initialized:
-                llm.init_weight_transfer_engine({"init_info": {}})
-                self._initialized = True
-            step = "start_weight_update"
-            llm.start_weight_update()
-            step = "update_weights"
-            llm.update_weights({"update_info": handover.info})
-            step = "finish_weight_update"
-            llm.finish_weight_update(weight_version=str(manifest.version))
+            if self.route == "extension":
+                info = json.dumps(handover.info)
+                self.engine.collective_rpc("weightstream_reload", args=(info,))
+            else:
+                self._apply_native(handover)
         except Exception as exc:  # noqa: BLE001  (handed to the subscriber thread as SwapError)
-            error = SwapError(_failed(manifest, step, exc))
+            error = SwapError(_failed(manifest, self._step, exc))
             logger.error("%s", error)  # noqa: TRY400  (the traceback travels with the error)
             handover.done.set_exception(error)
             return None
@@ -472,6 +513,20 @@ class VllmSwapper:
         )
         handover.done.set_result(report)
         return report
+
+    def _apply_native(self, handover: _Handover) -> None:
+        """start / update / finish on the offline engine; `_step` names the call under way."""
+        llm = self.engine
+        if not self._initialized:
+            self._step = "init_weight_transfer_engine"
+            llm.init_weight_transfer_engine({"init_info": {}})
+            self._initialized = True
+        self._step = "start_weight_update"
+        llm.start_weight_update()
+        self._step = "update_weights"
+        llm.update_weights({"update_info": handover.info})
+        self._step = "finish_weight_update"
+        llm.finish_weight_update(weight_version=str(handover.manifest.version))
 
     def wait_staged(self, timeout_s: float) -> None:
         """Block up to `timeout_s` for a hand-over or any other notification on `changed`."""
