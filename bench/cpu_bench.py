@@ -40,7 +40,6 @@ from weightstream.netns import NodeNet, netns_available
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "MC_LOG_LEVEL": "ERROR", "PYTHONPATH": str(ROOT)}
-START, END = "<!-- cpu-bench:start -->", "<!-- cpu-bench:end -->"
 
 
 class Nodes:
@@ -262,14 +261,15 @@ def report(
 ) -> None:
     n = args.subscribers
     size_gb = nbytes / 1e9
+    start, end = f"<!-- cpu-bench:{n}:start -->", f"<!-- cpu-bench:{n}:end -->"
     pull_s, slowest, e2e_s, publish_s = (
         result[k] for k in ("pull_s", "slowest_pull_s", "e2e_s", "publish_s")
     )
     per_sub = size_gb / pull_s
     aggregate = n * size_gb / slowest
     lines = [
-        START,
-        f"### CPU, {size_gb:.2f} GB model, {n} subscribers ({'loopback' if loopback else 'one network namespace each'}), mooncake tcp",
+        start,
+        f"### CPU, {size_gb:.2f} GB model, {n} subscriber{'s' if n > 1 else ''} ({'loopback' if loopback else 'one network namespace each'}), mooncake tcp",
         "",
         f"Run: `python bench/cpu_bench.py --size {args.size} --subscribers {n} --versions {args.versions}"
         f"{' --loopback' if loopback else ''}` on {platform.node()} ({os.cpu_count()} cores), "
@@ -278,14 +278,18 @@ def report(
         "| figure | value | vs raw mooncake |",
         "|---|---|---|",
         f"| raw mooncake tcp read, one node alone | {raw_one:.2f} GB/s | 1.00 |",
-        f"| raw mooncake tcp read, {n} nodes at once (sum) | {raw_all:.2f} GB/s | 1.00 |",
+        *(
+            [f"| raw mooncake tcp read, {n} nodes at once (sum) | {raw_all:.2f} GB/s | 1.00 |"]
+            if n > 1
+            else []
+        ),
         f"| ours: pull + verify, per subscriber (median) | {per_sub:.2f} GB/s ({pull_s:.2f} s) | {per_sub / (raw_all / n):.2f} of the per-node share |",
         f"| ours: all {n} subscribers pulled (aggregate) | {aggregate:.2f} GB/s | {aggregate / raw_all:.2f} |",
         f"| ours: publish (pack + checksums) | {publish_s:.2f} s | |",
         f"| ours: publish() call -> all {n} applied | {e2e_s:.2f} s ({n * size_gb / e2e_s:.2f} GB/s delivered) | {n * size_gb / e2e_s / raw_all:.2f} |",
         "",
         "The anchor (checkpoint-engine) cannot run here: CUDA or Ascend only, RDMA/EFA only.",
-        END,
+        end,
     ]
     text = "\n".join(lines)
     print()
@@ -293,9 +297,9 @@ def report(
     if not args.no_write:
         path = ROOT / "bench" / "RESULTS.md"
         current = path.read_text() if path.exists() else "# Benchmark results\n\n"
-        if START in current:
-            head, _, rest = current.partition(START)
-            _, _, tail = rest.partition(END)
+        if start in current:
+            head, _, rest = current.partition(start)
+            _, _, tail = rest.partition(end)
             current = head + text + tail
         else:
             current = current.rstrip() + "\n\n" + text + "\n"
