@@ -28,6 +28,7 @@ import zmq.asyncio
 from publishers.memory import BufferPool, BufferSet
 from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
 from streamer.client import BrokerClient, connect
+from streamer.errors import BrokerError
 from streamer.transport.shm import ShmSender
 
 if TYPE_CHECKING:
@@ -125,11 +126,23 @@ class Publisher:
             per_sender = [sender.expose(regions) for sender in self.senders]
             locators = [list(offers) for offers in zip(*per_sender, strict=True)]
             shard = layout.shard(locators, checksums, self.rank)
+        except BaseException:
+            self.pool.give_back(buffer_set)
+            raise
+        try:
             reply = await self.client.publish(
                 self.model, version, self.rank, self.world_size, shard
             )
+        except BrokerError:
+            self.pool.give_back(buffer_set)  # refused: nobody can have seen these bytes
+            raise
         except BaseException:
-            self.pool.give_back(buffer_set)
+            # No answer (a timeout, a cancel): the broker may have announced the version all
+            # the same, so subscribers may be reading these buffers. They wait for a Retire.
+            if version not in self.live:
+                self.live[version] = buffer_set
+            else:
+                self.pool.give_back(buffer_set)
             raise
         # Only once the broker took it: a refused `version` may be one still live here.
         self.live[version] = buffer_set

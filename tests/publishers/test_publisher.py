@@ -188,3 +188,28 @@ async def test_sync_publisher_publishes_from_plain_blocking_code(
         assert await asyncio.to_thread(training_loop) == [True, True]
         manifest = await asyncio.wait_for(watcher.next_manifest(MODEL, after=10), 5)
     assert manifest.version == 20
+
+
+async def test_unanswered_publish_keeps_its_buffers_until_a_retire(zmq_ctx):
+    """No answer is not a refusal: the broker may have announced the version, so the bytes
+    must stay readable (until a Retire), not go back to the pool for the next version."""
+    import torch
+
+    from publishers.publisher import Publisher
+    from streamer.client import BrokerClient
+    from streamer.config import ClientConfig
+    from streamer.transport import ZmqFrameSender
+
+    client = BrokerClient(
+        ClientConfig(broker="tcp://127.0.0.1:9", request_timeout_s=0.2),
+        role="publisher",
+        context=zmq_ctx,
+    )
+    publisher = Publisher(client=client, sender=ZmqFrameSender(), model="m")
+    try:
+        with pytest.raises(TimeoutError, match="did not answer"):
+            await publisher.publish(1, {"w": torch.ones(4)})
+        assert 1 in publisher.live
+    finally:
+        publisher.close()
+        client.close()
