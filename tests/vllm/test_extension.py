@@ -25,8 +25,9 @@ from publishers.publisher import SyncPublisher
 from publishers.sources import load_checkpoint
 from streamer.config import ClientConfig
 from streamer.transport import MooncakeSender
+from subscribers.subscriber import PullConfig
 from tests.vllm.reference import engine_kwargs, greedy
-from tests.vllm.support import BrokerProcess
+from tests.vllm.support import BrokerProcess, wait_until
 
 pytestmark = [
     pytest.mark.vllm,
@@ -70,3 +71,50 @@ def test_worker_extension_route_applies_versions_token_for_token(
         publisher.publish(3, load_checkpoint(checkpoints["v3"]))
         assert ws.apply_latest(min_version=3, timeout_s=60) == 3
         assert greedy(ws.generate) == references["v3"]
+
+
+def test_failed_pulls_leave_the_engine_on_its_version_and_it_catches_up(
+    llm: Any,
+    broker: BrokerProcess,
+    checkpoints: dict[str, Path],
+    references: dict[str, list[list[int]]],
+) -> None:
+    """A bucket corrupted after publishing, then a publisher that dies mid-transfer: each time
+    the engine keeps generating the previous version's tokens; the next good version applies."""
+    model = "tiny-extension-failures"
+    # 64 KiB buckets pulled at 400 kB/s: a version takes ~4 s, so failures land mid-pull.
+    pull = PullConfig(max_bytes_per_s=400_000, max_attempts=2, retry_backoff_s=0.2)
+    config = ClientConfig(broker=broker.endpoint)
+    good = SyncPublisher(config, model=model, sender=MooncakeSender(), bucket_bytes=64 << 10)
+    try:
+        with WeightStream.follow(
+            llm, broker=broker.endpoint, model=model, transport="mooncake", pull=pull
+        ) as ws:
+            good.publish(1, load_checkpoint(checkpoints["v2"]))
+            assert ws.apply_latest(min_version=1, timeout_s=60) == 1
+            assert greedy(ws.generate) == references["v2"]
+
+            # A flipped bit in the last bucket, after its checksum was computed.
+            good.publish(2, load_checkpoint(checkpoints["v3"]))
+            good.publisher.live[2].buffers[0][-300] ^= 0x01
+            assert ws.apply_latest(min_version=2, timeout_s=60) == 1
+            assert "ChecksumMismatch" in (ws.status.last_error or "")
+            assert greedy(ws.generate) == references["v2"]
+
+            # A publisher that dies while the engine is pulling from it.
+            dying = SyncPublisher(
+                config, model=model, sender=MooncakeSender(), bucket_bytes=64 << 10
+            )
+            dying.publish(3, load_checkpoint(checkpoints["v3"]))
+            wait_until(lambda: ws.status.pulling == 3, timeout_s=30, what="pulling version 3")
+            dying.close()
+            assert ws.apply_latest(min_version=3, timeout_s=60) == 1
+            assert "TransportError" in (ws.status.last_error or "")
+            assert greedy(ws.generate) == references["v2"]
+
+            # The next good version applies.
+            good.publish(4, load_checkpoint(checkpoints["v3"]))
+            assert ws.apply_latest(min_version=4, timeout_s=60) == 4
+            assert greedy(ws.generate) == references["v3"]
+    finally:
+        good.close()
