@@ -16,7 +16,7 @@ import itertools
 import logging
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +33,6 @@ class BufferSet:
     """The buffers of one version: one 1-D uint8 tensor per region."""
 
     buffers: list[torch.Tensor]
-    shm_names: list[str] = field(default_factory=list)
 
     @property
     def regions(self) -> list[Region]:
@@ -56,7 +55,6 @@ class BufferPool:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.shm_prefix = shm_prefix
         self._free: list[BufferSet] = []
-        self._all: list[BufferSet] = []
         self._names: dict[int, str] = {}
         self._mappings: list[mmap.mmap] = []
         self._registered: list[int] = []
@@ -69,10 +67,6 @@ class BufferPool:
             if candidate.fits(region_bytes):
                 return self._free.pop(index), False
         buffer_set = BufferSet([self._allocate(n) for n in region_bytes])
-        buffer_set.shm_names = [
-            self._names[b.data_ptr()] for b in buffer_set.buffers if b.data_ptr() in self._names
-        ]
-        self._all.append(buffer_set)
         self.allocated_bytes += sum(region_bytes)
         logger.info(
             "allocated publish buffers bytes=%d pinned=%s shm=%s pool_bytes=%d",

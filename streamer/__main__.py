@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -17,7 +14,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from streamer.config import BrokerConfig
-from streamer.server import serve
+from streamer.server import run_until_signal, serve
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -70,16 +67,7 @@ def run_broker(config: BrokerConfig, *, ready_file: str | None = None) -> int:
             tmp.write_text(json.dumps({"endpoint": endpoint, "http_port": http_port}))
             os.replace(tmp, ready_file)
 
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve(config, on_ready=on_ready)
-
-    asyncio.run(main())
+    run_until_signal(serve(config, on_ready=on_ready))
     logging.getLogger("streamer").info("broker stopped")
     return 0
 

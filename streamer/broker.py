@@ -34,7 +34,6 @@ from schemas.messages import (
     Announce,
     Applied,
     Error,
-    ErrorCode,
     Goodbye,
     Heartbeat,
     Hello,
@@ -137,7 +136,7 @@ class Broker:
                 self.stats.protocol_errors_total += 1
             request_id = getattr(message, "request_id", 0)
             await self._send(
-                [(peer_id, Error(code=_code(exc.code), detail=exc.detail, request_id=request_id))]
+                [(peer_id, Error(code=exc.code, detail=exc.detail, request_id=request_id))]
             )
 
     def _handle(self, peer_id: str, message: Message) -> Outbox:
@@ -272,19 +271,3 @@ class Broker:
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_bytes(self.registry.snapshot())
         os.replace(tmp, self._state_path)
-
-
-def _code(code: str) -> ErrorCode:
-    known: tuple[ErrorCode, ...] = (
-        "protocol",
-        "incompatible",
-        "unknown_peer",
-        "unknown_model",
-        "version_unavailable",
-        "stale_version",
-        "bad_request",
-    )
-    for candidate in known:
-        if candidate == code:
-            return candidate
-    return "bad_request"

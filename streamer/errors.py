@@ -11,6 +11,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from schemas.messages import ErrorCode
+
 __all__ = [
     "BrokerError",
     "ChecksumMismatch",
@@ -41,7 +46,7 @@ class TransportError(StreamerError):
 class BrokerError(StreamerError):
     """The broker answered a request with an error."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: ErrorCode, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail

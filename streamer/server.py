@@ -1,10 +1,12 @@
-"""Run the broker and its HTTP status endpoint together, in one TaskGroup."""
+"""Run the broker and its HTTP status endpoint together, in one TaskGroup; and the one
+signal-aware `asyncio.run` every command line of ours uses."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+import signal
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq.asyncio
 
@@ -12,13 +14,15 @@ from streamer.broker import Broker
 from streamer.http import serve_http
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from streamer.config import BrokerConfig
 
-__all__ = ["serve"]
+__all__ = ["run_until_signal", "serve"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 async def serve(
@@ -53,3 +57,23 @@ async def serve(
                 on_ready(broker.endpoint, http_port)
     finally:
         ctx.destroy(linger=0)
+
+
+def run_until_signal(coroutine: Coroutine[Any, Any, T]) -> T | None:
+    """`asyncio.run(coroutine)`, cancelled by SIGTERM or SIGINT; returns None if it was.
+
+    A signal is a normal, clean stop: the coroutine's `finally` blocks run.
+    """
+
+    async def main() -> T | None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await coroutine
+        except asyncio.CancelledError:
+            return None
+
+    return asyncio.run(main())

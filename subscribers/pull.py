@@ -19,10 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from schemas.manifest import ShmLocator
-from streamer.checksum import ALGORITHM, wsum64_words
+from streamer.checksum import ALGORITHM, wsum64
 from streamer.errors import ChecksumMismatch, TransportError
 from streamer.transport.base import BulkReceiver, Fetch
 from streamer.transport.shm import ShmReceiver
@@ -71,9 +69,7 @@ class _Throttle:
 
 def _verify(staging: Staging, bucket: BucketSpec) -> bool:
     raw = staging.bytes_of(bucket.region, bucket.offset, bucket.nbytes).numpy()
-    if raw.size % 8:
-        raw = np.concatenate([raw, np.zeros(8 - raw.size % 8, dtype=np.uint8)])
-    return wsum64_words(raw.view(np.int64)) == bucket.checksum
+    return wsum64(raw.data) == bucket.checksum
 
 
 def _receiver_for(

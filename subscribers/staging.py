@@ -20,37 +20,25 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from schemas.manifest import ALIGNMENT, Manifest, TensorSpec
 from streamer.transport.base import BulkReceiver, Region
+from streamer.transport.shm import SHM_DIR
 from subscribers.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-__all__ = ["SHM_DIR", "Staging", "map_shared", "region_offsets"]
+__all__ = ["Staging", "map_shared"]
 
 logger = logging.getLogger(__name__)
-
-SHM_DIR = Path("/dev/shm")  # noqa: S108 - POSIX shared memory, names chosen by us
 
 
 def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-
-
-def region_offsets(manifest: Manifest) -> tuple[list[int], int]:
-    """Where each region starts in staging, and the staging size a manifest needs."""
-    offsets: list[int] = []
-    cursor = 0
-    for region in manifest.regions:
-        offsets.append(cursor)
-        cursor = _align(cursor + region.nbytes)
-    return offsets, cursor
 
 
 def map_shared(shm_name: str, nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:

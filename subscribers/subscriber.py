@@ -170,7 +170,7 @@ class Subscriber:
                         max_bytes_per_s=self.config.max_bytes_per_s,
                         on_progress=self._progress(manifest.version),
                         progress_interval_s=self.config.progress_interval_s,
-                        verify=not getattr(self.swapper, "verifies_on_device", False),
+                        verify=not self.swapper.verifies_on_device,
                     )
                     await self.swapper.stage(manifest, self.staging)
                 swap = await self.swapper.swap_in(manifest, self.staging)

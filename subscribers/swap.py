@@ -34,11 +34,22 @@ if TYPE_CHECKING:
     from schemas.manifest import Manifest
     from subscribers.staging import Staging
 
-__all__ = ["SwapError", "SwapReport", "Swapper", "TorchSwapper", "VersionGate"]
+__all__ = ["SwapError", "SwapReport", "Swapper", "TorchSwapper", "VersionGate", "refuse_if"]
 
 
 class SwapError(StreamerError):
     """A manifest does not fit the engine (missing name, wrong shape or dtype)."""
+
+
+def refuse_if(problems: list[str], manifest: Manifest, engine: str) -> None:
+    """Raise one `SwapError` listing the first few `problems`, if there are any."""
+    if not problems:
+        return
+    shown = "; ".join(problems[:5])
+    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+    raise SwapError(
+        f"{manifest.model} version {manifest.version} does not fit {engine}: {shown}{more}"
+    )
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,10 @@ class Swapper(Protocol):
     then `swap_in` at the version boundary. A swapper whose `stage` verifies every bucket on
     the device sets `verifies_on_device = True`, and the host skips its own checksums.
     """
+
+    @property
+    def verifies_on_device(self) -> bool:
+        """True if `stage` checks every bucket itself (the host then skips its checksums)."""
 
     def check(self, manifest: Manifest) -> None:
         """Raise `SwapError` if `manifest` cannot be applied to this engine."""
@@ -123,6 +138,8 @@ class TorchSwapper:
     may update a subset (say, only the adapters).
     """
 
+    verifies_on_device = False
+
     def __init__(
         self,
         tensors: Mapping[str, torch.Tensor],
@@ -158,13 +175,7 @@ class TorchSwapper:
             problems.extend(
                 f"{name}: missing from the manifest" for name in sorted(set(self.tensors) - names)
             )
-        if problems:
-            shown = "; ".join(problems[:5]) + (
-                f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-            )
-            raise SwapError(
-                f"{manifest.model} version {manifest.version} does not fit this engine: {shown}"
-            )
+        refuse_if(problems, manifest, "this engine")
 
     async def stage(self, manifest: Manifest, staging: Staging) -> None:
         """Nothing to prepare: the staged host bytes are copied straight in at the boundary."""

@@ -34,12 +34,7 @@ import zmq.asyncio
 from streamer.client import connect
 from streamer.config import ClientConfig
 from streamer.errors import StreamerError
-from streamer.transport import (
-    MooncakeReceiver,
-    ShmReceiver,
-    ZmqFrameReceiver,
-    mooncake_available,
-)
+from streamer.transport.choice import make_receivers, parse_transports, receiver_names
 from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
 from subscribers.vllm_swap import PauseMode, VllmSwapper
@@ -58,13 +53,11 @@ __all__ = [
     "FollowStatus",
     "WeightStream",
     "follow",
-    "make_receivers",
     "transport_names",
 ]
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("mooncake", "zmq", "shm")
 
 ENV_PREFIX = "WEIGHTSTREAM_"
 
@@ -162,28 +155,7 @@ class _Following(Subscriber):
 
 def transport_names(transport: str) -> list[str]:
     """`auto` -> shm then mooncake (zmq without mooncake); else the comma-separated list."""
-    names = [part.strip() for part in transport.split(",") if part.strip()]
-    if names == ["auto"]:
-        return ["shm", "mooncake" if mooncake_available() else "zmq"]
-    if not names or len(set(names)) != len(names) or set(names) - set(TRANSPORTS):
-        raise ValueError(
-            f"bad transport list {transport!r}: use auto, or a comma-separated list of "
-            f"{', '.join(TRANSPORTS)}"
-        )
-    return names
-
-
-def make_receivers(transport: str, *, host: str, protocol: str = "tcp") -> list[BulkReceiver]:
-    """The receivers for a transport list, in order of preference (as weightstream.transports)."""
-    receivers: list[BulkReceiver] = []
-    for name in transport_names(transport):
-        if name == "mooncake":
-            receivers.append(MooncakeReceiver(host=host, protocol=protocol))
-        elif name == "zmq":
-            receivers.append(ZmqFrameReceiver())
-        else:
-            receivers.append(ShmReceiver())
-    return receivers
+    return receiver_names(parse_transports(transport))
 
 
 def _shm_name(model: str) -> str:
@@ -214,7 +186,7 @@ async def follow(
             swapper.changed.notify_all()
 
     try:
-        receivers = make_receivers(config.transport, host=config.host)
+        receivers = make_receivers(parse_transports(config.transport), host=config.host)
         staging = Staging(receivers=receivers, shm_name=config.shm_name or _shm_name(config.model))
         async with connect(
             ClientConfig(broker=config.broker), role="subscriber", context=ctx

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import struct
@@ -59,7 +60,7 @@ from schemas.manifest import ShmLocator
 from streamer.transport.shm import host_id
 from subscribers.dtypes import torch_dtype
 from subscribers.staging import map_shared
-from subscribers.swap import SwapError, SwapReport
+from subscribers.swap import SwapError, SwapReport, refuse_if
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -143,11 +144,7 @@ class WeightstreamTransferEngine(
             torch.accelerator.synchronize()
 
     def receive_weights(self, update_info: WeightstreamUpdateInfo) -> None:
-        mappings = [map_shared(name, nbytes) for name, nbytes in update_info.segments]
-        try:
-            # Every range is checked before the first tensor is loaded: a bad update leaves
-            # the model untouched rather than half loaded.
-            weights = list(_staged_tensors([view for _, view in mappings], update_info))
+        with _mapped_weights(update_info) as weights:
             try:
                 self.model.load_weights(iter(weights))
             except BaseException:
@@ -155,14 +152,6 @@ class WeightstreamTransferEngine(
                 # does not run forward passes on meta tensors; the worker ends the bracket.
                 self.finish_weight_update()
                 raise
-            del weights
-        finally:
-            for mapping, view in mappings:
-                del view
-                try:
-                    mapping.close()
-                except BufferError:  # a deferred layer still views it; unmapped with its view
-                    logger.debug("staging of version=%d still viewed", update_info.version)
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -183,24 +172,39 @@ class WeightstreamWorkerExtension:
     """
 
     def weightstream_reload(self, info_json: str) -> None:
-        info = WeightstreamUpdateInfo(**json.loads(info_json))
-        mappings = [map_shared(name, nbytes) for name, nbytes in info.segments]
-        try:
-            weights = list(_staged_tensors([view for _, view in mappings], info))
-            runner: Any = self.model_runner  # type: ignore[attr-defined]
+        runner: Any = self.model_runner  # type: ignore[attr-defined]
+        with _mapped_weights(WeightstreamUpdateInfo(**json.loads(info_json))) as weights:
             runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-            del weights
-        finally:
-            for mapping, view in mappings:
-                del view
-                try:
-                    mapping.close()
-                except BufferError:
-                    logger.debug("staging of version=%d still viewed", info.version)
 
 
 EXTENSION = f"{WeightstreamWorkerExtension.__module__}.{WeightstreamWorkerExtension.__qualname__}"
 """The value of `worker_extension_cls` for the extension route."""
+
+
+@contextlib.contextmanager
+def _mapped_weights(info: WeightstreamUpdateInfo) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The staged version's tensors, in layer order, viewing the mapped shared memory.
+
+    Every range is checked before any tensor is handed out: a bad update leaves the model
+    untouched rather than half loaded. The mappings close on the way out (or with their last
+    view, if a deferred layer still holds one).
+    """
+    mapped = [map_shared(name, nbytes) for name, nbytes in info.segments]
+    mappings = [mapping for mapping, _ in mapped]
+    views = [view for _, view in mapped]
+    del mapped
+    weights: list[tuple[str, torch.Tensor]] = []
+    try:
+        weights.extend(_staged_tensors(views, info))
+        yield weights
+    finally:
+        weights.clear()
+        views.clear()
+        for mapping in mappings:
+            try:
+                mapping.close()
+            except BufferError:
+                logger.debug("staging of version=%d still viewed", info.version)
 
 
 def _staged_tensors(
@@ -341,6 +345,8 @@ class VllmSwapper:
     >>> swapper = VllmSwapper(llm)            # LLM: call swapper.apply_staged() before generate
     """
 
+    verifies_on_device = False
+
     def __init__(
         self,
         engine: Any,
@@ -395,13 +401,7 @@ class VllmSwapper:
             problems.extend(
                 f"{name}: missing from the manifest" for name in sorted(set(self.expected) - names)
             )
-        if problems:
-            shown = "; ".join(problems[:5])
-            more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-            raise SwapError(
-                f"{manifest.model} version {manifest.version} does not fit the vLLM engine "
-                f"({self.model_path}): {shown}{more}"
-            )
+        refuse_if(problems, manifest, f"the vLLM engine ({self.model_path})")
 
     async def stage(self, manifest: Manifest, staging: Staging) -> None:
         """Nothing to prepare: the workers read the staged bytes at the boundary."""

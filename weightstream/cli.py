@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +23,11 @@ import msgspec
 from streamer.__main__ import add_broker_arguments, broker_config, run_broker
 from streamer.config import ClientConfig
 from streamer.errors import StreamerError
+from streamer.server import run_until_signal
+from streamer.transport.choice import parse_transports
 from subscribers.subscriber import PullConfig
 from weightstream.commands import PublishJob, SubscribeJob, run_publish, run_subscribe
 from weightstream.status import fetch_status, render_status
-from weightstream.transports import parse_transports
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Sequence
@@ -55,18 +55,28 @@ def parse_versions(spec: str) -> list[int]:
     return versions
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmg]i?)?b?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
 def _size(text: str) -> int:
-    """`64MB`, `1GiB`, `1e9` -> bytes."""
-    units = {"k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    lowered = (
-        text.strip().lower().removesuffix("b")
-        if not text.lower().endswith("ib")
-        else text.strip().lower()
-    )
-    for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * factor)
-    return int(float(lowered))
+    """`64MB`, `1GiB`, `1e9` -> bytes.
+
+    >>> _size("64MiB"), _size("1GB"), _size("1e9")
+    (67108864, 1000000000, 1000000000)
+    """
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: write e.g. 64MB, 1GiB or 1e9")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").lower()])
+
+
+def _transports(text: str) -> list[str]:
+    try:
+        return parse_transports(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +88,7 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="model name (default demo)")
     parser.add_argument(
         "--transport",
-        type=parse_transports,
+        type=_transports,
         default=["auto"],
         metavar="LIST",
         help="bulk transports in order of preference: auto (default), or a comma-separated list "
@@ -184,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--subscribers", type=int, default=2, help="subscriber processes (default 2)")
     demo.add_argument(
         "--transport",
-        type=parse_transports,
+        type=_transports,
         default=["mooncake"],
         metavar="LIST",
         help="transports the demo's processes use (default mooncake, to show the network path)",
@@ -194,17 +204,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(coroutine: Coroutine[Any, Any, None]) -> int:
     """Run until done or SIGTERM/SIGINT; a signal is a normal, clean exit."""
-
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await coroutine
-
-    asyncio.run(main())
+    run_until_signal(coroutine)
     return 0
 
 

@@ -16,10 +16,10 @@ import zmq.asyncio
 from publishers.publisher import open_publisher
 from publishers.sources import load_checkpoint, synthetic_llama
 from streamer.client import connect
+from streamer.transport.choice import make_receivers, make_senders
 from subscribers.dtypes import torch_dtype
 from subscribers.subscriber import PullConfig, Subscriber
 from subscribers.swap import SwapReport, TorchSwapper
-from weightstream.transports import make_receivers, make_senders
 
 if TYPE_CHECKING:
     from schemas.manifest import Manifest

@@ -30,8 +30,9 @@ import zmq.asyncio
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
 from streamer.config import ClientConfig
+from streamer.server import run_until_signal
+from streamer.transport.choice import make_senders
 from weightstream.status import fetch_status, render_status
-from weightstream.transports import make_senders
 
 __all__ = ["run_demo"]
 
@@ -42,21 +43,13 @@ def run_demo(*, size: int, versions: int, subscribers: int, transport: list[str]
     # The demo prints its own progress; keep the libraries' INFO lines for the log files.
     logging.getLogger().setLevel(logging.WARNING)
 
-    async def main() -> int:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        return await _demo(
-            size=size, versions=versions, subscribers=subscribers, transport=transport
-        )
-
-    try:
-        return asyncio.run(main())
-    except asyncio.CancelledError:
+    code = run_until_signal(
+        _demo(size=size, versions=versions, subscribers=subscribers, transport=transport)
+    )
+    if code is None:
         print("demo interrupted")
         return 130
+    return code
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -8,6 +8,7 @@ version is announced, as a bad DIMM or a buggy trainer would.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
 from streamer.config import ClientConfig
 from streamer.transport import MooncakeSender
-from tests.e2e.procs import Fleet, assert_dump_equals, get_json, start_broker, wait_for
+from tests.e2e.procs import Fleet, assert_dump_equals, file_exists, get_json, start_broker, wait_for
 from weightstream.commands import shard_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -85,7 +86,7 @@ async def test_corrupted_bucket_is_detected_reported_and_never_applied(
 
             await publish(1, corrupt=False)
             await wait_for(
-                lambda: asyncio.sleep(0, (dump / "v1.safetensors").exists()),
+                partial(file_exists, dump / "v1.safetensors"),
                 timeout_s=60,
                 what="v1",
                 fleet=fleet,
@@ -111,7 +112,7 @@ async def test_corrupted_bucket_is_detected_reported_and_never_applied(
             # The next good version applies.
             await publish(3, corrupt=False)
             await wait_for(
-                lambda: asyncio.sleep(0, (dump / "v3.safetensors").exists()),
+                partial(file_exists, dump / "v3.safetensors"),
                 timeout_s=60,
                 what="v3",
                 fleet=fleet,

@@ -142,7 +142,7 @@ async def test_node_with_link_down_stays_on_its_version_and_catches_up(
     ]
     await fleet.start("v1", *trainer_args, "--versions", "1", "--wait-subscribers", "1")
     await wait_for(
-        lambda: asyncio.sleep(0, (dump / "v1.safetensors").exists()),
+        partial(file_exists, dump / "v1.safetensors"),
         timeout_s=60,
         what="v1",
         fleet=fleet,
@@ -162,7 +162,7 @@ async def test_node_with_link_down_stays_on_its_version_and_catches_up(
     nodes.link(0, up=True)
     await fleet.start("v3", *trainer_args, "--versions", "3")
     await wait_for(
-        lambda: asyncio.sleep(0, (dump / "v3.safetensors").exists()),
+        partial(file_exists, dump / "v3.safetensors"),
         timeout_s=90,
         what="v3",
         fleet=fleet,

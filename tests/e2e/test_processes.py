@@ -126,7 +126,7 @@ async def test_two_rank_trainer_three_subscribers_bit_exact_at_every_version(
     late = tmp_path / "late"
     await fleet.start("late", *_subscriber_args(broker.endpoint, late, "--exit-after-version", "3"))
     await wait_for(
-        lambda: asyncio.sleep(0, (late / "v3.safetensors").exists()),
+        partial(file_exists, late / "v3.safetensors"),
         timeout_s=60,
         what="late joiner",
         fleet=fleet,
@@ -163,7 +163,7 @@ async def test_subscriber_killed_mid_pull_catches_up_after_restart(fleet: Fleet,
         "restarted", *_subscriber_args(broker.endpoint, dump, "--exit-after-version", "1")
     )
     await wait_for(
-        lambda: asyncio.sleep(0, (dump / "v1.safetensors").exists()),
+        partial(file_exists, dump / "v1.safetensors"),
         timeout_s=60,
         what="catch-up",
         fleet=fleet,
@@ -218,7 +218,7 @@ async def test_garbage_on_broker_sockets_and_http_leaves_it_serving(fleet: Fleet
     for rank in (0, 1):
         await fleet.start(f"rank{rank}", *_publisher_args(broker.endpoint, rank, "1"))
     await wait_for(
-        lambda: asyncio.sleep(0, (dump / "v1.safetensors").exists()),
+        partial(file_exists, dump / "v1.safetensors"),
         timeout_s=60,
         what="v1",
         fleet=fleet,
@@ -250,7 +250,7 @@ async def test_broker_restart_keeps_versions_and_peers_reconnect(fleet: Fleet, t
             ),
         )
     await wait_for(
-        lambda: asyncio.sleep(0, (dump / "v1.safetensors").exists()),
+        partial(file_exists, dump / "v1.safetensors"),
         timeout_s=60,
         what="v1",
         fleet=fleet,
@@ -261,7 +261,7 @@ async def test_broker_restart_keeps_versions_and_peers_reconnect(fleet: Fleet, t
     model = await get_json(f"{restarted.http}/v1/models/llama")
     assert model["latest"] in (1, 2)
     await wait_for(
-        lambda: asyncio.sleep(0, (dump / "v2.safetensors").exists()),
+        partial(file_exists, dump / "v2.safetensors"),
         timeout_s=90,
         what="v2",
         fleet=fleet,

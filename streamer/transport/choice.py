@@ -1,28 +1,24 @@
-"""Pick the bulk transports a process uses, from a command-line list.
+"""Which bulk transports a process uses, from a preference list such as `mooncake,shm`.
 
-`--transport` takes `auto` or a comma-separated list in order of preference:
-`mooncake` (one-sided reads, tcp here, rdma on clusters), `zmq` (the fallback), `shm`
-(same-host: a publisher puts its buffers in /dev/shm, a subscriber maps them instead of
-fetching). `auto` is mooncake (zmq where mooncake is missing), plus shm on the subscriber side.
+Names: `mooncake` (one-sided reads, tcp here, rdma on clusters), `zmq` (the fallback), `shm`
+(same host: a publisher puts its buffers in /dev/shm, a subscriber maps them instead of
+fetching). `auto` is mooncake (zmq where mooncake is missing), plus shm first on the
+subscriber side. The CLI and the vLLM follower both build their transports here.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+from typing import TYPE_CHECKING
 
-from streamer.transport import (
-    BulkReceiver,
-    BulkSender,
-    MooncakeReceiver,
-    MooncakeSender,
-    ShmReceiver,
-    ZmqFrameReceiver,
-    ZmqFrameSender,
-    mooncake_available,
-)
+from streamer.transport.mooncake import MooncakeReceiver, MooncakeSender, mooncake_available
+from streamer.transport.shm import ShmReceiver
+from streamer.transport.zmq_frames import ZmqFrameReceiver, ZmqFrameSender
 
-__all__ = ["TRANSPORTS", "make_receivers", "make_senders", "parse_transports"]
+if TYPE_CHECKING:
+    from streamer.transport.base import BulkReceiver, BulkSender
+
+__all__ = ["TRANSPORTS", "make_receivers", "make_senders", "parse_transports", "receiver_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +26,18 @@ TRANSPORTS = ("mooncake", "zmq", "shm")
 
 
 def parse_transports(text: str) -> list[str]:
-    """`auto` or e.g. `mooncake,shm` -> a list of names (`auto` stays as is)."""
+    """`auto` or e.g. `mooncake,shm` -> a list of names (`["auto"]` stays as is).
+
+    >>> parse_transports("mooncake, shm")
+    ['mooncake', 'shm']
+    """
     names = [part.strip() for part in text.split(",") if part.strip()]
     if names == ["auto"]:
         return names
-    unknown = [n for n in names if n not in TRANSPORTS]
-    if unknown or not names or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"bad transport list {text!r}: use auto, or a comma-separated list of {', '.join(TRANSPORTS)}"
+    if not names or len(set(names)) != len(names) or set(names) - set(TRANSPORTS):
+        raise ValueError(
+            f"bad transport list {text!r}: use auto, or a comma-separated list of "
+            f"{', '.join(TRANSPORTS)}"
         )
     return names
 
@@ -47,6 +47,11 @@ def _network_default() -> str:
         return "mooncake"
     logger.warning("mooncake is not installed; using the zmq fallback transport")
     return "zmq"
+
+
+def receiver_names(names: list[str]) -> list[str]:
+    """The receivers a subscriber uses for `names`, in order of preference."""
+    return ["shm", _network_default()] if names == ["auto"] else names
 
 
 def make_senders(
@@ -66,10 +71,8 @@ def make_senders(
 
 def make_receivers(names: list[str], *, host: str, protocol: str = "tcp") -> list[BulkReceiver]:
     """Receivers in order of preference."""
-    if names == ["auto"]:
-        names = ["shm", _network_default()]
     receivers: list[BulkReceiver] = []
-    for name in names:
+    for name in receiver_names(names):
         if name == "mooncake":
             receivers.append(MooncakeReceiver(host=host, protocol=protocol))
         elif name == "zmq":
