@@ -11,14 +11,21 @@ __all__ = ["fetch_status", "render_status"]
 
 
 async def fetch_status(http_url: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Models and subscribers from the broker's status endpoint; OSError saying what to do."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(f"{http_url}/v1/models") as response:
-            response.raise_for_status()
-            models = await response.json()
-        async with session.get(f"{http_url}/v1/subscribers") as response:
-            response.raise_for_status()
-            subscribers = await response.json()
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(f"{http_url}/v1/models") as response:
+                response.raise_for_status()
+                models = await response.json()
+            async with session.get(f"{http_url}/v1/subscribers") as response:
+                response.raise_for_status()
+                subscribers = await response.json()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise OSError(
+            f"no weightstream status endpoint answered at {http_url} ({str(exc) or type(exc).__name__}): "
+            "is the broker running? Pass its URL with --http or WEIGHTSTREAM_HTTP"
+        ) from exc
     return {"models": models["models"], "subscribers": subscribers["subscribers"]}
 
 
