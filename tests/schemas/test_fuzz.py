@@ -77,7 +77,7 @@ DECODERS: dict[str, tuple[Callable[[bytes], Any], type[Exception], list[Any]]] =
 
 NESTING = [b"\x91", b"\xdc\x00\x01", b"\x81\xa1k", b"\x81\x00", b"\xde\x00\x01\xa1k"]
 """One-element arrays and one-entry maps (fix and 16-bit forms): one level each."""
-HUGE = [
+HUGE: list[Callable[[int], Any]] = [
     lambda n: "x" * n,
     lambda n: b"x" * n,
     lambda n: [0] * n,
