@@ -6,7 +6,9 @@
                  registered: the next version packed into them is exposed at the same place)
 
 Each rank of a trainer publishes its own shard of the tensors under the same version; the
-broker announces the version once every rank's shard is in. The bytes stay in this
+broker announces the version once every rank's shard is in, and only from one trainer *job*:
+all ranks of one trainer pass the same `job` id (torchrun's run id, say), and a shard of a
+version another job began is refused (`job_conflict`). The bytes stay in this
 process's memory and are read by subscribers directly (mooncake) or through the fallback
 transport; they never pass through the broker.
 """
@@ -79,11 +81,24 @@ class Publisher:
         region_bytes: int = DEFAULT_REGION_BYTES,
         pool: BufferPool | None = None,
         node_local: bool = False,
+        job: str | None = None,
     ) -> None:
         """`node_local=True` puts the buffers in POSIX shared memory and offers them to
-        same-host subscribers, who map them instead of fetching them."""
+        same-host subscribers, who map them instead of fetching them. `job` names the
+        trainer job, the same on every rank (a single rank may leave it to a random id)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, {world_size})")
+        if job is None:
+            if world_size > 1:
+                raise ValueError(
+                    f"a publisher of world_size {world_size} needs job=..., one id shared by "
+                    "all its ranks (e.g. torchrun's TORCHELASTIC_RUN_ID), so the broker never "
+                    "mixes shards of two trainers into one version"
+                )
+            job = secrets.token_hex(8)
+        if len(job) > 128:
+            raise ValueError(f"job ids have at most 128 characters, not {len(job)}")
+        self.job = job
         self.client = client
         self.senders: list[BulkSender] = list(sender) if isinstance(sender, Sequence) else [sender]
         if node_local:
@@ -131,7 +146,7 @@ class Publisher:
             raise
         try:
             reply = await self.client.publish(
-                self.model, version, self.rank, self.world_size, shard
+                self.model, version, self.rank, self.world_size, shard, job=self.job
             )
         except BrokerError:
             self.pool.give_back(buffer_set)  # refused: nobody can have seen these bytes
@@ -199,6 +214,7 @@ async def open_publisher(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     node_local: bool = False,
     context: zmq.asyncio.Context | None = None,
+    job: str | None = None,
 ) -> AsyncIterator[Publisher]:
     """Connect to the broker and run the retire loop while the publisher is in use."""
     ctx = context or zmq.asyncio.Context()
@@ -212,6 +228,7 @@ async def open_publisher(
                 world_size=world_size,
                 bucket_bytes=bucket_bytes,
                 node_local=node_local,
+                job=job,
             )
             retire = asyncio.create_task(publisher.retire_loop(), name="retire")
             try:

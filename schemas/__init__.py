@@ -13,9 +13,9 @@ from schemas.manifest import (
     Shard,
     ShmLocator,
     TensorSpec,
-    validate_shard,
 )
 from schemas.messages import PROTOCOL_VERSION, Message
+from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest, validate_shard
 
 __all__ = [
     "ALIGNMENT",
@@ -23,8 +23,10 @@ __all__ = [
     "BucketSpec",
     "DType",
     "FrameLocator",
+    "InvalidManifest",
     "Locator",
     "Manifest",
+    "ManifestLimits",
     "Message",
     "MooncakeLocator",
     "RegionSpec",
@@ -34,5 +36,6 @@ __all__ = [
     "decode_manifest",
     "decode_message",
     "encode",
+    "validate_manifest",
     "validate_shard",
 ]

@@ -1,23 +1,43 @@
-"""The one msgpack encoder and the typed decoders, built once.
+"""The one msgpack encoder, the typed decoders (built once), and the guard every decoder uses.
 
-Decoders raise `msgspec.DecodeError` (or `msgspec.ValidationError`, a subclass) for anything
-that is not a valid message; `streamer.frames` maps that to `ProtocolError` at the seam.
+Every decoder of peer bytes in weightstream goes through `guarded_decode`, which makes it
+total: any input either decodes to a value of the decoder's type (every field within its
+`Meta` bounds) or raises `msgspec.DecodeError` (`ValidationError` is a subclass). That covers
+what msgspec itself lets escape: a frame nested deeper than the interpreter's recursion limit
+(msgspec recurses to skip unknown fields, and a ~1 KB frame nested 1000 deep used to raise
+`RecursionError` and kill the broker). Typed fields bound the depth of anything kept; a size
+cap refuses oversized frames unread. `streamer.frames` maps the error to `ProtocolError`.
 
 >>> from schemas.messages import Goodbye
 >>> decode_message(encode(Goodbye(reason="bye")))
 Goodbye(reason='bye')
+>>> decode_message(b"\\x91" * 5000 + b"\\xc0")
+Traceback (most recent call last):
+...
+msgspec.ValidationError: Expected `object`, got `array`
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from schemas.manifest import Manifest
 from schemas.messages import Message
 
-__all__ = ["decode_manifest", "decode_message", "encode"]
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "decode_manifest",
+    "decode_message",
+    "encode",
+    "guarded_decode",
+]
+
+T = TypeVar("T")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""A control frame larger than this is refused unread (manifests of huge models fit well below)."""
 
 _encoder = msgspec.msgpack.Encoder()
 _message_decoder = msgspec.msgpack.Decoder(Message)
@@ -28,10 +48,22 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
+def guarded_decode(
+    decoder: msgspec.msgpack.Decoder[T], data: bytes | memoryview, *, max_bytes: int
+) -> T:
+    """`decoder.decode(data)`, raising only `msgspec.DecodeError` whatever `data` is."""
+    if len(data) > max_bytes:
+        raise msgspec.DecodeError(f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return decoder.decode(data)
+    except RecursionError as exc:
+        raise msgspec.DecodeError("frame nested too deeply") from exc
+
+
 def decode_message(data: bytes | memoryview) -> Message:
-    message: Message = _message_decoder.decode(data)
+    message: Message = guarded_decode(_message_decoder, data, max_bytes=MAX_MESSAGE_BYTES)
     return message
 
 
 def decode_manifest(data: bytes | memoryview) -> Manifest:
-    return _manifest_decoder.decode(data)
+    return guarded_decode(_manifest_decoder, data, max_bytes=MAX_MESSAGE_BYTES)

@@ -2,7 +2,7 @@
 
 Within a node, each GPU process fetches part of a version and exports its GPU staging buffer;
 its peers open the handle and copy the rest over NVLink (`subscribers.node_share`). What they
-exchange is a `StagingShare`: msgpack bytes of plain fields, never a pickle. The handle bytes
+exchange is a `StagingShare`: msgpack bytes of plain, bounded fields, never a pickle. The handle bytes
 are opaque here (torch's `_share_cuda_()` makes them; `_new_shared_cuda` opens them), so this
 module needs no torch. A handle only means something on the same node, to another process.
 
@@ -17,28 +17,34 @@ from typing import Annotated
 
 import msgspec
 
+from schemas.codec import guarded_decode
+from schemas.manifest import MAX_WORLD_SIZE, NonNegative, Rank, WorldSize
+
 __all__ = ["CudaIpcBuffer", "StagingShare", "decode_staging_share", "encode_staging_share"]
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+MAX_SHARE_BYTES = 1 << 20
+Device = Annotated[int, msgspec.Meta(ge=0, lt=1024)]
+Handle = Annotated[bytes, msgspec.Meta(max_length=1024)]
+"""cudaIpcMemHandle_t and cudaIpcEventHandle_t are 64 bytes; torch's names are short too."""
 
 
 class CudaIpcBuffer(msgspec.Struct, frozen=True, kw_only=True):
     """One exported CUDA allocation (cudaIpcMemHandle plus torch's bookkeeping for it)."""
 
-    device: NonNegative
+    device: Device
     """CUDA device index in the exporting process."""
-    handle: bytes
+    handle: Handle
     """The IPC memory handle of the allocation that holds the buffer."""
     size_bytes: NonNegative
     """Bytes of the buffer."""
     offset_bytes: NonNegative = 0
     """Where the buffer starts inside the allocation."""
-    device_uuid: str = ""
+    device_uuid: Annotated[str, msgspec.Meta(max_length=128)] = ""
     """The GPU's UUID, so a peer with other CUDA_VISIBLE_DEVICES finds the same device."""
-    ref_counter_handle: bytes = b""
+    ref_counter_handle: Handle = b""
     """torch's shared reference counter (a shared-memory name) and slot, released on close."""
     ref_counter_offset: NonNegative = 0
-    event_handle: bytes = b""
+    event_handle: Handle = b""
     """IPC event to wait for before the first read, if `event_sync_required`."""
     event_sync_required: bool = False
 
@@ -48,10 +54,10 @@ class StagingShare(
 ):
     """What one node-local rank tells the others, once: its staging buffer and ready-events."""
 
-    rank: NonNegative
-    world_size: Annotated[int, msgspec.Meta(ge=1)]
+    rank: Rank
+    world_size: WorldSize
     buffer: CudaIpcBuffer
-    events: tuple[bytes, ...] = ()
+    events: Annotated[tuple[Handle, ...], msgspec.Meta(max_length=MAX_WORLD_SIZE)] = ()
     """cudaIpcEventHandle of each event group, in order: group g is recorded once the rank's
     own buckets of that group are in its staging, every version."""
 
@@ -65,5 +71,5 @@ def encode_staging_share(share: StagingShare) -> bytes:
 
 
 def decode_staging_share(data: bytes | memoryview) -> StagingShare:
-    """Raises `msgspec.DecodeError` (or its `ValidationError`) for anything else."""
-    return _decoder.decode(data)
+    """Raises `msgspec.DecodeError` (or its `ValidationError`), only, for anything else."""
+    return guarded_decode(_decoder, data, max_bytes=MAX_SHARE_BYTES)

@@ -5,6 +5,10 @@ tensor lives at an aligned offset inside one region; every region is cut into *b
 (contiguous byte ranges, each with a checksum) that subscribers fetch and verify one by one.
 A `Locator` says where a region's bytes can be read; a region may offer several.
 
+Every field a peer controls is bounded in its type (lengths, ranges, digests as short hex), so
+a decoded manifest is already small and well typed; the cross-field rules (ranges inside
+regions, coverage by buckets, overlaps, alignment, size caps) are `schemas.validate`'s.
+
     Manifest(model, version)
       regions[k]  nbytes, locators (mooncake | zmq | shm)   <- one or more per trainer rank
       tensors[i]  name, dtype, shape, region, offset, nbytes
@@ -31,16 +35,42 @@ __all__ = [
     "ShmLocator",
     "TensorSpec",
     "Version",
-    "validate_shard",
 ]
 
 ALIGNMENT = 256
 """Byte alignment of every tensor inside a region (and of every bucket boundary)."""
 
-Version = Annotated[int, msgspec.Meta(ge=0)]
+MAX_INT = 2**63 - 1
+"""Every count, offset and size on the wire fits a signed 64-bit integer."""
+MAX_WORLD_SIZE = 4096
+"""Trainer ranks of one version."""
+MAX_NAME_CHARS = 1024
+"""Tensor names (real ones are a few hundred characters at most)."""
+MAX_REGIONS = 65_536
+MAX_TENSORS = 1 << 21
+"""A 1 T-parameter model has ~100k tensors; the validator's default caps are tighter."""
+MAX_BUCKETS = 1 << 21
+MAX_LOCATORS = 16
+"""Transports one region is offered on."""
+MAX_DIMS = 16
+
+Version = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 ModelName = Annotated[
     str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._/-]+$")
 ]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+Rank = Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)]
+WorldSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
+TensorName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+Address = Annotated[str, msgspec.Meta(max_length=300)]
+"""Hosts, `host:port` sessions and ZeroMQ endpoints."""
+Key = Annotated[str, msgspec.Meta(max_length=255)]
+"""Region keys and shared-memory segment names."""
+Digest = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[0-9a-f]*$")]
+"""A bucket checksum: lowercase hex, at most 512 bits."""
+AlgorithmName = Annotated[str, msgspec.Meta(max_length=32)]
+Timestamp = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]
+"""Seconds since the epoch (finite: NaN and infinities fail the bounds)."""
 DType = Literal[
     "bfloat16",
     "float16",
@@ -55,32 +85,32 @@ DType = Literal[
     "int64",
     "bool",
 ]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class MooncakeLocator(msgspec.Struct, frozen=True, tag="mooncake"):
     """A region registered with a mooncake TransferEngine: read it one-sided."""
 
-    session: str
+    session: Address
     """The engine's `host:rpc_port`."""
     address: NonNegative
-    protocol: str = "tcp"
+    protocol: Annotated[str, msgspec.Meta(max_length=16)] = "tcp"
 
 
 class FrameLocator(msgspec.Struct, frozen=True, tag="zmq"):
     """A region served over a ZeroMQ ROUTER socket, read by (key, offset, nbytes) requests."""
 
-    endpoint: str
-    key: str
+    endpoint: Address
+    """`tcp://host:port`."""
+    key: Key
 
 
 class ShmLocator(msgspec.Struct, frozen=True, tag="shm"):
     """A region in POSIX shared memory on host `host`: same-host subscribers map it, no copy."""
 
-    host: str
+    host: Address
     """An id of the machine (hostname and boot id): shared memory is only shared there."""
-    name: str
-    """The segment's name under /dev/shm."""
+    name: Key
+    """The segment's name under /dev/shm: a plain file name (checked by the validator)."""
     nbytes: NonNegative
 
 
@@ -89,14 +119,14 @@ Locator = MooncakeLocator | FrameLocator | ShmLocator
 
 class RegionSpec(msgspec.Struct, frozen=True, gc=False):
     nbytes: NonNegative
-    locators: tuple[Locator, ...]
-    rank: NonNegative = 0
+    locators: Annotated[tuple[Locator, ...], msgspec.Meta(max_length=MAX_LOCATORS)]
+    rank: Rank = 0
 
 
 class TensorSpec(msgspec.Struct, frozen=True, gc=False):
-    name: str
+    name: TensorName
     dtype: DType
-    shape: tuple[NonNegative, ...]
+    shape: Annotated[tuple[NonNegative, ...], msgspec.Meta(max_length=MAX_DIMS)]
     region: NonNegative
     offset: NonNegative
     nbytes: NonNegative
@@ -106,16 +136,21 @@ class BucketSpec(msgspec.Struct, frozen=True, gc=False):
     region: NonNegative
     offset: NonNegative
     nbytes: NonNegative
-    checksum: str
+    checksum: Digest
+
+
+Regions = Annotated[tuple[RegionSpec, ...], msgspec.Meta(max_length=MAX_REGIONS)]
+Tensors = Annotated[tuple[TensorSpec, ...], msgspec.Meta(max_length=MAX_TENSORS)]
+Buckets = Annotated[tuple[BucketSpec, ...], msgspec.Meta(max_length=MAX_BUCKETS)]
 
 
 class Shard(msgspec.Struct, frozen=True):
     """What one trainer rank publishes; region indices are local to the shard."""
 
-    regions: tuple[RegionSpec, ...]
-    tensors: tuple[TensorSpec, ...]
-    buckets: tuple[BucketSpec, ...]
-    checksum_algorithm: str = "wsum64"
+    regions: Regions
+    tensors: Tensors
+    buckets: Buckets
+    checksum_algorithm: AlgorithmName = "wsum64"
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -123,12 +158,12 @@ class Manifest(msgspec.Struct, frozen=True):
 
     model: ModelName
     version: Version
-    regions: tuple[RegionSpec, ...]
-    tensors: tuple[TensorSpec, ...]
-    buckets: tuple[BucketSpec, ...]
-    checksum_algorithm: str = "wsum64"
-    world_size: int = 1
-    published_at: float = 0.0
+    regions: Regions
+    tensors: Tensors
+    buckets: Buckets
+    checksum_algorithm: AlgorithmName = "wsum64"
+    world_size: WorldSize = 1
+    published_at: Timestamp = 0.0
 
     @property
     def total_bytes(self) -> int:
@@ -178,22 +213,4 @@ class Manifest(msgspec.Struct, frozen=True):
             checksum_algorithm=algorithms.pop() if algorithms else "wsum64",
             world_size=len(shards),
             published_at=published_at,
-        )
-
-
-def validate_shard(shard: Shard) -> None:
-    """Check that every tensor and bucket lies inside its region; raise ValueError if not."""
-    for tensor in shard.tensors:
-        _check_range(shard, tensor.region, tensor.offset, tensor.nbytes, f"tensor {tensor.name!r}")
-    for index, bucket in enumerate(shard.buckets):
-        _check_range(shard, bucket.region, bucket.offset, bucket.nbytes, f"bucket {index}")
-
-
-def _check_range(shard: Shard, region: int, offset: int, nbytes: int, what: str) -> None:
-    if region >= len(shard.regions):
-        raise ValueError(f"{what} names region {region}, but the shard has {len(shard.regions)}")
-    if offset + nbytes > shard.regions[region].nbytes:
-        raise ValueError(
-            f"{what} ends at byte {offset + nbytes}, past the end of region {region} "
-            f"({shard.regions[region].nbytes} bytes)"
         )

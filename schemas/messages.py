@@ -2,7 +2,9 @@
 
 Every message is a frozen msgspec Struct whose `kind` tag names it on the wire; the tags are
 stable strings, so renaming a class never changes the protocol. New fields go last with
-defaults. Requests carry a `request_id` that the reply echoes.
+defaults. Requests carry a `request_id` that the reply echoes. Every field a peer controls
+is bounded in its type (string lengths, integer and float ranges, collection sizes), so no
+decoded message is larger or stranger than its type allows.
 
     peer (DEALER)                      broker (ROUTER)
       Hello ------------------------->   (protocol check)
@@ -25,7 +27,16 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.manifest import Manifest, ModelName, Shard, Version
+from schemas.manifest import (
+    MAX_INT,
+    Manifest,
+    ModelName,
+    NonNegative,
+    Rank,
+    Shard,
+    Version,
+    WorldSize,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -65,9 +76,20 @@ ErrorCode = Literal[
     "version_unavailable",
     "stale_version",
     "bad_request",
+    "invalid_manifest",
+    "job_conflict",
 ]
-RequestId = Annotated[int, msgspec.Meta(ge=0)]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+PeerId = Annotated[str, msgspec.Meta(max_length=255)]
+"""A ZeroMQ routing id is at most 255 bytes."""
+JobId = Annotated[str, msgspec.Meta(max_length=128)]
+"""One trainer job (incarnation): every rank of it sends the same id; "" from older peers."""
+Host = Annotated[str, msgspec.Meta(max_length=300)]
+Detail = Annotated[str, msgspec.Meta(max_length=8192)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]
+"""Finite, non-negative durations (NaN and infinities fail the bounds)."""
+Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)]
+Small = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 
 
 class Wire(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -75,41 +97,43 @@ class Wire(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
 
 
 class Hello(Wire, frozen=True, tag="hello"):
-    peer_id: str
+    peer_id: PeerId
     role: Role
-    protocol_version: int = PROTOCOL_VERSION
-    host: str = ""
-    pid: int = 0
+    protocol_version: Small = PROTOCOL_VERSION
+    host: Host = ""
+    pid: Small = 0
 
 
 class Welcome(Wire, frozen=True, tag="welcome"):
-    broker_id: str
-    protocol_version: int = PROTOCOL_VERSION
-    heartbeat_interval_s: float = 1.0
+    broker_id: PeerId
+    protocol_version: Small = PROTOCOL_VERSION
+    heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0.0, le=3600.0)] = 1.0
 
 
 class Error(Wire, frozen=True, tag="error"):
     code: ErrorCode
-    detail: str
+    detail: Detail
     request_id: RequestId = 0
 
 
 class Goodbye(Wire, frozen=True, tag="goodbye"):
-    reason: str = ""
+    reason: Detail = ""
 
 
 class PublishShard(Wire, frozen=True, tag="publish"):
     request_id: RequestId
     model: ModelName
     version: Version
-    rank: NonNegative
-    world_size: Annotated[int, msgspec.Meta(ge=1)]
+    rank: Rank
+    world_size: WorldSize
     shard: Shard
+    job: JobId = ""
+    """The trainer job this shard is from: a version's shards all come from one job."""
 
 
 class Published(Wire, frozen=True, tag="published"):
     request_id: RequestId
-    model: str
+    model: ModelName
     version: Version
     complete: bool
     """True once every rank's shard is in and the version was announced."""
@@ -122,7 +146,7 @@ class Subscribe(Wire, frozen=True, tag="subscribe"):
 
 class Subscribed(Wire, frozen=True, tag="subscribed"):
     request_id: RequestId
-    model: str
+    model: ModelName
     latest: Version | None = None
 
 
@@ -138,9 +162,9 @@ class AcquireLease(Wire, frozen=True, tag="lease"):
 
 class LeaseGranted(Wire, frozen=True, tag="lease_granted"):
     request_id: RequestId
-    model: str
+    model: ModelName
     version: Version
-    ttl_s: float
+    ttl_s: Seconds
 
 
 class ReleaseLease(Wire, frozen=True, tag="release"):
@@ -149,7 +173,7 @@ class ReleaseLease(Wire, frozen=True, tag="release"):
 
 
 class Heartbeat(Wire, frozen=True, tag="heartbeat"):
-    applied: dict[str, int] = {}
+    applied: Annotated[dict[ModelName, Version], msgspec.Meta(max_length=1024)] = {}
 
 
 class Progress(Wire, frozen=True, tag="progress"):
@@ -157,39 +181,39 @@ class Progress(Wire, frozen=True, tag="progress"):
     version: Version
     bytes_done: NonNegative
     bytes_total: NonNegative
-    bytes_per_s: float = 0.0
+    bytes_per_s: Rate = 0.0
 
 
 class Applied(Wire, frozen=True, tag="applied"):
     model: ModelName
     version: Version
-    pull_s: float = 0.0
-    pause_s: float = 0.0
+    pull_s: Seconds = 0.0
+    pause_s: Seconds = 0.0
     bytes_total: NonNegative = 0
 
 
 class PullFailed(Wire, frozen=True, tag="pull_failed"):
     model: ModelName
     version: Version
-    reason: str
+    reason: Detail
 
 
 class WaitApplied(Wire, frozen=True, tag="wait_applied"):
     request_id: RequestId
     model: ModelName
     version: Version
-    num_subscribers: Annotated[int, msgspec.Meta(ge=1)]
+    num_subscribers: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 
 
 class AppliedReached(Wire, frozen=True, tag="applied_reached"):
     request_id: RequestId
-    model: str
+    model: ModelName
     version: Version
-    num_subscribers: int
+    num_subscribers: Small
 
 
 class Retire(Wire, frozen=True, tag="retire"):
-    model: str
+    model: ModelName
     version: Version
 
 

@@ -79,6 +79,7 @@ class Broker:
             retention=config.retention,
             lease_ttl_s=config.lease_ttl_s,
             peer_timeout_s=config.peer_timeout_s,
+            manifest_limits=config.manifest_limits,
         )
         self.stats = BrokerStats(started_at=time.time())
         self._warned: set[bytes] = set()
@@ -163,7 +164,14 @@ class Broker:
                 return registry.heartbeat(peer_id, applied, now)
             case PublishShard(request_id=rid, model=model, version=version):
                 announced, outbox = registry.publish(
-                    peer_id, model, version, message.rank, message.world_size, message.shard, now
+                    peer_id,
+                    model,
+                    version,
+                    message.rank,
+                    message.world_size,
+                    message.shard,
+                    now,
+                    job=message.job,
                 )
                 if announced:
                     self.stats.announced_total += 1

@@ -104,7 +104,7 @@ class BrokerClient:
     # requests
 
     async def publish(
-        self, model: str, version: int, rank: int, world_size: int, shard: Shard
+        self, model: str, version: int, rank: int, world_size: int, shard: Shard, *, job: str = ""
     ) -> Published:
         message = PublishShard(
             request_id=next(self._ids),
@@ -113,6 +113,7 @@ class BrokerClient:
             rank=rank,
             world_size=world_size,
             shard=shard,
+            job=job,
         )
         reply = await self._request(message)
         assert isinstance(reply, Published)

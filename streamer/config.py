@@ -10,6 +10,8 @@ from typing import Annotated
 
 import msgspec
 
+from schemas.validate import ManifestLimits
+
 __all__ = ["BrokerConfig", "ClientConfig"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -32,6 +34,9 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """A peer silent for this long is shown as gone and loses its leases."""
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     """High-water mark of the broker's sockets, in messages."""
+    manifest_limits: ManifestLimits = ManifestLimits()
+    """Caps on every published manifest (TOML table `[manifest_limits]`); a shard or manifest
+    past them, or breaking any rule of `schemas.validate`, is refused `invalid_manifest`."""
 
 
 class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from schemas.codec import decode_message
+from schemas.codec import MAX_MESSAGE_BYTES, decode_message
 from streamer.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -19,20 +19,18 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_MESSAGE_BYTES", "decode_header"]
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""A control frame larger than this is refused unread (manifests of huge models fit well below)."""
-
 
 def decode_header(data: bytes | memoryview) -> Message:
-    """Decode one control frame; anything malformed becomes `ProtocolError`.
+    """Decode one control frame; anything else, whatever the bytes, becomes `ProtocolError`.
+
+    Oversized, deeply nested, truncated or out-of-bounds frames all end here (the codec's
+    guard makes the decoder total), so a loop that catches `ProtocolError` survives any peer.
 
     >>> decode_header(b"\\xc1")
     Traceback (most recent call last):
     ...
     streamer.errors.ProtocolError: undecodable message (...)
     """
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         return decode_message(data)
     except msgspec.DecodeError as exc:

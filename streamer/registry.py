@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from schemas.manifest import Manifest, Shard, validate_shard
+from schemas.manifest import Manifest, Shard
 from schemas.messages import Announce, AppliedReached, Message, Retire
+from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest, validate_shard
 from streamer.errors import BrokerError, VersionUnavailable
 
 __all__ = ["Outbox", "PeerState", "Registry", "VersionRecord"]
@@ -64,6 +65,9 @@ class VersionRecord:
 @dataclass
 class _Pending:
     world_size: int
+    job: str
+    """The trainer job that sent the first shard: only its ranks complete the version."""
+    first_peer: str
     shards: dict[int, Shard] = field(default_factory=dict)
     publishers: set[str] = field(default_factory=set)
 
@@ -101,13 +105,19 @@ _HISTORY_LENGTH = 1000
 
 class Registry:
     def __init__(
-        self, *, retention: int = 2, lease_ttl_s: float = 30.0, peer_timeout_s: float = 10.0
+        self,
+        *,
+        retention: int = 2,
+        lease_ttl_s: float = 30.0,
+        peer_timeout_s: float = 10.0,
+        manifest_limits: ManifestLimits | None = None,
     ):
         if retention < 1:
             raise ValueError("retention must be >= 1")
         self.retention = retention
         self.lease_ttl_s = lease_ttl_s
         self.peer_timeout_s = peer_timeout_s
+        self.manifest_limits = manifest_limits or ManifestLimits()
         self.models: dict[str, _Model] = {}
         self.peers: dict[str, PeerState] = {}
         self._waiters: list[_Waiter] = []
@@ -177,21 +187,38 @@ class Registry:
         world_size: int,
         shard: Shard,
         now: float,
+        job: str = "",
     ) -> tuple[bool, Outbox]:
-        """Record one rank's shard; returns (announced, messages to send)."""
+        """Record one rank's shard; returns (announced, messages to send).
+
+        The shard and then the assembled manifest go through the one validator
+        (`Error("invalid_manifest")` naming the field); a version's shards all come from the
+        job of its first shard (`Error("job_conflict")` naming the owner otherwise).
+        """
         if rank >= world_size:
             raise BrokerError("bad_request", f"rank {rank} is not below world_size {world_size}")
         try:
-            validate_shard(shard)
-        except ValueError as exc:
-            raise BrokerError("bad_request", str(exc)) from exc
+            validate_shard(shard, self.manifest_limits)
+        except InvalidManifest as exc:
+            raise BrokerError(
+                "invalid_manifest", f"{model_name} version {version} rank {rank}: shard.{exc}"
+            ) from exc
         model = self.models.setdefault(model_name, _Model())
         if model.latest is not None and version <= model.latest:
             raise BrokerError(
                 "stale_version",
                 f"{model_name} is already at version {model.latest}; versions must increase",
             )
-        pending = model.pending.setdefault(version, _Pending(world_size=world_size))
+        pending = model.pending.setdefault(
+            version, _Pending(world_size=world_size, job=job, first_peer=peer_id)
+        )
+        if pending.job != job:
+            raise BrokerError(
+                "job_conflict",
+                f"version {version} of {model_name} is being published by job {pending.job!r} "
+                f"(first shard from peer {pending.first_peer}), not job {job!r}: publish another "
+                "version, or give every rank of one trainer the same job (--job)",
+            )
         if pending.world_size != world_size:
             raise BrokerError(
                 "bad_request",
@@ -212,6 +239,12 @@ class Registry:
             )
         except ValueError as exc:
             raise BrokerError("bad_request", str(exc)) from exc
+        try:
+            validate_manifest(manifest, self.manifest_limits)
+        except InvalidManifest as exc:
+            raise BrokerError(
+                "invalid_manifest", f"{model_name} version {version}: manifest.{exc}"
+            ) from exc
         return True, self._announce(model_name, model, manifest, pending.publishers, now)
 
     def _announce(

@@ -1,7 +1,7 @@
 """The inference side: follow a model, pull each new version, swap it in by itself.
 
     announcements ──> next_manifest(after=applied)     (skips to the newest complete version)
-        │ check it fits the engine (before pulling a byte)
+        │ validate it (schemas.validate), check it fits the engine (before allocating a byte)
         │ acquire a lease (the publisher keeps the version readable while we read it)
         ▼
     pull: fetch buckets into staging (or map a same-host publisher's), verify each ── Progress ──> broker
@@ -12,8 +12,8 @@
 
 A version is applied whole or not at all. A failed pull (dead or slow publisher, a bucket
 that fails its checksum, a retired version) is reported, leaves the engine on its previous
-version, and is retried `max_attempts` times; a manifest that does not fit the engine is
-never retried. Either way the subscriber then waits for the next version.
+version, and is retried `max_attempts` times; an invalid manifest, or one that does not fit
+the engine, is never retried. Either way the subscriber then waits for the next version.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 
 from schemas.manifest import Manifest
+from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest
 from streamer.errors import BrokerError, ChecksumMismatch, TransportError
 from subscribers.pull import PullReport, pull
 from subscribers.staging import Staging
@@ -55,6 +56,8 @@ class PullConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 3
     retry_backoff_s: Positive = 0.5
     progress_interval_s: Positive = 0.5
+    manifest_limits: ManifestLimits = ManifestLimits()
+    """Caps a manifest must meet (checked with every other rule before anything is allocated)."""
 
 
 class Subscriber:
@@ -121,7 +124,7 @@ class Subscriber:
                 return True  # not a failure; the loop picks the newer one
             try:
                 await self.apply(manifest)
-            except SwapError as exc:
+            except (InvalidManifest, SwapError) as exc:
                 await self._report_failure(manifest, exc)
                 return False
             except (TransportError, ChecksumMismatch, BrokerError, TimeoutError) as exc:
@@ -156,6 +159,7 @@ class Subscriber:
         async with self._lock:
             if self.applied is not None and manifest.version <= self.applied:
                 return
+            validate_manifest(manifest, self.config.manifest_limits)
             self.swapper.check(manifest)
             started = time.perf_counter()
             # The lease holds until the swap is done: staging may map the publisher's memory.

@@ -135,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--seed", type=int, default=0)
     publish.add_argument("--rank", type=int, default=0)
     publish.add_argument("--world-size", type=int, default=1)
+    publish.add_argument(
+        "--job",
+        default=os.environ.get("WEIGHTSTREAM_JOB") or os.environ.get("TORCHELASTIC_RUN_ID"),
+        help="id of the trainer job, the same on every rank (env WEIGHTSTREAM_JOB, else "
+        "torchrun's TORCHELASTIC_RUN_ID; needed with --world-size > 1)",
+    )
     publish.add_argument("--bucket", type=_size, default=_size("64MiB"), metavar="SIZE")
     publish.add_argument(
         "--wait-subscribers",
@@ -241,6 +247,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     client = ClientConfig(broker=args.broker)
     if args.command == "publish":
+        if args.world_size > 1 and not args.job:
+            parser.error(
+                f"--world-size {args.world_size} needs --job ID, the same on every rank "
+                "(or set WEIGHTSTREAM_JOB; torchrun sets TORCHELASTIC_RUN_ID)"
+            )
         job = PublishJob(
             client=client,
             model=args.model,
@@ -257,6 +268,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             wait_timeout_s=args.wait_timeout_s,
             interval_s=args.interval_s,
             serve_after=not args.exit,
+            job=args.job,
         )
         return _run(run_publish(job))
     try:

@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from publishers.publisher import open_publisher
 from publishers.sources import load_checkpoint, synthetic_llama
+from schemas.validate import InvalidManifest, validate_manifest
 from streamer.client import connect
 from streamer.transport.choice import make_receivers, make_senders
 from subscribers.dtypes import torch_dtype
@@ -23,6 +24,7 @@ from subscribers.swap import SwapReport, TorchSwapper
 
 if TYPE_CHECKING:
     from schemas.manifest import Manifest
+    from streamer.client import BrokerClient
     from streamer.config import ClientConfig
     from subscribers.pull import PullReport
 
@@ -57,6 +59,8 @@ class PublishJob:
     wait_timeout_s: float
     interval_s: float
     serve_after: bool
+    job: str | None = None
+    """The trainer job every rank shares (None: a random one, for a single rank)."""
 
 
 async def run_publish(job: PublishJob) -> None:
@@ -72,6 +76,7 @@ async def run_publish(job: PublishJob) -> None:
             bucket_bytes=job.bucket_bytes,
             node_local=node_local,
             context=ctx,
+            job=job.job,
         ) as publisher:
             for index, version in enumerate(job.versions):
                 if index and job.interval_s:
@@ -135,6 +140,23 @@ def _dump(directory: Path, version: int, tensors: dict[str, torch.Tensor], keep_
                 old.unlink(missing_ok=True)
 
 
+async def _first_valid_manifest(client: BrokerClient, job: SubscribeJob) -> Manifest:
+    """The first announced manifest that passes the validator: its shapes are allocated."""
+    after = -1
+    while True:
+        manifest = await client.next_manifest(job.model, after=after)
+        try:
+            validate_manifest(manifest, job.pull.manifest_limits)
+        except InvalidManifest as exc:
+            logger.warning(
+                "refused model=%s version=%d reason=%s", job.model, manifest.version, exc
+            )
+            await client.report_failure(job.model, manifest.version, f"{type(exc).__name__}: {exc}")
+            after = manifest.version
+            continue
+        return manifest
+
+
 async def run_subscribe(job: SubscribeJob) -> None:
     ctx = zmq.asyncio.Context()
     receivers = make_receivers(job.transport, host=job.host)
@@ -146,7 +168,7 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 tensors = await asyncio.to_thread(load_checkpoint, job.init_checkpoint)
             else:
                 logger.info("waiting for the first version of model=%s", job.model)
-                first = await client.next_manifest(job.model, after=-1)
+                first = await _first_valid_manifest(client, job)
                 tensors = _tensors_for(first)
             swapper = TorchSwapper(tensors)
 

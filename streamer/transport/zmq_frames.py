@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 
-from schemas.frames import FrameRead, FrameReply
+from schemas.frames import (
+    MAX_FRAME_HEADER_BYTES,
+    FrameRead,
+    FrameReply,
+    decode_frame_read,
+    decode_frame_reply,
+)
 from schemas.manifest import FrameLocator, Locator
 from streamer.errors import TransportError
 
@@ -36,8 +42,6 @@ __all__ = ["ZmqFrameReceiver", "ZmqFrameSender"]
 logger = logging.getLogger(__name__)
 
 _HWM = 64
-_read_decoder = msgspec.msgpack.Decoder(FrameRead)
-_reply_decoder = msgspec.msgpack.Decoder(FrameReply)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -54,6 +58,8 @@ class ZmqFrameSender:
         self._socket.setsockopt(zmq.SNDHWM, _HWM)
         self._socket.setsockopt(zmq.RCVHWM, _HWM)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # Requests are small headers: a larger frame is dropped by ZeroMQ before it is read.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_HEADER_BYTES)
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self._regions: dict[str, Region] = {}
@@ -100,7 +106,7 @@ class ZmqFrameSender:
                 continue
             identity, header = frames
             try:
-                read = _read_decoder.decode(header)
+                read = decode_frame_read(header)
             except msgspec.DecodeError:
                 logger.warning("dropped an undecodable bulk request from %r", identity)
                 continue
@@ -194,7 +200,7 @@ class ZmqFrameReceiver:
                         f"bulk reply from {endpoint} has {len(frames)} frames, not 2"
                     )
                 try:
-                    reply = _reply_decoder.decode(frames[0].buffer)
+                    reply = decode_frame_reply(frames[0].buffer)
                 except msgspec.DecodeError as exc:
                     raise TransportError(f"undecodable bulk reply from {endpoint}") from exc
                 if reply.request_id not in pending:

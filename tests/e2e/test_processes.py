@@ -60,6 +60,8 @@ def _publisher_args(broker: str, rank: int, versions: str, *extra: str) -> list[
         str(rank),
         "--world-size",
         "2",
+        "--job",
+        "e2e-trainer",
         *extra,
     ]
 

@@ -140,6 +140,7 @@ async def publisher_on(
             model=MODEL,
             rank=rank,
             world_size=world_size,
+            job="gpu-trainer",
             bucket_bytes=BUCKET_BYTES,
             pool=BufferPool(pin_memory=False, shm_prefix=f"weightstream-test-{uuid.uuid4().hex}"),
             node_local=True,

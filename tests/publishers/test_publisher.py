@@ -71,8 +71,8 @@ async def test_a_multi_rank_version_is_announced_once_every_rank_published(
 ) -> None:
     rank0, rank1 = tensors(1, prefix="a."), tensors(1, prefix="b.")
     async with (
-        publisher_on(broker, zmq_ctx, rank=0, world_size=2) as first,
-        publisher_on(broker, zmq_ctx, rank=1, world_size=2) as second,
+        publisher_on(broker, zmq_ctx, rank=0, world_size=2, job="trainer") as first,
+        publisher_on(broker, zmq_ctx, rank=1, world_size=2, job="trainer") as second,
         connect(broker.client_config(), role="subscriber", context=zmq_ctx) as watcher,
     ):
         await watcher.subscribe(MODEL)

@@ -42,7 +42,7 @@ def shard(name: str = "w", rank: int = 0) -> Shard:
             ),
         ),
         tensors=(TensorSpec(name=name, dtype="uint8", shape=(16,), region=0, offset=0, nbytes=16),),
-        buckets=(BucketSpec(region=0, offset=0, nbytes=256, checksum="c"),),
+        buckets=(BucketSpec(region=0, offset=0, nbytes=256, checksum="c" * 32),),
     )
 
 

@@ -36,8 +36,8 @@ def shard() -> Shard:
             TensorSpec(name="b", dtype="float32", shape=(3,), region=0, offset=256, nbytes=12),
         ),
         buckets=(
-            BucketSpec(region=0, offset=0, nbytes=256, checksum="a"),
-            BucketSpec(region=0, offset=256, nbytes=256, checksum="b"),
+            BucketSpec(region=0, offset=0, nbytes=256, checksum="a" * 32),
+            BucketSpec(region=0, offset=256, nbytes=256, checksum="b" * 32),
         ),
     )
 

@@ -26,7 +26,7 @@ def shard(*names: str, rank: int = 0) -> Shard:
             TensorSpec(name=n, dtype="float32", shape=(4,), region=0, offset=256 * i, nbytes=16)
             for i, n in enumerate(names)
         ),
-        buckets=(BucketSpec(region=0, offset=0, nbytes=1024, checksum="00"),),
+        buckets=(BucketSpec(region=0, offset=0, nbytes=1024, checksum="0" * 32),),
     )
 
 
@@ -174,12 +174,42 @@ def test_a_rank_outside_the_world_is_a_bad_request() -> None:
         registry().publish("pub", MODEL, 1, 2, 2, shard("a"), now=0.0)
 
 
-def test_a_shard_with_ranges_outside_its_regions_is_a_bad_request() -> None:
+def test_a_shard_with_ranges_outside_its_regions_is_an_invalid_manifest() -> None:
     bad = shard("a")
-    bad = Shard(regions=bad.regions, tensors=bad.tensors, buckets=(BucketSpec(0, 1000, 100, "x"),))
-    with pytest.raises(BrokerError, match="past the end of region 0") as raised:
+    bucket = BucketSpec(0, 768, 512, "0" * 32)
+    bad = Shard(regions=bad.regions, tensors=bad.tensors, buckets=(bucket,))
+    with pytest.raises(
+        BrokerError, match=r"shard\.buckets\[0\]\.nbytes: .* past region 0"
+    ) as raised:
         registry().publish("pub", MODEL, 1, 0, 1, bad, now=0.0)
-    assert raised.value.code == "bad_request"
+    assert raised.value.code == "invalid_manifest"
+    assert MODEL not in registry().models
+
+
+def test_a_shard_past_the_configured_limits_is_an_invalid_manifest() -> None:
+    from schemas.validate import ManifestLimits
+
+    reg = registry(manifest_limits=ManifestLimits(max_region_bytes=512))  # type: ignore[arg-type]
+    with pytest.raises(BrokerError, match=r"shard\.regions\[0\]\.nbytes: 1024 bytes") as raised:
+        reg.publish("pub", MODEL, 1, 0, 1, shard("a"), now=0.0)
+    assert raised.value.code == "invalid_manifest"
+
+
+def test_a_shard_from_another_job_is_refused_naming_the_owner() -> None:
+    reg = registry()
+    reg.hello("rival", "publisher", "host", 5, now=0.0)
+    reg.publish("pub", MODEL, 1, 0, 2, shard("a"), now=0.0, job="job-a")
+
+    with pytest.raises(BrokerError, match=r"job 'job-a' .*peer pub.*not job 'job-b'") as raised:
+        reg.publish("rival", MODEL, 1, 1, 2, shard("b", rank=1), now=0.0, job="job-b")
+    assert raised.value.code == "job_conflict"
+    with pytest.raises(BrokerError, match="job 'job-a'"):
+        reg.publish("rival", MODEL, 1, 0, 2, shard("a"), now=0.0, job="job-b")
+
+    announced, _ = reg.publish("pub", MODEL, 1, 1, 2, shard("b", rank=1), now=0.0, job="job-a")
+    assert announced
+    manifest = reg.models[MODEL].versions[1].manifest
+    assert [t.name for t in manifest.tensors] == ["a", "b"]
 
 
 def test_two_ranks_publishing_one_tensor_name_is_a_bad_request() -> None:
