@@ -1,7 +1,7 @@
 """Lay named tensors out in a few large contiguous regions and cut them into buckets.
 
     named tensors ──plan()──> Layout: regions [nbytes], tensors [region, offset], buckets
-                  ──pack()──> bytes copied into the buffers, bucket checksums computed
+                  ──pack()──> bytes copied into the buffers, bucket digests (wmix128) computed
 
 Every tensor starts on an `ALIGNMENT` (256 B) boundary, in the order given (name or layer
 order: subscribers apply in that order too). A region holds up to `region_bytes`; a tensor
@@ -19,7 +19,7 @@ import torch
 
 from publishers.dtypes import dtype_name
 from schemas.manifest import ALIGNMENT, BucketSpec, Locator, RegionSpec, Shard, TensorSpec
-from streamer.checksum import ALGORITHM, wsum64_words
+from streamer.checksum import ALGORITHM, wmix128_words
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -132,6 +132,6 @@ def pack(
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return [
-        wsum64_words(buffers[region][offset : offset + nbytes].numpy().view(np.int64))
+        wmix128_words(buffers[region][offset : offset + nbytes].numpy().view(np.uint64))
         for region, offset, nbytes in layout.bucket_ranges()
     ]
