@@ -11,6 +11,8 @@ a region, so a tensor larger than a bucket spans several.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,7 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_REGION_BYTES", "Layout", "pack", "pl
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 DEFAULT_REGION_BYTES = 1 << 30
+_MAX_DIGEST_WORKERS = 4
 
 
 def _align(n: int) -> int:
@@ -108,12 +111,18 @@ def plan(
 
 
 def pack(
-    layout: Layout, named_tensors: Mapping[str, torch.Tensor], buffers: Sequence[torch.Tensor]
+    layout: Layout,
+    named_tensors: Mapping[str, torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    *,
+    digest_workers: int | None = None,
 ) -> list[str]:
-    """Copy every tensor into its place and return the bucket checksums. Blocking.
+    """Copy every tensor into its place and return the bucket digests. Blocking.
 
     `buffers` are 1-D uint8 CPU tensors, one per region, at least as large as the region.
-    Padding bytes are zeroed so that checksums do not depend on stale memory.
+    Padding bytes are zeroed so that digests do not depend on stale memory. The buckets are
+    digested by `digest_workers` threads (default: one per core, at most 4): numpy releases
+    the GIL inside each operation, and the digest runs at a few GB/s per core.
     """
     if len(buffers) != len(layout.region_bytes):
         raise ValueError(f"{len(buffers)} buffers for {len(layout.region_bytes)} regions")
@@ -131,7 +140,12 @@ def pack(
             buffers[region][cursor[region] : size].zero_()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return [
-        wmix128_words(buffers[region][offset : offset + nbytes].numpy().view(np.uint64))
+    views = [
+        buffers[region][offset : offset + nbytes].numpy().view(np.uint64)
         for region, offset, nbytes in layout.bucket_ranges()
     ]
+    workers = digest_workers or min(_MAX_DIGEST_WORKERS, os.cpu_count() or 1)
+    if workers <= 1 or len(views) <= 1:
+        return [wmix128_words(view) for view in views]
+    with ThreadPoolExecutor(max_workers=min(workers, len(views))) as pool:
+        return list(pool.map(wmix128_words, views))
