@@ -183,7 +183,7 @@ def phase_publish(args: argparse.Namespace) -> None:
             registrations.append(HostRegistration(regions[-1]))
         timings["shm_create_register_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reference = pack(layout, named, regions)  # D2H into the registered regions + numpy digests
+        reference = pack(layout, named, regions)  # D2H into the registered regions + GPU digests
         timings["pack_and_numpy_checksums_s"] = time.perf_counter() - t0
         # Digests for every bucket size with the torch twin, from the packed bytes on the GPU;
         # for the first size they must equal the numpy reference digests, bit for bit.

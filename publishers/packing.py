@@ -2,6 +2,7 @@
 
     named tensors ──plan()──> Layout: regions [nbytes], tensors [region, offset], buckets
                   ──pack()──> bytes copied into the buffers, bucket digests (wmix128) computed
+                              (CUDA tensors: on the GPU, publishers/gpu_pack.py; else numpy)
 
 Every tensor starts on an `ALIGNMENT` (256 B) boundary, in the order given (name or layer
 order: subscribers apply in that order too). A region holds up to `region_bytes`; a tensor
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from publishers.dtypes import dtype_name
+from publishers.gpu_pack import pack_on_device
 from schemas.manifest import ALIGNMENT, BucketSpec, Locator, RegionSpec, Shard, TensorSpec
 from streamer.checksum import ALGORITHM, wmix128_words
 
@@ -123,9 +125,14 @@ def pack(
     Padding bytes are zeroed so that digests do not depend on stale memory. The buckets are
     digested by `digest_workers` threads (default: one per core, at most 4): numpy releases
     the GIL inside each operation, and the digest runs at a few GB/s per core.
+    Tensors all on one CUDA device are packed by `publishers.gpu_pack.pack_on_device` instead:
+    digests computed on the GPU, device-to-host copies straight into `buffers`.
     """
     if len(buffers) != len(layout.region_bytes):
         raise ValueError(f"{len(buffers)} buffers for {len(layout.region_bytes)} regions")
+    devices = {tensor.device for tensor in named_tensors.values()}
+    if len(devices) == 1 and next(iter(devices)).type == "cuda":
+        return pack_on_device(layout, named_tensors, buffers)
     cursor = [0] * len(buffers)
     for spec in layout.tensors:
         tensor = named_tensors[spec.name]
