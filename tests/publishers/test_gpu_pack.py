@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from publishers.gpu_pack import pack_on_device
-from publishers.packing import pack, plan
+from publishers.packing import Layout, pack, plan
 from streamer.checksum import wmix128
 from tests.publishers.test_packing import buffers_for, mixed_tensors, same_bits, unpack
 
@@ -21,7 +21,7 @@ DEVICES = [
 ]
 
 
-def host_digests(layout, buffers):
+def host_digests(layout: Layout, buffers: list[torch.Tensor]) -> list[str]:
     return [
         wmix128(buffers[region][offset : offset + nbytes].numpy().tobytes())
         for region, offset, nbytes in layout.bucket_ranges()
