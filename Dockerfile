@@ -5,6 +5,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY schemas schemas
 COPY streamer streamer
+COPY gpu gpu
 COPY publishers publishers
 COPY subscribers subscribers
 COPY weightstream weightstream

@@ -53,10 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from gpu.digest import DigestBatch, digest_of, wmix128_tensor  # noqa: E402
+from gpu.host import HostRegistration  # noqa: E402
 from publishers.packing import pack, plan  # noqa: E402
 from schemas.manifest import BucketSpec, TensorSpec  # noqa: E402
-from subscribers.checksum import DigestBatch, digest_of, wsum64_tensor  # noqa: E402
-from subscribers.cuda_stage import CudaStager, HostRegistration, host_tensor  # noqa: E402
+from subscribers.cuda_stage import CudaStager, host_tensor  # noqa: E402
 from subscribers.node_share import NodeShare, exchange_shares, owner_blocks  # noqa: E402
 
 GB = 1e9
@@ -125,7 +126,7 @@ def new_params(manifest: BenchManifest, device: torch.device) -> dict[str, torch
 
 
 def count_bad_params(params: dict[str, torch.Tensor], manifest: BenchManifest) -> int:
-    """How many parameters differ from the source (per-tensor wsum64, one sync)."""
+    """How many parameters differ from the source (per-tensor wmix128, one sync)."""
     device = next(iter(params.values())).device
     batch = DigestBatch(manifest.tensor_digests, device)
     for index, spec in enumerate(manifest.tensors):
@@ -182,7 +183,7 @@ def phase_publish(args: argparse.Namespace) -> None:
             registrations.append(HostRegistration(regions[-1]))
         timings["shm_create_register_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reference = pack(layout, named, regions)  # D2H into the registered regions + numpy digests
+        reference = pack(layout, named, regions)  # D2H into the registered regions + GPU digests
         timings["pack_and_numpy_checksums_s"] = time.perf_counter() - t0
         # Digests for every bucket size with the torch twin, from the packed bytes on the GPU;
         # for the first size they must equal the numpy reference digests, bit for bit.
@@ -196,7 +197,7 @@ def phase_publish(args: argparse.Namespace) -> None:
                     layout, region_bytes=(layout.region_bytes[k],), bucket_bytes=size * MiB
                 )
                 twin[size] += [
-                    digest_of(wsum64_tensor(on_gpu[o : o + n])) for _, o, n in sub.bucket_ranges()
+                    digest_of(wmix128_tensor(on_gpu[o : o + n])) for _, o, n in sub.bucket_ranges()
                 ]
             del on_gpu
         for size in sizes:
@@ -207,7 +208,7 @@ def phase_publish(args: argparse.Namespace) -> None:
         timings["twin_vs_numpy_buckets"] = len(reference)
         timings["twin_vs_numpy_mismatches"] = mismatches
         digests = tuple(
-            digest_of(wsum64_tensor(named[t.name].reshape(-1).view(torch.uint8)))
+            digest_of(wmix128_tensor(named[t.name].reshape(-1).view(torch.uint8)))
             for t in layout.tensors
         )
         manifest = BenchManifest(
@@ -371,25 +372,25 @@ def phase_single(args: argparse.Namespace) -> None:
 
 
 def checksum_rates(device: torch.device) -> dict[str, float]:
-    """wsum64 throughput on the GPU (two passes) beside one plain int64 sum, and on the CPU."""
+    """wmix128 throughput on the GPU (two passes) beside one plain int64 sum, and on the CPU."""
     buf = torch.randint(0, 256, (1 << 30,), dtype=torch.uint8, device=device)
     small = buf[: 64 * MiB]
     words = buf.view(torch.int64)
     cpu = torch.randint(0, 256, (256 * MiB,), dtype=torch.uint8)
     t0 = time.perf_counter()
-    wsum64_tensor(cpu)
+    wmix128_tensor(cpu)
     cpu_s = time.perf_counter() - t0
     return {
-        "wsum64_gpu_GBps_1GiB": buf.numel()
-        / median([_timed(lambda: wsum64_tensor(buf)) for _ in range(7)])
+        "wmix128_gpu_GBps_1GiB": buf.numel()
+        / median([_timed(lambda: wmix128_tensor(buf)) for _ in range(7)])
         / GB,
-        "wsum64_gpu_GBps_64MiB": small.numel()
-        / median([_timed(lambda: wsum64_tensor(small)) for _ in range(15)])
+        "wmix128_gpu_GBps_64MiB": small.numel()
+        / median([_timed(lambda: wmix128_tensor(small)) for _ in range(15)])
         / GB,
         "int64_sum_gpu_GBps_1GiB": buf.numel()
         / median([_timed(lambda: words.sum()) for _ in range(7)])
         / GB,
-        "wsum64_cpu_GBps_256MiB": cpu.numel() / cpu_s / GB,
+        "wmix128_cpu_GBps_256MiB": cpu.numel() / cpu_s / GB,
     }
 
 
@@ -713,8 +714,8 @@ def summarize(results: dict[str, Any]) -> list[str]:
             f"  pull by bucket MiB: { {k: round(v, 4) for k, v in s['ours_pull_median_s_by_bucket_mib'].items()} }",
             f"  breakdown: H2D alone {s['breakdown_h2d_only_s']:.3f}s, verify alone {s['breakdown_verify_only_s'] * 1e3:.1f} ms, "
             f"one D2D copy {s['breakdown_d2d_one_copy_s'] * 1e3:.1f} ms",
-            f"  wsum64 GB/s: GPU {s['wsum64_gpu_GBps_1GiB']:.0f} (1 GiB), {s['wsum64_gpu_GBps_64MiB']:.0f} (64 MiB), "
-            f"int64 sum {s['int64_sum_gpu_GBps_1GiB']:.0f}; CPU {s['wsum64_cpu_GBps_256MiB']:.1f}",
+            f"  wmix128 GB/s: GPU {s['wmix128_gpu_GBps_1GiB']:.0f} (1 GiB), {s['wmix128_gpu_GBps_64MiB']:.0f} (64 MiB), "
+            f"int64 sum {s['int64_sum_gpu_GBps_1GiB']:.0f}; CPU {s['wmix128_cpu_GBps_256MiB']:.1f}",
             f"  goal ours <= 1.10 x floor: {total / floor:.3f} -> {'MET' if total <= 1.10 * floor else 'MISSED'}; "
             f"bad runs {s['bad']} of {s['checked']}; bad bucket detected {s['detects_bad_bucket']}",
         ]  # fmt: skip

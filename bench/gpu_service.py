@@ -10,7 +10,7 @@ Run by gpu_bench.py (`--cases service`, and `service-multi` on several GPUs), or
       broker: streamer.server.serve, same loop           Subscriber(ShmReceiver) + CudaSwapper
       Publisher(node_local=True): version v packed         pull: map the publisher's segments
         into /dev/shm (registered), bucket checksums         (no copy, no host checksums)
-      digests of every tensor -> work/digests-v.json       stage: H2D + wsum64 of every bucket
+      digests of every tensor -> work/digests-v.json       stage: H2D + wmix128 of every bucket
       ── Announce v ───────────────────────────────>         on the GPU (NodeShare: 1/N each,
       <── AppliedReached (wait_applied, all ranks) ──         the rest over NVLink), plan
                                                            swap_in: D2D into preallocated params
@@ -53,6 +53,7 @@ from gpu_bench import (  # type: ignore[import-not-found]  # noqa: E402
     synthetic_model,
 )
 
+from gpu.digest import DigestBatch, wmix128_tensor  # noqa: E402
 from publishers.packing import plan  # noqa: E402
 from publishers.publisher import open_publisher  # noqa: E402
 from schemas.manifest import Manifest  # noqa: E402
@@ -61,7 +62,6 @@ from streamer.client import connect  # noqa: E402
 from streamer.config import BrokerConfig, ClientConfig  # noqa: E402
 from streamer.server import serve  # noqa: E402
 from streamer.transport import ShmReceiver  # noqa: E402
-from subscribers.checksum import DigestBatch, wsum64_tensor  # noqa: E402
 from subscribers.cuda_stage import CudaStager  # noqa: E402
 from subscribers.cuda_swap import CudaSwapper  # noqa: E402
 from subscribers.pull import PullReport  # noqa: E402
@@ -92,7 +92,7 @@ def _client(endpoint: str) -> ClientConfig:
 
 
 def _digests(named: dict[str, torch.Tensor]) -> list[str]:
-    sums = torch.stack([wsum64_tensor(t.reshape(-1).view(torch.uint8)) for t in named.values()])
+    sums = torch.stack([wmix128_tensor(t.reshape(-1).view(torch.uint8)) for t in named.values()])
     return [format_digest(int(a), int(b)) for a, b in sums.tolist()]
 
 
@@ -418,7 +418,7 @@ def service_lines(s: dict[str, Any], floor: float, anchor: float, label: str) ->
     return [
         f"{label}: ours through Publisher -> broker -> Subscriber + CudaSwapper ({s['ranks']} subscriber process(es), "
         f"versions {s['versions_timed']})",
-        f"  stage (H2D + wsum64 on the GPU, plan){' ' * 9} {s['stage_median_s']:7.3f}s {gb / s['stage_median_s']:7.1f} GB/s"
+        f"  stage (H2D + wmix128 on the GPU, plan){' ' * 9} {s['stage_median_s']:7.3f}s {gb / s['stage_median_s']:7.1f} GB/s"
         f"  x floor {s['stage_median_s'] / floor:5.2f}   runs {[round(x, 3) for x in s['stage_s']]}",
         f"  swap pause (gate held, D2D)                   {s['pause_median_s'] * 1e3:7.1f} ms  runs {[round(x * 1e3, 1) for x in s['pause_s']]}",
         f"  stage + pause                                 {sp:7.3f}s  x floor {sp / floor:5.2f}  / anchor {sp / anchor:5.2f}",

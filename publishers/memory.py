@@ -11,7 +11,6 @@ subscribers on the same machine map them instead of fetching them (`streamer.tra
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import mmap
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu.host import HostRegisterError, HostRegistration
 from streamer.transport.base import Region
 from streamer.transport.shm import SHM_DIR
 
@@ -57,7 +57,7 @@ class BufferPool:
         self._free: list[BufferSet] = []
         self._names: dict[int, str] = {}
         self._mappings: list[mmap.mmap] = []
-        self._registered: list[int] = []
+        self._registered: list[HostRegistration] = []
         self._counter = itertools.count()
         self.allocated_bytes = 0
 
@@ -96,20 +96,12 @@ class BufferPool:
         return tensor
 
     def _register(self, tensor: torch.Tensor) -> None:
-        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-        rc = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0))
-        if rc != 0:
-            # The refused call leaves the runtime's last error set, and torch would raise it at
-            # some unrelated later launch: take it off now with a tiny launch of our own.
-            with contextlib.suppress(RuntimeError):
-                torch.zeros(1, device="cuda").add_(1)
-            logger.warning(
-                "cudaHostRegister of %d bytes returned %d; packing into pageable memory",
-                tensor.numel(),
-                rc,
-            )
+        try:
+            registration = HostRegistration(tensor)
+        except HostRegisterError as exc:
+            logger.warning("%s; packing into pageable memory", exc)
             return
-        self._registered.append(tensor.data_ptr())
+        self._registered.append(registration)
 
     def shm_name(self, address: int) -> str | None:
         """The shared-memory segment a buffer starting at `address` lives in, if any."""
@@ -120,11 +112,12 @@ class BufferPool:
 
     def close(self) -> None:
         """Unregister and unlink every shared-memory segment (mappings go with their last view)."""
-        if self._registered:
-            cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-            for address in self._registered:
-                cudart.cudaHostUnregister(address)
-            self._registered.clear()
+        for registration in self._registered:
+            try:
+                registration.close()
+            except HostRegisterError as exc:
+                logger.warning("%s; leaving the pages pinned", exc)
+        self._registered.clear()
         for name in self._names.values():
             (SHM_DIR / name).unlink(missing_ok=True)
         self._names.clear()

@@ -1,7 +1,8 @@
 """Lay named tensors out in a few large contiguous regions and cut them into buckets.
 
     named tensors ──plan()──> Layout: regions [nbytes], tensors [region, offset], buckets
-                  ──pack()──> bytes copied into the buffers, bucket checksums computed
+                  ──pack()──> bytes copied into the buffers, bucket digests (wmix128) computed
+                              (CUDA tensors: on the GPU, publishers/gpu_pack.py; else numpy)
 
 Every tensor starts on an `ALIGNMENT` (256 B) boundary, in the order given (name or layer
 order: subscribers apply in that order too). A region holds up to `region_bytes`; a tensor
@@ -11,6 +12,8 @@ a region, so a tensor larger than a bucket spans several.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,8 +21,9 @@ import numpy as np
 import torch
 
 from publishers.dtypes import dtype_name
+from publishers.gpu_pack import pack_on_device
 from schemas.manifest import ALIGNMENT, BucketSpec, Locator, RegionSpec, Shard, TensorSpec
-from streamer.checksum import ALGORITHM, wsum64_words
+from streamer.checksum import ALGORITHM, wmix128_words
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -28,6 +32,7 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_REGION_BYTES", "Layout", "pack", "pl
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 DEFAULT_REGION_BYTES = 1 << 30
+_MAX_DIGEST_WORKERS = 4
 
 
 def _align(n: int) -> int:
@@ -108,15 +113,26 @@ def plan(
 
 
 def pack(
-    layout: Layout, named_tensors: Mapping[str, torch.Tensor], buffers: Sequence[torch.Tensor]
+    layout: Layout,
+    named_tensors: Mapping[str, torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    *,
+    digest_workers: int | None = None,
 ) -> list[str]:
-    """Copy every tensor into its place and return the bucket checksums. Blocking.
+    """Copy every tensor into its place and return the bucket digests. Blocking.
 
     `buffers` are 1-D uint8 CPU tensors, one per region, at least as large as the region.
-    Padding bytes are zeroed so that checksums do not depend on stale memory.
+    Padding bytes are zeroed so that digests do not depend on stale memory. The buckets are
+    digested by `digest_workers` threads (default: one per core, at most 4): numpy releases
+    the GIL inside each operation, and the digest runs at a few GB/s per core.
+    Tensors all on one CUDA device are packed by `publishers.gpu_pack.pack_on_device` instead:
+    digests computed on the GPU, device-to-host copies straight into `buffers`.
     """
     if len(buffers) != len(layout.region_bytes):
         raise ValueError(f"{len(buffers)} buffers for {len(layout.region_bytes)} regions")
+    devices = {tensor.device for tensor in named_tensors.values()}
+    if len(devices) == 1 and next(iter(devices)).type == "cuda":
+        return pack_on_device(layout, named_tensors, buffers)
     cursor = [0] * len(buffers)
     for spec in layout.tensors:
         tensor = named_tensors[spec.name]
@@ -131,7 +147,12 @@ def pack(
             buffers[region][cursor[region] : size].zero_()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return [
-        wsum64_words(buffers[region][offset : offset + nbytes].numpy().view(np.int64))
+    views = [
+        buffers[region][offset : offset + nbytes].numpy().view(np.uint64)
         for region, offset, nbytes in layout.bucket_ranges()
     ]
+    workers = digest_workers or min(_MAX_DIGEST_WORKERS, os.cpu_count() or 1)
+    if workers <= 1 or len(views) <= 1:
+        return [wmix128_words(view) for view in views]
+    with ThreadPoolExecutor(max_workers=min(workers, len(views))) as pool:
+        return list(pool.map(wmix128_words, views))

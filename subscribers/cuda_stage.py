@@ -2,15 +2,15 @@
 
 A `CudaStager` per GPU owns a staging buffer as large as a version (allocated once, reused for
 every version), a copy stream and a verify stream. `pull` moves a version's buckets host to
-device and checks each bucket's wsum64 on the device while the next one is in flight; the host
-waits once, at the end. `swap_in` is the engine's pause: one device-to-device copy per run of
+device and checks each bucket's wmix128 digest on the device while the next one is in flight;
+the host waits once, at the end. `swap_in` is the engine's pause: one device-to-device copy per run of
 parameters that are contiguous in both the staging and the engine's memory (`plan_swap` ahead
 of the boundary, `apply_swap` at it, keeps even the planning out of the pause).
 
-    host regions (pinned, or cudaHostRegister'ed once by HostRegistration)
+    host regions (pinned, or cudaHostRegister'ed once by gpu.host.HostRegistration)
         |  copy stream: H2D bucket 0, 1, 2, ...           (one DMA per bucket)
         v          \\__ event i __
-    staging [region 0 | region 1 | ...]     verify stream: wsum64(bucket i) -> DigestBatch
+    staging [region 0 | region 1 | ...]     verify stream: wmix128(bucket i) -> DigestBatch
         |                                     (host syncs once: the failed bucket indices)
         |  swap_in: D2D on the engine's current stream (the pause)
         v
@@ -18,7 +18,7 @@ of the boundary, `apply_swap` at it, keeps even the planning out of the pause).
 
 `pull_streaming` is the low-memory mode: no staging, every bucket's pieces go host to device
 straight into the parameters (the engine must be paused for the whole pull) and each bucket is
-verified from those pieces (`wsum64_pieces`; padding between tensors is taken as zero, as the
+verified from those pieces (`wmix128_pieces`; padding between tensors is taken as zero, as the
 publisher packs it). A failed bucket there leaves the parameters half-updated: pull it again.
 
 On a CPU device the same code runs without streams (tests use that); timings are meaningless.
@@ -35,9 +35,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from gpu.digest import DigestBatch, wmix128_pieces
 from schemas.manifest import ALIGNMENT
-from streamer.errors import StreamerError
-from subscribers.checksum import DigestBatch, wsum64_pieces
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -45,8 +44,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BucketLike",
     "CudaStager",
-    "HostRegisterError",
-    "HostRegistration",
     "PullResult",
     "SwapPlan",
     "SwapResult",
@@ -56,13 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
-_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the device only reads it
-
-
-class HostRegisterError(StreamerError):
-    """cudaHostRegister / cudaHostUnregister refused a host buffer."""
 
 
 class BucketLike(Protocol):
@@ -335,12 +325,10 @@ class CudaStager:
                     target.copy_(source, non_blocking=True)
             _order(self.copy_stream, self.verify_stream)
             with self._on(self.verify_stream):
-                if pieces:
-                    batch.record_sums(
-                        index, wsum64_pieces([(rel, target) for _, target, rel in pieces])
-                    )
-                else:
-                    batch.record_sums(index, torch.zeros(2, dtype=torch.int64, device=self.device))
+                sums = wmix128_pieces(
+                    [(rel, target) for _, target, rel in pieces], bucket.nbytes, device=self.device
+                )
+                batch.record_sums(index, sums)
         failed = self.finish(batch)
         return PullResult(failed, sum(b.nbytes for b in buckets), time.perf_counter() - started)
 
@@ -511,66 +499,3 @@ def _stream_plan(
 def host_tensor(buffer: memoryview | bytearray | object) -> torch.Tensor:
     """A 1-D uint8 CPU tensor over an existing writable buffer (an mmap, a numpy array), no copy."""
     return torch.frombuffer(memoryview(buffer).cast("B"), dtype=torch.uint8)  # type: ignore[arg-type]
-
-
-class HostRegistration:
-    """Pin an existing host buffer with cudaHostRegister, once; `close()` unregisters it.
-
-    Registering costs ~0.1-0.3 s per GiB, so do it when a region is mapped, never per pull.
-    The registration is portable: every CUDA context of the process may DMA from it. With
-    `read_only=True` the pages are pinned for reading only, which is what a copy-on-write
-    (private) mapping of another process's memory needs: pinning it writable would give this
-    process private copies of the pages, which the owner's later writes never reach.
-
-    >>> region = host_tensor(mmap.mmap(fd, nbytes))  # doctest: +SKIP
-    >>> with HostRegistration(region):  # doctest: +SKIP
-    ...     stager.pull([region], buckets)
-    """
-
-    def __init__(self, host: torch.Tensor, *, read_only: bool = False) -> None:
-        if host.device.type != "cpu" or not host.is_contiguous():
-            raise ValueError("HostRegistration takes a contiguous CPU tensor")
-        self.host = host
-        self.nbytes = host.numel() * host.element_size()
-        self._ptr = host.data_ptr()
-        self._registered = False
-        if self.nbytes:
-            cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-            flags = _HOST_REGISTER_PORTABLE | (_HOST_REGISTER_READ_ONLY if read_only else 0)
-            result = cudart.cudaHostRegister(self._ptr, self.nbytes, flags)
-            if int(result):
-                message = cudart.cudaGetErrorString(result)
-                _consume_last_error()
-                raise HostRegisterError(
-                    f"cudaHostRegister of {self.nbytes} bytes at {self._ptr:#x} failed with error "
-                    f"{int(result)}: {message}"
-                )
-            self._registered = True
-
-    def close(self) -> None:
-        if not self._registered:
-            return
-        self._registered = False
-        code = int(torch.cuda.cudart().cudaHostUnregister(self._ptr))  # type: ignore[no-untyped-call]
-        if code:
-            _consume_last_error()
-            raise HostRegisterError(
-                f"cudaHostUnregister at {self._ptr:#x} failed with error {code}"
-            )
-
-    def __enter__(self) -> HostRegistration:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _consume_last_error() -> None:
-    """Take a failed runtime call's error off the CUDA runtime, where it would stay.
-
-    A failed cudaHostRegister also sets the runtime's last error, and torch checks that after
-    its next kernel launch: some unrelated tensor operation would raise it. torch exposes no
-    cudaGetLastError, so a tiny launch takes the error (and raises it) here instead.
-    """
-    with contextlib.suppress(RuntimeError):  # torch.AcceleratorError is a RuntimeError
-        torch.zeros(1, device="cuda").add_(1)

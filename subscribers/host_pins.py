@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gpu.host import HostRegisterError, HostRegistration
 from schemas.manifest import ShmLocator
 from streamer.transport.shm import SHM_DIR
-from subscribers.cuda_stage import HostRegisterError, HostRegistration
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

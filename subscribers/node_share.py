@@ -8,7 +8,7 @@ it holds on its own GPU. An all-gather, not N copies of the whole version over o
 
     rank r  copy stream    H2D own[0] own[1] ... own[m-1]  (IPC event g recorded after group g)
             peer j streams   wait event(j, g) -> copy j's bucket -> ...     (one pair per peer)
-            verify stream    wsum64 of every bucket as it lands       -> one host sync at the end
+            verify stream    wmix128 of every bucket as it lands       -> one host sync at the end
     host    enqueue own copies -> barrier -> enqueue peer copies -> sync -> barrier
 
 The first barrier guarantees every IPC event a peer waits on was already recorded for this
@@ -16,7 +16,8 @@ version (a wait on an event takes its latest record); the last, that no rank ove
 staging for the next version while a peer still reads it. With `use_events=False` a rank
 instead finishes its own copies before the first barrier (simpler, no overlap).
 
-Handles and events travel once, as a `schemas.ipc.StagingShare` (msgpack, never pickle),
+Handles and events travel once, as a `schemas.ipc.StagingShare` (msgpack, never pickle; made
+and opened by `gpu.ipc`, shared with the publishers),
 through any key-value store (`exchange_shares`: torch.distributed's TCPStore will do).
 """
 
@@ -30,14 +31,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 import torch
 
-from schemas.ipc import CudaIpcBuffer, StagingShare, decode_staging_share, encode_staging_share
+from gpu.ipc import export_buffer, export_event, ipc_event, open_buffer, open_event
+from schemas.ipc import StagingShare, decode_staging_share, encode_staging_share
 from streamer.errors import ProtocolError
 from subscribers.cuda_stage import PullResult, new_stream
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from subscribers.checksum import DigestBatch
+    from gpu.digest import DigestBatch
     from subscribers.cuda_stage import BucketLike, CudaStager
 
 __all__ = ["KeyValueStore", "NodeShare", "event_group", "exchange_shares", "owner_blocks"]
@@ -130,35 +132,14 @@ class NodeShare:
         self.num_events = num_events
         self.use_events = use_events
         with torch.cuda.device(stager.device):
-            self._events = [_ipc_event() for _ in range(num_events)] if use_events else []
+            self._events = [ipc_event() for _ in range(num_events)] if use_events else []
         self._peers: dict[int, _Peer] = {}
 
     def export(self) -> StagingShare:
         """This rank's staging buffer and ready-events, for the other ranks of the node."""
-        storage = self.stager.staging.untyped_storage()
+        buffer = export_buffer(self.stager.staging)
         with torch.cuda.device(self.stager.device):
-            (
-                device,
-                handle,
-                size_bytes,
-                offset_bytes,
-                ref_handle,
-                ref_offset,
-                event_handle,
-                event_sync,
-            ) = storage._share_cuda_()  # type: ignore[no-untyped-call]
-            events = tuple(bytes(event.ipc_handle()) for event in self._events)  # type: ignore[no-untyped-call]
-        buffer = CudaIpcBuffer(
-            device=int(device),
-            handle=bytes(handle),
-            size_bytes=int(size_bytes),
-            offset_bytes=int(offset_bytes),
-            device_uuid=_device_uuid(int(device)),
-            ref_counter_handle=bytes(ref_handle),
-            ref_counter_offset=int(ref_offset),
-            event_handle=bytes(event_handle or b""),
-            event_sync_required=bool(event_sync),
-        )
+            events = tuple(export_event(event) for event in self._events)
         return StagingShare(
             rank=self.rank, world_size=self.world_size, buffer=buffer, events=events
         )
@@ -268,47 +249,10 @@ class NodeShare:
         self.stager.verify_after(peer.target_stream, batch, index, target)
 
     def _open(self, share: StagingShare) -> _Peer:
-        buffer = share.buffer
-        device = _local_device(buffer)
+        device, staging = open_buffer(share.buffer)
         with torch.cuda.device(device):
-            storage = torch.UntypedStorage._new_shared_cuda(
-                device,
-                buffer.handle,
-                buffer.size_bytes,
-                buffer.offset_bytes,
-                buffer.ref_counter_handle,
-                buffer.ref_counter_offset,
-                buffer.event_handle,
-                buffer.event_sync_required,
-            )
-            staging = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", device)).set_(
-                storage
-            )
-            events = [
-                torch.cuda.Event.from_ipc_handle(device, handle)  # type: ignore[no-untyped-call]
-                for handle in share.events
-            ]
+            events = [open_event(device, handle) for handle in share.events]
             source_stream = new_stream(device)
         same_device = device == self.stager.device.index
         target_stream = source_stream if same_device else new_stream(self.stager.device)
         return _Peer(share.rank, staging, events, source_stream, target_stream)
-
-
-def _ipc_event() -> torch.cuda.Event:
-    return torch.cuda.Event(interprocess=True)  # type: ignore[no-untyped-call]
-
-
-def _device_uuid(index: int) -> str:
-    try:
-        return str(torch.cuda.get_device_properties(index).uuid)
-    except (AttributeError, RuntimeError):
-        return ""
-
-
-def _local_device(buffer: CudaIpcBuffer) -> int:
-    """Our index of the exporter's GPU: by UUID when both sides know it, else its own index."""
-    if buffer.device_uuid:
-        for index in range(torch.cuda.device_count()):
-            if _device_uuid(index) == buffer.device_uuid:
-                return index
-    return buffer.device

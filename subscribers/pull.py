@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from schemas.manifest import ShmLocator
-from streamer.checksum import ALGORITHM, wsum64
+from streamer.checksum import ALGORITHM, SUPPORTED_ALGORITHMS, bucket_digest
 from streamer.errors import ChecksumMismatch, TransportError
 from streamer.transport.base import BulkReceiver, Fetch
 from streamer.transport.shm import ShmReceiver
@@ -69,7 +69,7 @@ class _Throttle:
 
 def _verify(staging: Staging, bucket: BucketSpec) -> bool:
     raw = staging.bytes_of(bucket.region, bucket.offset, bucket.nbytes).numpy()
-    return wsum64(raw.data) == bucket.checksum
+    return bucket_digest(raw.data) == bucket.checksum
 
 
 def _receiver_for(
@@ -104,8 +104,12 @@ async def pull(
     mapped, not fetched. `verify=False` skips the host checksums, for a swapper that verifies
     on the device anyway (it must then raise `ChecksumMismatch` itself).
     """
-    if manifest.checksum_algorithm != ALGORITHM:
-        raise TransportError(f"unsupported checksum algorithm {manifest.checksum_algorithm!r}")
+    if manifest.checksum_algorithm not in SUPPORTED_ALGORITHMS:
+        raise TransportError(
+            f"{manifest.model} version {manifest.version} uses checksum algorithm "
+            f"{manifest.checksum_algorithm!r}, which this subscriber cannot verify (it knows "
+            f"{ALGORITHM!r}): upgrade the older side so both use the same weightstream"
+        )
     routes = [_receiver_for(manifest, r, receivers) for r in range(len(manifest.regions))]
     mapped: dict[int, torch.Tensor] = {}
     for region, (receiver, locator_index) in enumerate(routes):

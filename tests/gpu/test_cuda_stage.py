@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 
+from gpu.digest import DigestBatch, digest_of, wmix128_tensor
+from gpu.host import HostRegisterError, HostRegistration
 from publishers.packing import pack, plan
 from schemas.ipc import decode_staging_share, encode_staging_share
 from schemas.manifest import BucketSpec, Shard
-from streamer.checksum import wsum64
-from subscribers.checksum import DigestBatch, digest_of, wsum64_tensor
-from subscribers.cuda_stage import CudaStager, HostRegisterError, HostRegistration, host_tensor
+from streamer.checksum import wmix128
+from subscribers.cuda_stage import CudaStager, host_tensor
 from subscribers.node_share import NodeShare, exchange_shares, owner_blocks
 
 if TYPE_CHECKING:
@@ -173,17 +174,17 @@ def test_owner_blocks_cover_every_bucket_once() -> None:
 def test_cuda_twin_matches_the_numpy_reference(length: int) -> None:
     data = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8)
     on_gpu = torch.from_numpy(data).cuda()
-    sums = wsum64_tensor(on_gpu)
+    sums = wmix128_tensor(on_gpu)
     assert sums.device == on_gpu.device
-    assert digest_of(sums) == wsum64(data.tobytes())
-    assert digest_of(wsum64_tensor(on_gpu[3:])) == wsum64(data[3:].tobytes())
+    assert digest_of(sums) == wmix128(data.tobytes())
+    assert digest_of(wmix128_tensor(on_gpu[3:])) == wmix128(data[3:].tobytes())
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_sums_wrap_like_numpy() -> None:
     words = np.array([np.iinfo(np.int64).max, -1, np.iinfo(np.int64).min] * 50_000, dtype="<i8")
-    assert digest_of(wsum64_tensor(torch.from_numpy(words.view(np.uint8)).cuda())) == wsum64(
+    assert digest_of(wmix128_tensor(torch.from_numpy(words.view(np.uint8)).cuda())) == wmix128(
         words.tobytes()
     )
 
@@ -192,7 +193,7 @@ def test_cuda_sums_wrap_like_numpy() -> None:
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_digest_batch_on_the_device_syncs_once_at_the_end() -> None:
     buffers = [torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda") for n in (100, 70_000)]
-    digests = [wsum64(b.cpu().numpy().tobytes()) for b in buffers]
+    digests = [wmix128(b.cpu().numpy().tobytes()) for b in buffers]
     batch = DigestBatch([*digests, digests[0]], "cuda")
     batch.record(0, buffers[0])
     batch.record(1, buffers[1])
@@ -222,7 +223,7 @@ def test_host_registration_pins_shared_memory_once(shm_region: torch.Tensor) -> 
             region=0,
             offset=0,
             nbytes=registration.nbytes,
-            checksum=wsum64(shm_region.numpy().tobytes()),
+            checksum=wmix128(shm_region.numpy().tobytes()),
         )
         stager = CudaStager("cuda", registration.nbytes)
         stager.prepare([registration.nbytes])

@@ -9,7 +9,7 @@ import torch
 
 from publishers.packing import Layout, pack, plan
 from schemas.manifest import ALIGNMENT, FrameLocator, TensorSpec
-from streamer.checksum import wsum64
+from streamer.checksum import wmix128
 from subscribers.dtypes import torch_dtype
 
 
@@ -121,7 +121,7 @@ def test_buckets_tile_every_region_and_a_tensor_may_span_several() -> None:
     assert len(spanned) == 5
 
 
-def test_bucket_checksums_are_wsum64_of_the_bucket_bytes() -> None:
+def test_bucket_checksums_are_wmix128_of_the_bucket_bytes() -> None:
     tensors = mixed_tensors()
     layout = plan(tensors, bucket_bytes=512, region_bytes=2048)
     buffers = buffers_for(layout)
@@ -129,7 +129,7 @@ def test_bucket_checksums_are_wsum64_of_the_bucket_bytes() -> None:
     ranges = layout.bucket_ranges()
     assert len(checksums) == len(ranges) > 3
     for (region, offset, nbytes), checksum in zip(ranges, checksums, strict=True):
-        assert checksum == wsum64(buffers[region][offset : offset + nbytes].numpy().tobytes())
+        assert checksum == wmix128(buffers[region][offset : offset + nbytes].numpy().tobytes())
 
 
 def test_padding_and_region_tails_are_zeroed_over_junk() -> None:
@@ -192,7 +192,7 @@ def test_shard_joins_layout_locators_and_checksums() -> None:
     assert [r.locators for r in shard.regions] == [tuple(locs) for locs in locators]
     assert [b.checksum for b in shard.buckets] == checksums
     assert shard.tensors == layout.tensors
-    assert shard.checksum_algorithm == "wsum64"
+    assert shard.checksum_algorithm == "wmix128"
     with pytest.raises(ValueError, match="checksums for"):
         layout.shard(locators, checksums[:-1], rank=0)
 
