@@ -5,6 +5,10 @@
     retire loop: Retire(v) from the broker ──> v's buffers back to the pool (they stay
                  registered: the next version packed into them is exposed at the same place)
 
+A publisher holds at most `max_buffer_sets` versions' buffers (the broker's retention + 1
+being pulled + its pending cap, 2 + 1 + 4 by default), whatever the broker does: a publish
+past that is refused with `PublishRefused`, which says which versions still hold buffers.
+
 Each rank of a trainer publishes its own shard of the tensors under the same version; the
 broker announces the version once every rank's shard is in. The bytes stay in this
 process's memory and are read by subscribers directly (mooncake) or through the fallback
@@ -28,7 +32,7 @@ import zmq.asyncio
 from publishers.memory import BufferPool, BufferSet
 from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
 from streamer.client import BrokerClient, connect
-from streamer.errors import BrokerError
+from streamer.errors import BrokerError, StreamerError
 from streamer.transport.shm import ShmSender
 
 if TYPE_CHECKING:
@@ -40,11 +44,25 @@ if TYPE_CHECKING:
     from streamer.config import ClientConfig
     from streamer.transport.base import BulkSender
 
-__all__ = ["PublishResult", "Publisher", "SyncPublisher", "open_publisher"]
+__all__ = [
+    "DEFAULT_MAX_BUFFER_SETS",
+    "PublishRefused",
+    "PublishResult",
+    "Publisher",
+    "SyncPublisher",
+    "open_publisher",
+]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DEFAULT_MAX_BUFFER_SETS = 2 + 1 + 4
+"""The broker's default retention, one version being pulled past it, its pending cap."""
+
+
+class PublishRefused(StreamerError):
+    """This rank already holds as many versions' buffers as it may; none was retired."""
 
 
 class PublishResult:
@@ -79,11 +97,16 @@ class Publisher:
         region_bytes: int = DEFAULT_REGION_BYTES,
         pool: BufferPool | None = None,
         node_local: bool = False,
+        max_buffer_sets: int = DEFAULT_MAX_BUFFER_SETS,
     ) -> None:
         """`node_local=True` puts the buffers in POSIX shared memory and offers them to
-        same-host subscribers, who map them instead of fetching them."""
+        same-host subscribers, who map them instead of fetching them. `max_buffer_sets`
+        bounds the versions whose buffers this rank keeps (see the module docstring)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, {world_size})")
+        if max_buffer_sets < 1:
+            raise ValueError("max_buffer_sets must be >= 1")
+        self.max_buffer_sets = max_buffer_sets
         self.client = client
         self.senders: list[BulkSender] = list(sender) if isinstance(sender, Sequence) else [sender]
         if node_local:
@@ -116,6 +139,14 @@ class Publisher:
         """
         if not named_tensors:
             raise ValueError("nothing to publish: named_tensors is empty")
+        if version not in self.live and len(self.live) >= self.max_buffer_sets:
+            raise PublishRefused(
+                f"{self.model} rank {self.rank} already holds buffers of {len(self.live)} versions "
+                f"{sorted(self.live)} (max_buffer_sets={self.max_buffer_sets}) that the broker has "
+                "not retired: subscribers still lease them or other ranks have not published "
+                "them. Wait for subscribers (wait_applied) or for the pending versions to expire, "
+                "check `weightstream status`, or raise max_buffer_sets"
+            )
         started = time.perf_counter()
         layout = plan(named_tensors, bucket_bytes=self.bucket_bytes, region_bytes=self.region_bytes)
         buffer_set, _ = self.pool.take(layout.region_bytes)
@@ -171,16 +202,26 @@ class Publisher:
             if retire.model != self.model:
                 continue
             buffer_set = self.live.pop(retire.version, None)
+            if retire.reason:
+                # Not the normal end of a version: a pending one expired, say (ranks missing).
+                logger.warning(
+                    "retired early model=%s version=%d freed_bytes=%d reason=%s",
+                    self.model,
+                    retire.version,
+                    buffer_set.nbytes if buffer_set else 0,
+                    retire.reason,
+                )
             if buffer_set is None:
                 continue
             # Regions stay registered: the buffers are reused for the next version.
             self.pool.give_back(buffer_set)
-            logger.info(
-                "retired model=%s version=%d freed_bytes=%d",
-                self.model,
-                retire.version,
-                buffer_set.nbytes,
-            )
+            if not retire.reason:
+                logger.info(
+                    "retired model=%s version=%d freed_bytes=%d",
+                    self.model,
+                    retire.version,
+                    buffer_set.nbytes,
+                )
 
     def close(self) -> None:
         for sender in self.senders:
@@ -198,6 +239,7 @@ async def open_publisher(
     world_size: int = 1,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     node_local: bool = False,
+    max_buffer_sets: int = DEFAULT_MAX_BUFFER_SETS,
     context: zmq.asyncio.Context | None = None,
 ) -> AsyncIterator[Publisher]:
     """Connect to the broker and run the retire loop while the publisher is in use."""
@@ -212,6 +254,7 @@ async def open_publisher(
                 world_size=world_size,
                 bucket_bytes=bucket_bytes,
                 node_local=node_local,
+                max_buffer_sets=max_buffer_sets,
             )
             retire = asyncio.create_task(publisher.retire_loop(), name="retire")
             try:

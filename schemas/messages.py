@@ -17,6 +17,7 @@ defaults. Requests carry a `request_id` that the reply echoes.
       WaitApplied ------------------->
             <------------------------- AppliedReached (once enough subscribers applied it)
             <------------------------- Retire (to publishers: free that version's memory)
+            <------------------------- Withdraw (to subscribers: nobody can read that version)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "WaitApplied",
     "Welcome",
     "Wire",
+    "Withdraw",
 ]
 
 PROTOCOL_VERSION = 1
@@ -65,6 +67,7 @@ ErrorCode = Literal[
     "version_unavailable",
     "stale_version",
     "bad_request",
+    "expired",
 ]
 RequestId = Annotated[int, msgspec.Meta(ge=0)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -80,6 +83,8 @@ class Hello(Wire, frozen=True, tag="hello"):
     protocol_version: int = PROTOCOL_VERSION
     host: str = ""
     pid: int = 0
+    name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    """A stable name for status and metric labels (kept across restarts); default host:pid."""
 
 
 class Welcome(Wire, frozen=True, tag="welcome"):
@@ -158,6 +163,7 @@ class Progress(Wire, frozen=True, tag="progress"):
     bytes_done: NonNegative
     bytes_total: NonNegative
     bytes_per_s: float = 0.0
+    state: Literal["pulling", "staged"] = "pulling"
 
 
 class Applied(Wire, frozen=True, tag="applied"):
@@ -191,6 +197,16 @@ class AppliedReached(Wire, frozen=True, tag="applied_reached"):
 class Retire(Wire, frozen=True, tag="retire"):
     model: str
     version: Version
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    """Why, when it is not the normal end of a version (a pending version expired, say)."""
+
+
+class Withdraw(Wire, frozen=True, tag="withdraw"):
+    """A version announced earlier can no longer be read (its publisher is gone): drop it."""
+
+    model: str
+    version: Version
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
 Message = (
@@ -213,4 +229,5 @@ Message = (
     | WaitApplied
     | AppliedReached
     | Retire
+    | Withdraw
 )

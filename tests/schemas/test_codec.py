@@ -47,6 +47,7 @@ from schemas.messages import (
     Subscribed,
     WaitApplied,
     Welcome,
+    Withdraw,
 )
 from streamer.errors import ProtocolError
 from streamer.frames import MAX_MESSAGE_BYTES, decode_header
@@ -184,6 +185,7 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
         num_subscribers=INT64,
     ),
     Retire: st.builds(Retire, model=st.text(), version=NON_NEGATIVE),
+    Withdraw: st.builds(Withdraw, model=st.text(), version=NON_NEGATIVE, reason=st.text()),
 }
 
 WIRE_TAGS: dict[type, str] = {
@@ -206,6 +208,7 @@ WIRE_TAGS: dict[type, str] = {
     WaitApplied: "wait_applied",
     AppliedReached: "applied_reached",
     Retire: "retire",
+    Withdraw: "withdraw",
 }
 
 
