@@ -54,6 +54,11 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         "--waiter-ttl-s", type=float, help="a WaitApplied not reached expires (default 3600)"
     )
     parser.add_argument(
+        "--http-idle-timeout-s",
+        type=float,
+        help="close HTTP connections idle or slower than this (default 15)",
+    )
+    parser.add_argument(
         "--discard-bad-state",
         action="store_true",
         default=None,

@@ -119,6 +119,7 @@ class _Pending:
     started_at: float
     shards: dict[int, Shard] = field(default_factory=dict)
     publishers: set[str] = field(default_factory=set)
+    restored_at: float | None = None
 
     def missing(self) -> list[int]:
         return [rank for rank in range(self.world_size) if rank not in self.shards]
@@ -373,7 +374,10 @@ class Registry:
             )
         except ValueError as exc:
             raise BrokerError("bad_request", str(exc)) from exc
-        return True, out + self._announce(model_name, model, manifest, pending.publishers, now)
+        out += self._announce(model_name, model, manifest, pending.publishers, now)
+        # Shards restored from the state file: their publishers get the same time to return.
+        model.versions[version].restored_at = pending.restored_at
+        return True, out
 
     def _pending_shards(self) -> int:
         return sum(len(p.shards) for m in self.models.values() for p in m.pending.values())
@@ -760,4 +764,5 @@ class Registry:
                 started_at=now,
                 shards=dict(saved_pending.shards),
                 publishers=set(saved_pending.publishers),
+                restored_at=now,
             )
