@@ -8,11 +8,11 @@ import pytest
 from schemas.messages import Announce, AppliedReached, Error, Retire, Withdraw
 from streamer.errors import BrokerError
 from streamer.http import fleet, model_summary
-from streamer.registry import Limits, Registry
+from streamer.registry import Limits, Outbox, Registry
 from tests.streamer.test_registry import MODEL, publish, registry, retired, shard
 
 
-def reasons(out: list) -> list[tuple[str, int, str]]:
+def reasons(out: Outbox) -> list[tuple[str, int, str]]:
     return [(peer, m.version, m.reason) for peer, m in out if isinstance(m, Retire)]
 
 
