@@ -19,8 +19,6 @@ Version life cycle, per model::
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import logging
 import time
 from collections import deque
@@ -29,8 +27,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from schemas.manifest import Manifest, Shard, validate_shard
-from schemas.messages import Announce, AppliedReached, Error, Message, Retire, Withdraw
+from schemas.messages import Announce, AppliedReached, Message, Retire, Withdraw
 from streamer.errors import BrokerError, VersionUnavailable
+from streamer.waiters import Waiters
 
 __all__ = ["Limits", "Outbox", "PeerState", "PullProgress", "Registry", "VersionRecord"]
 
@@ -138,15 +137,6 @@ class _Model:
     """Announced versions that became unreadable, newest last (for status)."""
 
 
-@dataclass(order=True)
-class _Waiter:
-    num_subscribers: int
-    seq: int
-    peer_id: str = field(compare=False)
-    request_id: int = field(compare=False)
-    expires_at: float = field(compare=False)
-
-
 class _PersistedVersion(msgspec.Struct):
     manifest: Manifest
     publishers: list[str]
@@ -188,10 +178,11 @@ class Registry:
         self.limits = limits or Limits()
         self.models: dict[str, _Model] = {}
         self.peers: dict[str, PeerState] = {}
-        self._waiters: dict[tuple[str, int], list[_Waiter]] = {}
-        """(model, version) -> waiters sorted by how many subscribers they need."""
-        self._waiters_per_peer: dict[str, int] = {}
-        self._waiter_seq = itertools.count()
+        self.waiters = Waiters(
+            per_peer=self.limits.waiters_per_peer,
+            total=self.limits.waiters,
+            ttl_s=self.limits.waiter_ttl_s,
+        )
         self.dirty = False
         """True when something worth persisting changed since the last `snapshot()`."""
 
@@ -256,7 +247,7 @@ class Registry:
         peer.gone = True
         peer.gone_at = now
         peer.progress.clear()
-        self._drop_waiters(peer.peer_id)
+        self.waiters.drop_peer(peer.peer_id)
         self._drop_leases(peer.peer_id)
 
     def _forget_gone(self, now: float, *, everyone: bool = False) -> None:
@@ -297,7 +288,7 @@ class Registry:
                     f"pending version {version} of {name} expired after "
                     f"{self.limits.pending_timeout_s:g} s",
                 )
-        out += self._expire_waiters(now)
+        out += self.waiters.expire(now, self.count_applied)
         out += self._withdraw_unreadable(now)
         return out + self._retire_unleased(now)
 
@@ -613,22 +604,11 @@ class Registry:
                 request_id=request_id, model=model, version=version, num_subscribers=reached
             )
             return [(waiter_peer, reply)]
-        held = self._waiters_per_peer.get(waiter_peer, 0)
-        if held >= self.limits.waiters_per_peer or self.num_waiters() >= self.limits.waiters:
-            raise BrokerError(
-                "bad_request",
-                f"too many WaitApplied pending ({held} from this peer; limits.waiters_per_peer "
-                f"{self.limits.waiters_per_peer}): wait for the ones already asked",
-            )
-        waiter = _Waiter(
-            count, next(self._waiter_seq), waiter_peer, request_id, now + self.limits.waiter_ttl_s
-        )
-        bisect.insort(self._waiters.setdefault((model, version), []), waiter)
-        self._waiters_per_peer[waiter_peer] = held + 1
+        self.waiters.add(waiter_peer, request_id, model, version, count, now)
         return []
 
     def num_waiters(self) -> int:
-        return sum(self._waiters_per_peer.values())
+        return len(self.waiters)
 
     def count_applied(self, model: str, version: int) -> int:
         return sum(
@@ -640,59 +620,7 @@ class Registry:
         )
 
     def _wake(self, model: str, version: int) -> Outbox:
-        """A subscriber reached `version` of `model`: wake the waiters it may satisfy,
-        counting once per waited-for version (waiters are sorted by what they need)."""
-        out: Outbox = []
-        for key in [k for k in self._waiters if k[0] == model and k[1] <= version]:
-            waiters = self._waiters[key]
-            reached = self.count_applied(*key)
-            woken = bisect.bisect_right(waiters, reached, key=lambda w: w.num_subscribers)
-            for waiter in waiters[:woken]:
-                reply = AppliedReached(
-                    request_id=waiter.request_id,
-                    model=key[0],
-                    version=key[1],
-                    num_subscribers=reached,
-                )
-                out.append((waiter.peer_id, reply))
-                self._release_waiter(waiter.peer_id)
-            del waiters[:woken]
-            if not waiters:
-                del self._waiters[key]
-        return out
-
-    def _release_waiter(self, peer_id: str) -> None:
-        left = self._waiters_per_peer.pop(peer_id, 1) - 1
-        if left > 0:
-            self._waiters_per_peer[peer_id] = left
-
-    def _drop_waiters(self, peer_id: str) -> None:
-        if peer_id not in self._waiters_per_peer:
-            return
-        for key in list(self._waiters):
-            self._waiters[key] = [w for w in self._waiters[key] if w.peer_id != peer_id]
-            if not self._waiters[key]:
-                del self._waiters[key]
-        del self._waiters_per_peer[peer_id]
-
-    def _expire_waiters(self, now: float) -> Outbox:
-        out: Outbox = []
-        for key in list(self._waiters):
-            waiters = self._waiters[key]
-            for waiter in [w for w in waiters if w.expires_at <= now]:
-                detail = (
-                    f"WaitApplied for {key[0]} version {key[1]} expired after "
-                    f"{self.limits.waiter_ttl_s:g} s with {self.count_applied(*key)} of "
-                    f"{waiter.num_subscribers} subscribers there; ask again or check "
-                    "`weightstream status`"
-                )
-                error = Error(code="expired", detail=detail, request_id=waiter.request_id)
-                out.append((waiter.peer_id, error))
-                waiters.remove(waiter)
-                self._release_waiter(waiter.peer_id)
-            if not waiters:
-                del self._waiters[key]
-        return out
+        return self.waiters.wake(model, version, self.count_applied)
 
     # persistence
 
