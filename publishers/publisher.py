@@ -5,6 +5,10 @@
     retire loop: Retire(v) from the broker ──> v's buffers back to the pool (they stay
                  registered: the next version packed into them is exposed at the same place)
 
+A publisher holds at most `max_buffer_sets` versions' buffers (the broker's retention + 1
+being pulled + its pending cap, 2 + 1 + 4 by default), whatever the broker does: a publish
+past that is refused with `PublishRefused`, which says which versions still hold buffers.
+
 Each rank of a trainer publishes its own shard of the tensors under the same version; the
 broker announces the version once every rank's shard is in, and only from one trainer *job*:
 all ranks of one trainer pass the same `job` id (torchrun's run id, say), and a shard of a
@@ -30,7 +34,7 @@ import zmq.asyncio
 from publishers.memory import BufferPool, BufferSet
 from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
 from streamer.client import BrokerClient, connect
-from streamer.errors import BrokerError
+from streamer.errors import BrokerError, StreamerError
 from streamer.transport.shm import ShmSender
 
 if TYPE_CHECKING:
@@ -42,11 +46,25 @@ if TYPE_CHECKING:
     from streamer.config import ClientConfig
     from streamer.transport.base import BulkSender
 
-__all__ = ["PublishResult", "Publisher", "SyncPublisher", "open_publisher"]
+__all__ = [
+    "DEFAULT_MAX_BUFFER_SETS",
+    "PublishRefused",
+    "PublishResult",
+    "Publisher",
+    "SyncPublisher",
+    "open_publisher",
+]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DEFAULT_MAX_BUFFER_SETS = 2 + 1 + 4
+"""The broker's default retention, one version being pulled past it, its pending cap."""
+
+
+class PublishRefused(StreamerError):
+    """This rank already holds as many versions' buffers as it may; none was retired."""
 
 
 class PublishResult:
@@ -82,10 +100,13 @@ class Publisher:
         pool: BufferPool | None = None,
         node_local: bool = False,
         job: str | None = None,
+        max_buffer_sets: int = DEFAULT_MAX_BUFFER_SETS,
     ) -> None:
         """`node_local=True` puts the buffers in POSIX shared memory and offers them to
         same-host subscribers, who map them instead of fetching them. `job` names the
-        trainer job, the same on every rank (a single rank may leave it to a random id)."""
+        trainer job, the same on every rank (a single rank may leave it to a random id).
+        `max_buffer_sets` bounds the versions whose buffers this rank keeps (see the module
+        docstring)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, {world_size})")
         if job is None:
@@ -99,6 +120,9 @@ class Publisher:
         if len(job) > 128:
             raise ValueError(f"job ids have at most 128 characters, not {len(job)}")
         self.job = job
+        if max_buffer_sets < 1:
+            raise ValueError("max_buffer_sets must be >= 1")
+        self.max_buffer_sets = max_buffer_sets
         self.client = client
         self.senders: list[BulkSender] = list(sender) if isinstance(sender, Sequence) else [sender]
         if node_local:
@@ -131,6 +155,14 @@ class Publisher:
         """
         if not named_tensors:
             raise ValueError("nothing to publish: named_tensors is empty")
+        if version not in self.live and len(self.live) >= self.max_buffer_sets:
+            raise PublishRefused(
+                f"{self.model} rank {self.rank} already holds buffers of {len(self.live)} versions "
+                f"{sorted(self.live)} (max_buffer_sets={self.max_buffer_sets}) that the broker has "
+                "not retired: subscribers still lease them or other ranks have not published "
+                "them. Wait for subscribers (wait_applied) or for the pending versions to expire, "
+                "check `weightstream status`, or raise max_buffer_sets"
+            )
         started = time.perf_counter()
         layout = plan(named_tensors, bucket_bytes=self.bucket_bytes, region_bytes=self.region_bytes)
         buffer_set, _ = self.pool.take(layout.region_bytes)
@@ -186,16 +218,26 @@ class Publisher:
             if retire.model != self.model:
                 continue
             buffer_set = self.live.pop(retire.version, None)
+            if retire.reason:
+                # Not the normal end of a version: a pending one expired, say (ranks missing).
+                logger.warning(
+                    "retired early model=%s version=%d freed_bytes=%d reason=%s",
+                    self.model,
+                    retire.version,
+                    buffer_set.nbytes if buffer_set else 0,
+                    retire.reason,
+                )
             if buffer_set is None:
                 continue
             # Regions stay registered: the buffers are reused for the next version.
             self.pool.give_back(buffer_set)
-            logger.info(
-                "retired model=%s version=%d freed_bytes=%d",
-                self.model,
-                retire.version,
-                buffer_set.nbytes,
-            )
+            if not retire.reason:
+                logger.info(
+                    "retired model=%s version=%d freed_bytes=%d",
+                    self.model,
+                    retire.version,
+                    buffer_set.nbytes,
+                )
 
     def close(self) -> None:
         for sender in self.senders:
@@ -213,6 +255,7 @@ async def open_publisher(
     world_size: int = 1,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     node_local: bool = False,
+    max_buffer_sets: int = DEFAULT_MAX_BUFFER_SETS,
     context: zmq.asyncio.Context | None = None,
     job: str | None = None,
 ) -> AsyncIterator[Publisher]:
@@ -229,6 +272,7 @@ async def open_publisher(
                 bucket_bytes=bucket_bytes,
                 node_local=node_local,
                 job=job,
+                max_buffer_sets=max_buffer_sets,
             )
             retire = asyncio.create_task(publisher.retire_loop(), name="retire")
             try:

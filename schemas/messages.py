@@ -19,6 +19,7 @@ decoded message is larger or stranger than its type allows.
       WaitApplied ------------------->
             <------------------------- AppliedReached (once enough subscribers applied it)
             <------------------------- Retire (to publishers: free that version's memory)
+            <------------------------- Withdraw (to subscribers: nobody can read that version)
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "WaitApplied",
     "Welcome",
     "Wire",
+    "Withdraw",
 ]
 
 PROTOCOL_VERSION = 1
@@ -78,6 +80,7 @@ ErrorCode = Literal[
     "bad_request",
     "invalid_manifest",
     "job_conflict",
+    "expired",
 ]
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 PeerId = Annotated[str, msgspec.Meta(max_length=255)]
@@ -102,6 +105,8 @@ class Hello(Wire, frozen=True, tag="hello"):
     protocol_version: Small = PROTOCOL_VERSION
     host: Host = ""
     pid: Small = 0
+    name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    """A stable name for status and metric labels (kept across restarts); default host:pid."""
 
 
 class Welcome(Wire, frozen=True, tag="welcome"):
@@ -182,6 +187,7 @@ class Progress(Wire, frozen=True, tag="progress"):
     bytes_done: NonNegative
     bytes_total: NonNegative
     bytes_per_s: Rate = 0.0
+    state: Literal["pulling", "staged"] = "pulling"
 
 
 class Applied(Wire, frozen=True, tag="applied"):
@@ -215,6 +221,16 @@ class AppliedReached(Wire, frozen=True, tag="applied_reached"):
 class Retire(Wire, frozen=True, tag="retire"):
     model: ModelName
     version: Version
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    """Why, when it is not the normal end of a version (a pending version expired, say)."""
+
+
+class Withdraw(Wire, frozen=True, tag="withdraw"):
+    """A version announced earlier can no longer be read (its publisher is gone): drop it."""
+
+    model: ModelName
+    version: Version
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
 Message = (
@@ -237,4 +253,5 @@ Message = (
     | WaitApplied
     | AppliedReached
     | Retire
+    | Withdraw
 )

@@ -15,6 +15,7 @@ import msgspec
 
 from streamer.config import BrokerConfig
 from streamer.server import run_until_signal, serve
+from streamer.state import StateError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -38,6 +39,30 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--peer-timeout-s", type=float, help="silence before a peer counts as gone (default 10)"
+    )
+    parser.add_argument(
+        "--pending-timeout-s",
+        type=float,
+        help="a version still missing ranks this long expires (default 120)",
+    )
+    parser.add_argument(
+        "--gone-peer-ttl-s",
+        type=float,
+        help="a gone peer's status rows stay this long (default 300)",
+    )
+    parser.add_argument(
+        "--waiter-ttl-s", type=float, help="a WaitApplied not reached expires (default 3600)"
+    )
+    parser.add_argument(
+        "--http-idle-timeout-s",
+        type=float,
+        help="close HTTP connections idle or slower than this (default 15)",
+    )
+    parser.add_argument(
+        "--discard-bad-state",
+        action="store_true",
+        default=None,
+        help="move a damaged state file aside and start empty (default: refuse to start)",
     )
     parser.add_argument(
         "--ready-file", help="write {endpoint, http_port} as JSON here once listening (for scripts)"
@@ -67,7 +92,11 @@ def run_broker(config: BrokerConfig, *, ready_file: str | None = None) -> int:
             tmp.write_text(json.dumps({"endpoint": endpoint, "http_port": http_port}))
             os.replace(tmp, ready_file)
 
-    run_until_signal(serve(config, on_ready=on_ready))
+    try:
+        run_until_signal(serve(config, on_ready=on_ready))
+    except StateError as exc:
+        logging.getLogger("streamer").error("broker not started: %s", exc)  # noqa: TRY400
+        return 2
     logging.getLogger("streamer").info("broker stopped")
     return 0
 

@@ -10,6 +10,11 @@ Weights never pass through here; only control messages and manifests do.
                   ▼
     HTTP status (streamer.http) reads the same Registry
 
+With a state dir, the registry is written (streamer.state: atomic, fsynced) after every
+change that matters; a failed write is logged and shown in status, and retried each tick,
+while the broker keeps serving. Retire, Withdraw and AppliedReached that cannot be delivered
+(the peer is away, say during its reconnect) wait, bounded, for that peer's next Hello.
+
 A peer that sends garbage gets a typed `Error("protocol")` and the message is dropped; the
 broker keeps serving. A message from a peer that never said Hello (say, after a broker
 restart) gets `Error("unknown_peer")`, and the client says Hello again.
@@ -18,12 +23,12 @@ restart) gets `Error("unknown_peer")`, and the client says Hello again.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
-from pathlib import Path
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -33,6 +38,7 @@ from schemas.messages import (
     AcquireLease,
     Announce,
     Applied,
+    AppliedReached,
     Error,
     Goodbye,
     Heartbeat,
@@ -44,15 +50,18 @@ from schemas.messages import (
     PublishShard,
     PullFailed,
     ReleaseLease,
+    Retire,
     Subscribe,
     Subscribed,
     WaitApplied,
     Welcome,
+    Withdraw,
 )
 from streamer.errors import BrokerError, ProtocolError
 from streamer.frames import decode_header
-from streamer.metrics import BrokerStats
+from streamer.metrics import BrokerStats, RegistryCollector
 from streamer.registry import Outbox, Registry
+from streamer.state import StateError, StateFile
 
 if TYPE_CHECKING:
     from streamer.config import BrokerConfig
@@ -62,7 +71,13 @@ __all__ = ["Broker"]
 logger = logging.getLogger(__name__)
 
 _HOUSEKEEPING_S = 0.25
-_STATE_FILE = "registry.msgpack"
+_WARNED_PEERS = 1024
+"""Peers whose protocol errors were logged (once each); older ones are forgotten."""
+_REDELIVER_PEERS = 1024
+_REDELIVER_PER_PEER = 64
+_REDELIVERED = (Retire, Withdraw, AppliedReached)
+"""Messages that matter enough to re-send after the peer's next Hello."""
+_STATE_ERROR_LOG_S = 60.0
 
 
 class Broker:
@@ -80,15 +95,16 @@ class Broker:
             lease_ttl_s=config.lease_ttl_s,
             peer_timeout_s=config.peer_timeout_s,
             manifest_limits=config.manifest_limits,
+            limits=config.limits(),
         )
         self.stats = BrokerStats(started_at=time.time())
-        self._warned: set[bytes] = set()
-        self._state_path = Path(config.state_dir) / _STATE_FILE if config.state_dir else None
-        if self._state_path is not None and self._state_path.exists():
-            self.registry.restore(self._state_path.read_bytes())
-            logger.info(
-                "restored registry path=%s models=%d", self._state_path, len(self.registry.models)
-            )
+        self.stats.registry.register(RegistryCollector(self.registry, self.stats))
+        self._warned: OrderedDict[bytes, None] = OrderedDict()
+        self._undelivered: OrderedDict[str, list[Message]] = OrderedDict()
+        self._state_error_logged_at = 0.0
+        self.state = StateFile(config.state_dir) if config.state_dir else None
+        if self.state is not None:
+            self._restore(self.state)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -98,6 +114,30 @@ class Broker:
         self.socket.setsockopt(zmq.MAXMSGSIZE, 256 * 1024 * 1024)
         self.socket.bind(config.endpoint)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _restore(self, state: StateFile) -> None:
+        """Check the state dir and load the state file; StateError says what to do."""
+        state.check()
+        data = state.read()
+        if data is None:
+            logger.info("no state file yet path=%s", state.path)
+            return
+        try:
+            self.registry.restore(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if not self.config.discard_bad_state:
+                raise state.damaged(exc) from exc
+            aside = state.quarantine()
+            logger.warning(
+                "state file damaged, moved aside path=%s aside=%s detail=%s", state.path, aside, exc
+            )
+            return  # decoding failed before the registry was touched: it is empty
+        logger.info(
+            "restored registry path=%s models=%d pending=%d",
+            state.path,
+            len(self.registry.models),
+            sum(len(m.pending) for m in self.registry.models.values()),
+        )
 
     async def run(self) -> None:
         """Serve until cancelled."""
@@ -149,12 +189,13 @@ class Broker:
                     "incompatible",
                     f"broker speaks protocol {PROTOCOL_VERSION}, peer {message.protocol_version}",
                 )
-            registry.hello(peer_id, message.role, message.host, message.pid, now)
+            registry.hello(peer_id, message.role, message.host, message.pid, now, name=message.name)
             logger.info("peer joined peer=%s role=%s host=%s", peer_id, message.role, message.host)
             welcome = Welcome(
                 broker_id=self.broker_id, heartbeat_interval_s=self.config.heartbeat_interval_s
             )
-            return [(peer_id, welcome)]
+            held = self._undelivered.pop(peer_id, [])
+            return [(peer_id, welcome), *((peer_id, m) for m in held)]
         if not registry.known(peer_id):
             raise BrokerError("unknown_peer", "say hello first (the broker may have restarted)")
         registry.touch(peer_id, now)
@@ -189,7 +230,8 @@ class Broker:
                 return [(peer_id, reply), *outbox]
             case Subscribe(request_id=rid, model=model):
                 current = registry.subscribe(peer_id, model)
-                latest = current.version if current is not None else None
+                readable = registry.readable_latest(model)
+                latest = readable.manifest.version if readable is not None else None
                 subscribed = Subscribed(request_id=rid, model=model, latest=latest)
                 if current is None:
                     return [(peer_id, subscribed)]
@@ -212,6 +254,7 @@ class Broker:
                     message.bytes_done,
                     message.bytes_total,
                     message.bytes_per_s,
+                    message.state,
                 )
                 return []
             case Applied(model=model, version=version):
@@ -223,6 +266,17 @@ class Broker:
                     version,
                     message.pull_s,
                     message.pause_s,
+                )
+                record = (
+                    registry.models[model].versions.get(version)
+                    if model in registry.models
+                    else None
+                )
+                self.stats.observe_applied(
+                    model,
+                    pull_s=message.pull_s,
+                    pause_s=message.pause_s,
+                    since_announce_s=now - record.announced_at if record else None,
                 )
                 return registry.applied(
                     peer_id, model, version, message.pull_s, message.pause_s, now
@@ -239,7 +293,9 @@ class Broker:
                 registry.pull_failed(peer_id, model, version, reason)
                 return []
             case WaitApplied(request_id=rid, model=model, version=version):
-                return registry.wait_applied(peer_id, rid, model, version, message.num_subscribers)
+                return registry.wait_applied(
+                    peer_id, rid, model, version, message.num_subscribers, now=now
+                )
             case Goodbye():
                 logger.info("peer left peer=%s", peer_id)
                 return registry.goodbye(peer_id, now)
@@ -247,24 +303,44 @@ class Broker:
                 raise BrokerError("protocol", f"a peer does not send {type(message).__name__}")
 
     async def _send(self, outbox: Outbox) -> None:
+        # One Announce fans out to many peers: encode each message object once.
+        encoded: dict[int, bytes] = {}
         for peer_id, message in outbox:
+            data = encoded.get(id(message))
+            if data is None:
+                data = encoded[id(message)] = encode(message)
             try:
                 await self.socket.send_multipart(
-                    [peer_id.encode("latin-1"), encode(message)], flags=zmq.NOBLOCK
+                    [peer_id.encode("latin-1"), data], flags=zmq.NOBLOCK
                 )
             except zmq.Again:
                 logger.warning(
                     "dropped %s to peer=%s: its queue is full", type(message).__name__, peer_id
                 )
+                self._hold(peer_id, message)
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:
                     raise
-                logger.debug("peer=%s unreachable, dropped %s", peer_id, type(message).__name__)
+                logger.debug("peer=%s unreachable, held %s", peer_id, type(message).__name__)
+                self._hold(peer_id, message)
+
+    def _hold(self, peer_id: str, message: Message) -> None:
+        """Keep a message that matters for the peer's next Hello (bounded, oldest dropped)."""
+        if not isinstance(message, _REDELIVERED):
+            return
+        held = self._undelivered.setdefault(peer_id, [])
+        self._undelivered.move_to_end(peer_id)
+        held.append(message)
+        del held[:-_REDELIVER_PER_PEER]
+        while len(self._undelivered) > _REDELIVER_PEERS:
+            self._undelivered.popitem(last=False)
 
     async def _protocol_error(self, identity: bytes, detail: str) -> None:
         self.stats.protocol_errors_total += 1
         if identity not in self._warned:
-            self._warned.add(identity)
+            self._warned[identity] = None
+            if len(self._warned) > _WARNED_PEERS:
+                self._warned.popitem(last=False)
             logger.warning("protocol error peer=%r detail=%s", identity, detail)
         try:
             error = encode(Error(code="protocol", detail=detail))
@@ -273,9 +349,26 @@ class Broker:
             logger.debug("could not answer peer=%r", identity)
 
     def _persist(self) -> None:
-        if self._state_path is None or not self.registry.dirty:
+        """Write the registry if it changed; a failure is reported, kept dirty, retried."""
+        if self.state is None or not self.registry.dirty:
             return
-        self._state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_bytes(self.registry.snapshot())
-        os.replace(tmp, self._state_path)
+        try:
+            self.state.write(self.registry.snapshot())
+        except StateError as exc:
+            self.registry.dirty = True
+            self.stats.state_write_errors_total += 1
+            now = time.monotonic()
+            if str(exc) != self.stats.state_last_error or (
+                now - self._state_error_logged_at > _STATE_ERROR_LOG_S
+            ):
+                # One line, no traceback: the error says what failed and what to do.
+                logger.error(  # noqa: TRY400
+                    "state write failed errors=%d %s", self.stats.state_write_errors_total, exc
+                )
+                self._state_error_logged_at = now
+            self.stats.state_last_error = str(exc)
+            return
+        if self.stats.state_last_error is not None:
+            logger.info("state written again path=%s", self.state.path)
+            self.stats.state_last_error = None
+        self.stats.state_written_at = time.time()

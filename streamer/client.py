@@ -48,6 +48,7 @@ from schemas.messages import (
     Subscribed,
     WaitApplied,
     Welcome,
+    Withdraw,
 )
 from streamer.errors import BrokerError, IncompatiblePeer, ProtocolError, VersionUnavailable
 from streamer.frames import decode_header
@@ -270,6 +271,12 @@ class BrokerClient:
                     asyncio.get_running_loop().create_task(self._notify()).add_done_callback(
                         _discard
                     )
+            case Withdraw(model=model, version=version, reason=reason):
+                # Nobody can read it: forget it, so that next_manifest waits for the next one.
+                current = self._manifests.get(model)
+                if current is not None and current.version == version:
+                    del self._manifests[model]
+                logger.warning("withdrawn model=%s version=%d reason=%s", model, version, reason)
             case Retire():
                 try:
                     self.retired.put_nowait(message)

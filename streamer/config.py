@@ -11,10 +11,12 @@ from typing import Annotated
 import msgspec
 
 from schemas.validate import ManifestLimits
+from streamer.registry import Limits
 
 __all__ = ["BrokerConfig", "ClientConfig"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -37,6 +39,40 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     manifest_limits: ManifestLimits = ManifestLimits()
     """Caps on every published manifest (TOML table `[manifest_limits]`); a shard or manifest
     past them, or breaking any rule of `schemas.validate`, is refused `invalid_manifest`."""
+    discard_bad_state: bool = False
+    """Move an unreadable state file aside (to `<file>.bad-<time>`) and start empty."""
+    pending_timeout_s: Seconds = 120.0
+    """A version still missing ranks this long after its first shard expires: the ranks
+    that did publish get a Retire saying which ranks are missing, and free its buffers."""
+    max_pending_versions: Count = 4
+    """Incomplete versions per model at once; a newer one expires the oldest. A publisher
+    holds at most retention + 1 + this many buffer sets."""
+    max_pending_shards: Count = 65_536
+    max_models: Count = 1024
+    max_peers: Count = 100_000
+    max_subscriptions_per_peer: Count = 64
+    max_waiters_per_peer: Count = 64
+    max_waiters: Count = 100_000
+    waiter_ttl_s: Seconds = 3600.0
+    """A WaitApplied not reached in this long is answered Error("expired")."""
+    gone_peer_ttl_s: Seconds = 300.0
+    """A gone peer's status rows stay this long, then it is forgotten."""
+    http_idle_timeout_s: Seconds = 15.0
+    """HTTP connections idle (or sending a request slower than this) are closed."""
+
+    def limits(self) -> Limits:
+        return Limits(
+            pending_timeout_s=self.pending_timeout_s,
+            pending_versions_per_model=self.max_pending_versions,
+            pending_shards=self.max_pending_shards,
+            models=self.max_models,
+            peers=self.max_peers,
+            subscriptions_per_peer=self.max_subscriptions_per_peer,
+            waiters_per_peer=self.max_waiters_per_peer,
+            waiters=self.max_waiters,
+            waiter_ttl_s=self.waiter_ttl_s,
+            gone_peer_ttl_s=self.gone_peer_ttl_s,
+        )
 
 
 class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

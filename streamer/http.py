@@ -1,13 +1,19 @@
 """The HTTP status endpoint: version queries and the fleet, read from the broker's registry.
 
-    GET /healthz                                  {"status": "ok", ...}
-    GET /v1/models                                every model: latest version, readable versions
-    GET /v1/models/{model}                        latest version and history
+    GET /healthz                                  {"status": "ok", uptime, state file health}
+    GET /v1/models                                every model: latest, readable, pending,
+                                                  expired and unreadable versions
+    GET /v1/models/{model}                        the same, and history
     GET /v1/models/{model}/versions/{version}     manifest summary (tensors, buckets, bytes)
-    GET /v1/subscribers                           each subscriber: version, lag, progress, rate
-    GET /metrics                                  Prometheus text
+    GET /v1/subscribers?limit=&offset=&model=&state=
+                                                  each subscriber: version, lag, progress, rate
+                                                  (a page: at most 1000 rows by default)
+    GET /metrics                                  Prometheus text (prometheus-client)
 
-Model names may contain slashes (`org/name`); the routes match them greedily.
+Model names may contain slashes (`org/name`); the routes match them greedily. Handlers run
+on the broker's event loop: each renders a bounded amount (capped rows, a page of
+subscribers) so that no request stalls the ZeroMQ loop; idle and slow connections are closed
+after `idle_timeout_s`.
 """
 
 from __future__ import annotations
@@ -20,14 +26,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from streamer.metrics import (
-    LATEST_VERSION,
-    PEERS,
-    SUBSCRIBER_LAG,
-    SUBSCRIBER_VERSION,
-    BrokerStats,
-    render,
-)
+from streamer.metrics import CONTENT_TYPE, BrokerStats, render
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -40,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 _json = msgspec.json.Encoder()
 
+DEFAULT_PAGE = 1000
+MAX_PAGE = 10_000
+_MAX_TENSOR_ROWS = 10_000
+_STATES = ("idle", "pulling", "staged", "gone")
+
 
 def _respond(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=_json.encode(body), status=status, content_type="application/json")
@@ -49,7 +53,7 @@ def _not_found(detail: str) -> web.Response:
     return _respond({"error": "not_found", "detail": detail}, status=404)
 
 
-def model_summary(registry: Registry, name: str) -> dict[str, Any]:
+def model_summary(registry: Registry, name: str, now: float) -> dict[str, Any]:
     model = registry.models[name]
     readable = sorted(v for v, r in model.versions.items() if not r.retiring)
     latest = model.versions.get(model.latest) if model.latest is not None else None
@@ -62,17 +66,57 @@ def model_summary(registry: Registry, name: str) -> dict[str, Any]:
         "subscribers_at_latest": registry.count_applied(name, model.latest)
         if model.latest is not None
         else 0,
+        "pending": [
+            {
+                "version": version,
+                "world_size": p.world_size,
+                "ranks_in": sorted(p.shards),
+                "missing_ranks": p.missing(),
+                "age_s": round(now - p.started_at, 3),
+            }
+            for version, p in sorted(model.pending.items())
+        ],
+        "expired": list(model.expired),
+        "unreadable": [
+            {"version": v, "reason": r.unreadable}
+            for v, r in sorted(model.versions.items())
+            if r.unreadable is not None
+        ],
+        "withdrawn": list(model.withdrawn),
     }
 
 
-def fleet(registry: Registry, now: float) -> list[dict[str, Any]]:
-    """One row per subscriber and model it follows."""
-    return [
-        _subscriber_row(registry, peer, name, now)
-        for peer in sorted(registry.peers.values(), key=lambda p: p.peer_id)
-        if peer.role == "subscriber"
-        for name in sorted(peer.subscriptions | set(peer.applied))
-    ]
+def fleet(
+    registry: Registry,
+    now: float,
+    *,
+    limit: int = DEFAULT_PAGE,
+    offset: int = 0,
+    model: str | None = None,
+    state: str | None = None,
+) -> tuple[int, list[dict[str, Any]]]:
+    """One row per subscriber and model it follows, by peer id: (rows in all, this page)."""
+    total = 0
+    page: list[dict[str, Any]] = []
+    for peer in sorted(registry.peers.values(), key=lambda p: p.peer_id):
+        if peer.role != "subscriber":
+            continue
+        for name in sorted(peer.subscriptions | set(peer.applied)):
+            if model is not None and name != model:
+                continue
+            if state is not None and _state(peer, name) != state:
+                continue
+            if offset <= total < offset + limit:
+                page.append(_subscriber_row(registry, peer, name, now))
+            total += 1
+    return total, page
+
+
+def _state(peer: PeerState, name: str) -> str:
+    if peer.gone:
+        return "gone"
+    progress = peer.progress.get(name)
+    return progress.state if progress else "idle"
 
 
 def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) -> dict[str, Any]:
@@ -83,16 +127,19 @@ def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) 
     progress = peer.progress.get(name)
     return {
         "peer_id": peer.peer_id,
+        "name": peer.name,
         "host": peer.host,
         "pid": peer.pid,
-        "state": "gone" if peer.gone else ("pulling" if progress else "idle"),
+        "state": _state(peer, name),
         "model": name,
         "applied_version": applied,
         "latest_version": latest,
         "lag": lag,
-        "pulling_version": progress[0] if progress else None,
-        "progress": round(progress[1] / progress[2], 4) if progress and progress[2] else None,
-        "bytes_per_s": progress[3] if progress else None,
+        "pulling_version": progress.version if progress else None,
+        "progress": round(progress.bytes_done / progress.bytes_total, 4)
+        if progress and progress.bytes_total
+        else None,
+        "bytes_per_s": progress.bytes_per_s if progress else None,
         "last_pull_s": peer.last_pull_s.get(name),
         "last_pause_s": peer.last_pause_s.get(name),
         "last_heartbeat_age_s": round(now - peer.last_seen, 3),
@@ -102,10 +149,23 @@ def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) 
 
 def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
-        return _respond({"status": "ok", "uptime_s": round(time.time() - stats.started_at, 3)})
+        return _respond(
+            {
+                "status": "ok",
+                "uptime_s": round(time.time() - stats.started_at, 3),
+                "state": {
+                    "last_error": stats.state_last_error,
+                    "write_errors_total": stats.state_write_errors_total,
+                    "written_at": stats.state_written_at,
+                },
+            }
+        )
 
     async def models(request: web.Request) -> web.Response:
-        return _respond({"models": [model_summary(registry, n) for n in sorted(registry.models)]})
+        now = time.time()
+        return _respond(
+            {"models": [model_summary(registry, n, now) for n in sorted(registry.models)]}
+        )
 
     async def model_or_version(request: web.Request) -> web.Response:
         path: str = request.match_info["path"]
@@ -114,7 +174,7 @@ def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
             return _version(name, version_text)
         if path not in registry.models:
             return _not_found(f"no model named {path!r}; GET /v1/models lists them")
-        summary = model_summary(registry, path)
+        summary = model_summary(registry, path, time.time())
         summary["history"] = [
             {"version": v, "announced_at": t} for v, t in registry.models[path].history
         ]
@@ -149,19 +209,39 @@ def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
                 "num_buckets": len(manifest.buckets),
                 "num_regions": len(manifest.regions),
                 "checksum_algorithm": manifest.checksum_algorithm,
+                "unreadable": record.unreadable,
                 "tensors": [
                     {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
-                    for t in manifest.tensors
+                    for t in manifest.tensors[:_MAX_TENSOR_ROWS]
                 ],
             }
         )
 
     async def subscribers(request: web.Request) -> web.Response:
-        return _respond({"subscribers": fleet(registry, time.time())})
+        query = request.query
+        try:
+            limit = int(query.get("limit", DEFAULT_PAGE))
+            offset = int(query.get("offset", 0))
+        except ValueError:
+            return _respond(
+                {"error": "bad_request", "detail": "limit and offset are integers"}, 400
+            )
+        state = query.get("state")
+        if not 1 <= limit <= MAX_PAGE or offset < 0 or (state is not None and state not in _STATES):
+            return _respond(
+                {
+                    "error": "bad_request",
+                    "detail": f"limit is 1..{MAX_PAGE}, offset >= 0, state one of {list(_STATES)}",
+                },
+                400,
+            )
+        total, page = fleet(
+            registry, time.time(), limit=limit, offset=offset, model=query.get("model"), state=state
+        )
+        return _respond({"subscribers": page, "total": total, "limit": limit, "offset": offset})
 
     async def metrics(request: web.Request) -> web.Response:
-        _refresh_gauges(registry, stats)
-        return web.Response(text=render(stats), content_type="text/plain", charset="utf-8")
+        return web.Response(body=render(stats), headers={"Content-Type": CONTENT_TYPE})
 
     @web.middleware
     async def json_errors(
@@ -185,41 +265,22 @@ def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
     return app
 
 
-def _refresh_gauges(registry: Registry, stats: BrokerStats) -> None:
-    latest = [
-        ({"model": n}, float(m.latest)) for n, m in registry.models.items() if m.latest is not None
-    ]
-    versions: list[tuple[dict[str, str], float]] = []
-    lags: list[tuple[dict[str, str], float]] = []
-    for row in fleet(registry, time.time()):
-        if row["state"] == "gone" or row["applied_version"] is None:
-            continue
-        labels = {"model": row["model"], "peer": row["peer_id"]}
-        versions.append((labels, float(row["applied_version"])))
-        if row["lag"] is not None:
-            lags.append((labels, float(row["lag"])))
-    roles: dict[str, int] = {}
-    for peer in registry.peers.values():
-        if not peer.gone:
-            roles[peer.role] = roles.get(peer.role, 0) + 1
-    stats.gauges = {
-        LATEST_VERSION: latest,
-        SUBSCRIBER_VERSION: versions,
-        SUBSCRIBER_LAG: lags,
-        PEERS: [({"role": r}, float(c)) for r, c in sorted(roles.items())],
-    }
-
-
 async def serve_http(
     registry: Registry,
     stats: BrokerStats,
     *,
     host: str,
     port: int,
+    idle_timeout_s: float = 15.0,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve the status endpoint until cancelled; `on_ready` gets the bound port."""
-    runner = web.AppRunner(build_app(registry, stats), access_log=None)
+    """Serve the status endpoint until cancelled; `on_ready` gets the bound port.
+
+    A connection that sends no complete request for `idle_timeout_s` (idle, or a slow
+    sender) is closed: aiohttp's keep-alive timer runs from the connection's start."""
+    runner = web.AppRunner(
+        build_app(registry, stats), access_log=None, keepalive_timeout=idle_timeout_s
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

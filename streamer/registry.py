@@ -2,35 +2,75 @@
 
 Pure state, no sockets and no clock of its own (callers pass `now`), so every rule here is
 tested directly. The broker turns socket messages into calls on a `Registry` and sends the
-`Outbox` it returns.
+`Outbox` it returns. Every collection here has a bound (`Limits`): peers leave a while after
+they are gone, waiters expire, strings from peers are truncated, and per-peer caps hold.
 
 Version life cycle, per model::
 
-    shards arrive ──(all ranks in)──> announced (readable; one of the last `retention`)
-          │                              │ a newer version pushes it out of the window
-          └─(a newer version announced)──┴──> retiring ──(no lease left)──> retired:
-                                                           Retire sent to its publishers
+    shards arrive ─(all ranks in)─> announced (readable; one of the last `retention`)
+      │    │                          │  │ a newer version pushes it out of the window
+      │    │                          │  └──> retiring ─(no lease left)─> retired:
+      │    │                          │                                  Retire to publishers
+      │    │                          └─ a publisher is gone ─> unreadable: Withdraw to
+      │    │                                                    subscribers, then retiring
+      │    └─(pending_timeout_s, or a newer version announced, or over the pending cap)─>
+      └─────────> expired: Retire(reason="ranks [..] never published") to those that did
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
 
 from schemas.manifest import Manifest, Shard
-from schemas.messages import Announce, AppliedReached, Message, Retire
+from schemas.messages import Announce, AppliedReached, Message, Retire, Withdraw
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest, validate_shard
 from streamer.errors import BrokerError, VersionUnavailable
+from streamer.waiters import Waiters
 
-__all__ = ["Outbox", "PeerState", "Registry", "VersionRecord"]
+__all__ = ["Limits", "Outbox", "PeerState", "PullProgress", "Registry", "VersionRecord"]
 
 logger = logging.getLogger(__name__)
 
 Outbox = list[tuple[str, Message]]
 """Messages to send, as (peer_id, message)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds on what the registry keeps (each is a `BrokerConfig` field too)."""
+
+    pending_timeout_s: float = 120.0
+    """A version not complete this long after its first shard expires."""
+    pending_versions_per_model: int = 4
+    """Versions waiting for ranks at once, per model; a newer one expires the oldest."""
+    pending_shards: int = 65_536
+    """Shards waiting for their version to complete, over all models."""
+    models: int = 1024
+    peers: int = 100_000
+    subscriptions_per_peer: int = 64
+    waiters_per_peer: int = 64
+    waiters: int = 100_000
+    waiter_ttl_s: float = 3600.0
+    """A WaitApplied not reached in this long is answered Error("expired")."""
+    gone_peer_ttl_s: float = 300.0
+    """A gone peer (and its status rows) is forgotten this long after it went."""
+    text_chars: int = 512
+    """Failure reasons, hosts and names from peers are cut to this length."""
+
+
+@dataclass
+class PullProgress:
+    version: int
+    bytes_done: int
+    bytes_total: int
+    bytes_per_s: float
+    state: str = "pulling"
+    """`pulling`, or `staged`: whole and verified, waiting for the engine's step boundary."""
 
 
 @dataclass
@@ -41,15 +81,22 @@ class PeerState:
     pid: int
     connected_at: float
     last_seen: float
+    name: str = ""
+    """Stable across the peer's restarts (status and metric labels); host:pid if not given."""
     subscriptions: set[str] = field(default_factory=set)
     applied: dict[str, int] = field(default_factory=dict)
     applied_at: dict[str, float] = field(default_factory=dict)
-    progress: dict[str, tuple[int, int, int, float]] = field(default_factory=dict)
-    """model -> (version, bytes_done, bytes_total, bytes_per_s) of the pull under way."""
+    progress: dict[str, PullProgress] = field(default_factory=dict)
+    """model -> the pull under way."""
     last_pull_s: dict[str, float] = field(default_factory=dict)
     last_pause_s: dict[str, float] = field(default_factory=dict)
     last_error: dict[str, str] = field(default_factory=dict)
+    failed_version: dict[str, int] = field(default_factory=dict)
+    """model -> the version `last_error` is about (a later applied version clears it)."""
+    announced: dict[str, int] = field(default_factory=dict)
+    """model -> the last version announced to this connection (no repeats on Subscribe)."""
     gone: bool = False
+    gone_at: float = 0.0
 
 
 @dataclass
@@ -60,16 +107,25 @@ class VersionRecord:
     leases: dict[str, float] = field(default_factory=dict)
     """peer_id -> lease expiry time."""
     retiring: bool = False
+    unreadable: str | None = None
+    """Why nobody can read it any more (a publisher is gone); None while readable."""
+    restored_at: float | None = None
+    """Set when restored from the state file: its publishers get time to say Hello again."""
 
 
 @dataclass
 class _Pending:
     world_size: int
-    job: str
+    started_at: float
+    job: str = ""
     """The trainer job that sent the first shard: only its ranks complete the version."""
-    first_peer: str
+    first_peer: str = ""
     shards: dict[int, Shard] = field(default_factory=dict)
     publishers: set[str] = field(default_factory=set)
+    restored_at: float | None = None
+
+    def missing(self) -> list[int]:
+        return [rank for rank in range(self.world_size) if rank not in self.shards]
 
 
 @dataclass
@@ -79,25 +135,33 @@ class _Model:
     latest: int | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
     """(version, announced_at) of every version announced, newest last (bounded)."""
-
-
-@dataclass
-class _Waiter:
-    peer_id: str
-    request_id: int
-    model: str
-    version: int
-    num_subscribers: int
+    expired: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=16))
+    """Pending versions that expired, newest last (for status)."""
+    withdrawn: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=16))
+    """Announced versions that became unreadable, newest last (for status)."""
 
 
 class _PersistedVersion(msgspec.Struct):
     manifest: Manifest
     publishers: list[str]
+    retiring: bool = False
+    leases: dict[str, float] = {}
+
+
+class _PersistedPending(msgspec.Struct):
+    model: str
+    version: int
+    world_size: int
+    shards: dict[int, Shard]
+    publishers: list[str]
+    job: str = ""
+    first_peer: str = ""
 
 
 class _Persisted(msgspec.Struct):
     versions: list[_PersistedVersion]
     history: dict[str, list[tuple[int, float]]]
+    pending: list[_PersistedPending] = []
 
 
 _HISTORY_LENGTH = 1000
@@ -111,6 +175,7 @@ class Registry:
         lease_ttl_s: float = 30.0,
         peer_timeout_s: float = 10.0,
         manifest_limits: ManifestLimits | None = None,
+        limits: Limits | None = None,
     ):
         if retention < 1:
             raise ValueError("retention must be >= 1")
@@ -118,25 +183,55 @@ class Registry:
         self.lease_ttl_s = lease_ttl_s
         self.peer_timeout_s = peer_timeout_s
         self.manifest_limits = manifest_limits or ManifestLimits()
+        self.limits = limits or Limits()
         self.models: dict[str, _Model] = {}
         self.peers: dict[str, PeerState] = {}
-        self._waiters: list[_Waiter] = []
+        self.waiters = Waiters(
+            per_peer=self.limits.waiters_per_peer,
+            total=self.limits.waiters,
+            ttl_s=self.limits.waiter_ttl_s,
+        )
         self.dirty = False
         """True when something worth persisting changed since the last `snapshot()`."""
 
+    def _text(self, value: str) -> str:
+        limit = self.limits.text_chars
+        return value if len(value) <= limit else value[: limit - 3] + "..."
+
     # peers
 
-    def hello(self, peer_id: str, role: str, host: str, pid: int, now: float) -> None:
+    def hello(
+        self, peer_id: str, role: str, host: str, pid: int, now: float, *, name: str = ""
+    ) -> None:
+        """A peer (re)connects. A reconnect keeps what it reported and its leases: a peer
+        that lost the broker for a moment still holds the versions it is reading."""
         previous = self.peers.get(peer_id)
-        self.peers[peer_id] = PeerState(
-            peer_id=peer_id, role=role, host=host, pid=pid, connected_at=now, last_seen=now
+        if previous is None and len(self.peers) >= self.limits.peers:
+            self._forget_gone(now, everyone=True)
+            if len(self.peers) >= self.limits.peers:
+                raise BrokerError(
+                    "bad_request",
+                    f"the broker already tracks {len(self.peers)} peers (limits.peers); "
+                    "retry later or raise --max-peers",
+                )
+        host = self._text(host)
+        state = PeerState(
+            peer_id=peer_id,
+            role=role,
+            host=host,
+            pid=pid,
+            connected_at=now,
+            last_seen=now,
+            name=self._text(name) or f"{host}:{pid}",
         )
         if previous is not None:
-            # A reconnect: keep what it reported, drop its leases (it will ask again).
-            state = self.peers[peer_id]
             state.applied = previous.applied
             state.applied_at = previous.applied_at
-            self._drop_leases(peer_id)
+            state.last_pull_s = previous.last_pull_s
+            state.last_pause_s = previous.last_pause_s
+            state.last_error = previous.last_error
+            state.failed_version = previous.failed_version
+        self.peers[peer_id] = state
 
     def known(self, peer_id: str) -> bool:
         peer = self.peers.get(peer_id)
@@ -148,33 +243,62 @@ class Registry:
         for model in self.models.values():
             for record in model.versions.values():
                 if peer_id in record.leases:
-                    record.leases[peer_id] = now + self.lease_ttl_s
+                    record.leases[peer_id] = max(record.leases[peer_id], now + self.lease_ttl_s)
 
     def goodbye(self, peer_id: str, now: float) -> Outbox:
         peer = self.peers.get(peer_id)
-        if peer is not None:
-            peer.gone = True
-            peer.progress.clear()
-        self._waiters = [w for w in self._waiters if w.peer_id != peer_id]
-        self._drop_leases(peer_id)
-        return self._retire_unleased(now)
+        if peer is not None and not peer.gone:
+            self._mark_gone(peer, now)
+        return self._withdraw_unreadable(now) + self._retire_unleased(now)
+
+    def _mark_gone(self, peer: PeerState, now: float) -> None:
+        peer.gone = True
+        peer.gone_at = now
+        peer.progress.clear()
+        self.waiters.drop_peer(peer.peer_id)
+        self._drop_leases(peer.peer_id)
+
+    def _forget_gone(self, now: float, *, everyone: bool = False) -> None:
+        ttl = 0.0 if everyone else self.limits.gone_peer_ttl_s
+        for peer_id in [
+            p.peer_id for p in self.peers.values() if p.gone and now - p.gone_at >= ttl
+        ]:
+            del self.peers[peer_id]
 
     def expire(self, now: float) -> Outbox:
-        """Drop leases past their time and mark silent peers gone."""
+        """The housekeeping tick: silent peers gone, gone peers forgotten after their TTL,
+        leases past their time dropped, pending versions and waiters past theirs expired,
+        versions nobody can read withdrawn."""
         for peer in self.peers.values():
             if not peer.gone and now - peer.last_seen > self.peer_timeout_s:
                 logger.warning(
                     "peer gone peer=%s silent_s=%.1f", peer.peer_id, now - peer.last_seen
                 )
-                peer.gone = True
-                peer.progress.clear()
-                self._drop_leases(peer.peer_id)
-        for model in self.models.values():
+                self._mark_gone(peer, now)
+        self._forget_gone(now)
+        out: Outbox = []
+        for name, model in self.models.items():
             for record in model.versions.values():
                 for peer_id, expiry in list(record.leases.items()):
                     if expiry < now:
                         del record.leases[peer_id]
-        return self._retire_unleased(now)
+                        self.dirty = True
+            for version in [
+                v
+                for v, p in model.pending.items()
+                if now - p.started_at > self.limits.pending_timeout_s
+            ]:
+                out += self._expire_pending(
+                    name,
+                    model,
+                    version,
+                    now,
+                    f"pending version {version} of {name} expired after "
+                    f"{self.limits.pending_timeout_s:g} s",
+                )
+        out += self.waiters.expire(now, self.count_applied)
+        out += self._withdraw_unreadable(now)
+        return out + self._retire_unleased(now)
 
     # publishing
 
@@ -203,15 +327,41 @@ class Registry:
             raise BrokerError(
                 "invalid_manifest", f"{model_name} version {version} rank {rank}: shard.{exc}"
             ) from exc
+        if model_name not in self.models and len(self.models) >= self.limits.models:
+            raise BrokerError(
+                "bad_request",
+                f"the broker already holds {len(self.models)} models (limits.models); "
+                "publish under an existing model name or raise --max-models",
+            )
         model = self.models.setdefault(model_name, _Model())
         if model.latest is not None and version <= model.latest:
             raise BrokerError(
                 "stale_version",
                 f"{model_name} is already at version {model.latest}; versions must increase",
             )
-        pending = model.pending.setdefault(
-            version, _Pending(world_size=world_size, job=job, first_peer=peer_id)
-        )
+        out: Outbox = []
+        pending = model.pending.get(version)
+        if pending is None:
+            if self._pending_shards() >= self.limits.pending_shards:
+                raise BrokerError(
+                    "bad_request",
+                    f"the broker already holds {self._pending_shards()} shards of incomplete "
+                    "versions (limits.pending_shards); publish every rank of a version, or wait "
+                    f"{self.limits.pending_timeout_s:g} s for the incomplete ones to expire",
+                )
+            while len(model.pending) >= self.limits.pending_versions_per_model:
+                oldest = min(model.pending)
+                out += self._expire_pending(
+                    model_name,
+                    model,
+                    oldest,
+                    now,
+                    f"pending version {oldest} of {model_name} was dropped: "
+                    f"{self.limits.pending_versions_per_model} newer versions were already waiting",
+                )
+            pending = model.pending[version] = _Pending(
+                world_size=world_size, started_at=now, job=job, first_peer=peer_id
+            )
         if pending.job != job:
             raise BrokerError(
                 "job_conflict",
@@ -227,8 +377,9 @@ class Registry:
             )
         pending.shards[rank] = shard
         pending.publishers.add(peer_id)
+        self.dirty = True
         if len(pending.shards) < world_size:
-            return False, []
+            return False, out
         del model.pending[version]
         try:
             manifest = Manifest.assemble(
@@ -245,7 +396,41 @@ class Registry:
             raise BrokerError(
                 "invalid_manifest", f"{model_name} version {version}: manifest.{exc}"
             ) from exc
-        return True, self._announce(model_name, model, manifest, pending.publishers, now)
+        out += self._announce(model_name, model, manifest, pending.publishers, now)
+        # Shards restored from the state file: their publishers get the same time to return.
+        model.versions[version].restored_at = pending.restored_at
+        return True, out
+
+    def _pending_shards(self) -> int:
+        return sum(len(p.shards) for m in self.models.values() for p in m.pending.values())
+
+    def _expire_pending(
+        self, name: str, model: _Model, version: int, now: float, why: str
+    ) -> Outbox:
+        pending = model.pending.pop(version)
+        missing = pending.missing()
+        reason = (
+            f"{why}: ranks {missing} of {pending.world_size} never published "
+            "(check those trainer ranks); this rank's buffers for it are freed"
+        )
+        logger.warning(
+            "pending version expired model=%s version=%d missing_ranks=%s world_size=%d",
+            name,
+            version,
+            missing,
+            pending.world_size,
+        )
+        model.expired.append(
+            {
+                "version": version,
+                "world_size": pending.world_size,
+                "missing_ranks": missing,
+                "expired_at": now,
+                "reason": reason,
+            }
+        )
+        self.dirty = True
+        return [(p, Retire(model=name, version=version, reason=reason)) for p in pending.publishers]
 
     def _announce(
         self, name: str, model: _Model, manifest: Manifest, publishers: set[str], now: float
@@ -261,19 +446,18 @@ class Registry:
         out: Outbox = []
         # Older incomplete versions can never be announced now: tell their publishers.
         for stale in [v for v in model.pending if v < version]:
-            out.extend(
-                (p, Retire(model=name, version=stale)) for p in model.pending.pop(stale).publishers
+            out += self._expire_pending(
+                name, model, stale, now, f"version {version} of {name} was announced first"
             )
         readable = sorted(model.versions)[-self.retention :]
         for old, record in model.versions.items():
             if old not in readable:
                 record.retiring = True
         announce = Announce(manifest=manifest)
-        out.extend(
-            (peer.peer_id, announce)
-            for peer in self.peers.values()
-            if name in peer.subscriptions and not peer.gone
-        )
+        for peer in self.peers.values():
+            if name in peer.subscriptions and not peer.gone:
+                peer.announced[name] = version
+                out.append((peer.peer_id, announce))
         return out + self._retire_unleased(now)
 
     def _retire_unleased(self, now: float) -> Outbox:
@@ -286,80 +470,176 @@ class Registry:
                 out.extend((p, Retire(model=name, version=version)) for p in record.publishers)
         return out
 
+    def _withdraw_unreadable(self, now: float) -> Outbox:
+        """A version whose bytes live with a publisher that is gone cannot be read: every
+        rank's shard is needed. Restored versions give their publishers `peer_timeout_s`."""
+        out: Outbox = []
+        for name, model in self.models.items():
+            for version, record in model.versions.items():
+                if record.unreadable is not None:
+                    continue
+                if (
+                    record.restored_at is not None
+                    and now - record.restored_at <= self.peer_timeout_s
+                ):
+                    continue
+                gone = sorted(p for p in record.publishers if not self.known(p))
+                if not gone:
+                    continue
+                record.unreadable = f"publisher {', '.join(gone)} is gone"
+                record.retiring = True
+                self.dirty = True
+                model.withdrawn.append(
+                    {"version": version, "reason": record.unreadable, "withdrawn_at": now}
+                )
+                logger.warning(
+                    "version unreadable model=%s version=%d reason=%s",
+                    name,
+                    version,
+                    record.unreadable,
+                )
+                withdraw = Withdraw(model=name, version=version, reason=record.unreadable)
+                out.extend(
+                    (peer.peer_id, withdraw)
+                    for peer in self.peers.values()
+                    if name in peer.subscriptions and not peer.gone
+                )
+        return out
+
     # subscribing
 
     def subscribe(self, peer_id: str, model_name: str) -> Manifest | None:
-        self.peers[peer_id].subscriptions.add(model_name)
-        model = self.models.get(model_name)
-        if model is None or model.latest is None:
+        """Follow a model; returns the newest readable manifest if this connection has not
+        been sent it yet (a repeated Subscribe costs no second manifest)."""
+        peer = self.peers[peer_id]
+        if (
+            model_name not in peer.subscriptions
+            and len(peer.subscriptions) >= self.limits.subscriptions_per_peer
+        ):
+            raise BrokerError(
+                "bad_request",
+                f"peer {peer_id} already follows {len(peer.subscriptions)} models "
+                "(limits.subscriptions_per_peer); use one connection per few models",
+            )
+        peer.subscriptions.add(model_name)
+        record = self.readable_latest(model_name)
+        if record is None or peer.announced.get(model_name) == record.manifest.version:
             return None
-        return model.versions[model.latest].manifest
+        peer.announced[model_name] = record.manifest.version
+        return record.manifest
+
+    def readable_latest(self, model_name: str) -> VersionRecord | None:
+        model = self.models.get(model_name)
+        if model is None:
+            return None
+        readable = [v for v, r in model.versions.items() if not r.retiring]
+        return model.versions[max(readable)] if readable else None
 
     def acquire_lease(self, peer_id: str, model_name: str, version: int, now: float) -> float:
         model = self.models.get(model_name)
         record = model.versions.get(version) if model else None
-        if record is None or record.retiring:
+        # A peer renewing a lease it holds (after a reconnect) keeps it, even while retiring.
+        held = record is not None and peer_id in record.leases and record.unreadable is None
+        if record is None or (record.retiring and not held):
             latest = model.latest if model else None
+            why = f" ({record.unreadable})" if record and record.unreadable else ""
             raise VersionUnavailable(
                 "version_unavailable",
-                f"{model_name} version {version} is no longer readable (latest is {latest})",
+                f"{model_name} version {version} is no longer readable{why} (latest is {latest})",
             )
         record.leases[peer_id] = now + self.lease_ttl_s
+        self.dirty = True
         return self.lease_ttl_s
 
     def release_lease(self, peer_id: str, model_name: str, version: int, now: float) -> Outbox:
         model = self.models.get(model_name)
         record = model.versions.get(version) if model else None
-        if record is not None:
-            record.leases.pop(peer_id, None)
+        if record is not None and record.leases.pop(peer_id, None) is not None:
+            self.dirty = True
         return self._retire_unleased(now)
 
     def _drop_leases(self, peer_id: str) -> None:
         for model in self.models.values():
             for record in model.versions.values():
-                record.leases.pop(peer_id, None)
+                if record.leases.pop(peer_id, None) is not None:
+                    self.dirty = True
 
     # reports
 
     def progress(
-        self, peer_id: str, model: str, version: int, done: int, total: int, rate: float
+        self,
+        peer_id: str,
+        model: str,
+        version: int,
+        done: int,
+        total: int,
+        rate: float,
+        state: str = "pulling",
     ) -> None:
-        self.peers[peer_id].progress[model] = (version, done, total, rate)
+        peer = self.peers[peer_id]
+        if model in peer.subscriptions or model in self.models:
+            peer.progress[model] = PullProgress(version, done, total, rate, state)
 
     def applied(
         self, peer_id: str, model: str, version: int, pull_s: float, pause_s: float, now: float
     ) -> Outbox:
         peer = self.peers[peer_id]
+        if model not in peer.applied and len(peer.applied) >= self.limits.subscriptions_per_peer:
+            return []
         if version >= peer.applied.get(model, -1):
             peer.applied[model] = version
             peer.applied_at[model] = now
         peer.progress.pop(model, None)
         peer.last_pull_s[model] = pull_s
         peer.last_pause_s[model] = pause_s
-        peer.last_error.pop(model, None)
-        return self._wake_waiters()
+        self._clear_error(peer, model)
+        return self._wake(model, version)
+
+    def _clear_error(self, peer: PeerState, model: str) -> None:
+        if peer.applied.get(model, -1) >= peer.failed_version.get(model, -1):
+            peer.last_error.pop(model, None)
+            peer.failed_version.pop(model, None)
 
     def heartbeat(self, peer_id: str, applied: dict[str, int], now: float) -> Outbox:
-        """Take the versions a peer says it runs (after a broker restart, the only source)."""
+        """Take the versions a peer says it runs (after a broker restart, the only source).
+
+        At most `subscriptions_per_peer` models are kept per peer, whatever it sends."""
         peer = self.peers[peer_id]
-        changed = False
+        out: Outbox = []
         for model, version in applied.items():
+            if (
+                model not in peer.applied
+                and len(peer.applied) >= self.limits.subscriptions_per_peer
+            ):
+                break
             if version > peer.applied.get(model, -1):
                 peer.applied[model] = version
                 peer.applied_at[model] = now
-                changed = True
-        return self._wake_waiters() if changed else []
+                self._clear_error(peer, model)
+                out += self._wake(model, version)
+        return out
 
     def pull_failed(self, peer_id: str, model: str, version: int, reason: str) -> None:
         peer = self.peers[peer_id]
         peer.progress.pop(model, None)
-        peer.last_error[model] = f"version {version}: {reason}"
+        if model in peer.subscriptions or model in self.models:
+            peer.last_error[model] = self._text(f"version {version}: {reason}")
+            peer.failed_version[model] = version
 
     def wait_applied(
-        self, waiter_peer: str, request_id: int, model: str, version: int, count: int
+        self, waiter_peer: str, request_id: int, model: str, version: int, count: int, *, now: float
     ) -> Outbox:
-        self._waiters.append(_Waiter(waiter_peer, request_id, model, version, count))
-        return self._wake_waiters()
+        reached = self.count_applied(model, version)
+        if reached >= count:
+            reply = AppliedReached(
+                request_id=request_id, model=model, version=version, num_subscribers=reached
+            )
+            return [(waiter_peer, reply)]
+        self.waiters.add(waiter_peer, request_id, model, version, count, now)
+        return []
+
+    def num_waiters(self) -> int:
+        return len(self.waiters)
 
     def count_applied(self, model: str, version: int) -> int:
         return sum(
@@ -370,43 +650,57 @@ class Registry:
             and peer.applied.get(model, -1) >= version
         )
 
-    def _wake_waiters(self) -> Outbox:
-        out: Outbox = []
-        still: list[_Waiter] = []
-        for waiter in self._waiters:
-            count = self.count_applied(waiter.model, waiter.version)
-            if count >= waiter.num_subscribers:
-                reached = AppliedReached(
-                    request_id=waiter.request_id,
-                    model=waiter.model,
-                    version=waiter.version,
-                    num_subscribers=count,
-                )
-                out.append((waiter.peer_id, reached))
-            else:
-                still.append(waiter)
-        self._waiters = still
-        return out
+    def _wake(self, model: str, version: int) -> Outbox:
+        return self.waiters.wake(model, version, self.count_applied)
 
     # persistence
 
     def snapshot(self) -> bytes:
-        """What must survive a broker restart: readable manifests and version history."""
+        """What must survive a broker restart: manifests (readable, and retiring ones still
+        leased) with their leases, incomplete versions' shards, and version history."""
         self.dirty = False
         versions = [
-            _PersistedVersion(manifest=record.manifest, publishers=sorted(record.publishers))
+            _PersistedVersion(
+                manifest=record.manifest,
+                publishers=sorted(record.publishers),
+                retiring=record.retiring,
+                leases=dict(record.leases),
+            )
             for model in self.models.values()
             for record in model.versions.values()
-            if not record.retiring
+            if record.unreadable is None
+        ]
+        pending = [
+            _PersistedPending(
+                model=name,
+                version=version,
+                world_size=p.world_size,
+                shards=p.shards,
+                publishers=sorted(p.publishers),
+                job=p.job,
+                first_peer=p.first_peer,
+            )
+            for name, model in self.models.items()
+            for version, p in model.pending.items()
         ]
         history = {name: model.history for name, model in self.models.items()}
-        return msgspec.msgpack.encode(_Persisted(versions=versions, history=history))
+        return msgspec.msgpack.encode(
+            _Persisted(versions=versions, history=history, pending=pending)
+        )
 
     def restore(self, data: bytes, now: float | None = None) -> None:
+        """Load a snapshot; raises msgspec.DecodeError/ValidationError if it is damaged.
+
+        Restored leases live at least `peer_timeout_s` more, so that their holders can
+        reconnect and renew them; restored pending versions start their timeout again."""
         persisted = msgspec.msgpack.decode(data, type=_Persisted)
         now = time.time() if now is None else now
         for name, history in persisted.history.items():
-            self.models.setdefault(name, _Model()).history = [tuple(h) for h in history]  # type: ignore[misc]
+            model = self.models.setdefault(name, _Model())
+            model.history = [tuple(h) for h in history]  # type: ignore[misc]
+            if model.history:
+                # Versions only increase, also past one that was unreadable when saved.
+                model.latest = max(v for v, _ in model.history)
         for saved in persisted.versions:
             manifest = saved.manifest
             model = self.models.setdefault(manifest.model, _Model())
@@ -414,5 +708,24 @@ class Registry:
                 manifest=manifest,
                 publishers=set(saved.publishers),
                 announced_at=manifest.published_at or now,
+                leases={
+                    peer: max(expiry, now + self.peer_timeout_s)
+                    for peer, expiry in saved.leases.items()
+                },
+                retiring=saved.retiring,
+                restored_at=now,
             )
             model.latest = max(model.latest or 0, manifest.version)
+        for saved_pending in persisted.pending:
+            model = self.models.setdefault(saved_pending.model, _Model())
+            if model.latest is not None and saved_pending.version <= model.latest:
+                continue
+            model.pending[saved_pending.version] = _Pending(
+                world_size=saved_pending.world_size,
+                started_at=now,
+                shards=dict(saved_pending.shards),
+                publishers=set(saved_pending.publishers),
+                restored_at=now,
+                job=saved_pending.job,
+                first_peer=saved_pending.first_peer,
+            )

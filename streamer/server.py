@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,17 +19,42 @@ if TYPE_CHECKING:
 
     from streamer.config import BrokerConfig
 
-__all__ = ["run_until_signal", "serve"]
+__all__ = ["raise_fd_limit", "run_until_signal", "serve"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_LOW_FD_LIMIT = 4096
+"""Below this many open files the broker says so: every peer's TCP connection is one."""
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-file limit from %d: %s", soft, exc)
+    if soft < _LOW_FD_LIMIT:
+        logger.warning(
+            "open-file limit is low limit=%d: each peer holds one connection, so the broker "
+            "serves fewer than that many; raise it (ulimit -n, LimitNOFILE=, docker --ulimit)",
+            soft,
+        )
+    else:
+        logger.info("open-file limit=%d", soft)
+    return soft
 
 
 async def serve(
     config: BrokerConfig, *, on_ready: Callable[[str, int], None] | None = None
 ) -> None:
     """Serve until cancelled. `on_ready(endpoint, http_port)` runs once both are listening."""
+    raise_fd_limit()
     ctx = zmq.asyncio.Context()
     try:
         broker = Broker(config, context=ctx)
@@ -48,6 +74,7 @@ async def serve(
                     broker.stats,
                     host=config.http_host,
                     port=config.http_port,
+                    idle_timeout_s=config.http_idle_timeout_s,
                     on_ready=_http_ready,
                 ),
                 name="http",

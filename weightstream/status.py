@@ -9,6 +9,9 @@ import aiohttp
 
 __all__ = ["fetch_status", "render_status"]
 
+_ROWS = 1000
+"""Subscriber rows fetched; the table says how many more there are."""
+
 
 async def fetch_status(http_url: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
     """Models and subscribers from the broker's status endpoint; OSError saying what to do."""
@@ -18,7 +21,7 @@ async def fetch_status(http_url: str, *, timeout_s: float = 5.0) -> dict[str, An
             async with session.get(f"{http_url}/v1/models") as response:
                 response.raise_for_status()
                 models = await response.json()
-            async with session.get(f"{http_url}/v1/subscribers") as response:
+            async with session.get(f"{http_url}/v1/subscribers?limit={_ROWS}") as response:
                 response.raise_for_status()
                 subscribers = await response.json()
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -26,7 +29,11 @@ async def fetch_status(http_url: str, *, timeout_s: float = 5.0) -> dict[str, An
             f"no weightstream status endpoint answered at {http_url} ({str(exc) or type(exc).__name__}): "
             "is the broker running? Pass its URL with --http or WEIGHTSTREAM_HTTP"
         ) from exc
-    return {"models": models["models"], "subscribers": subscribers["subscribers"]}
+    return {
+        "models": models["models"],
+        "subscribers": subscribers["subscribers"],
+        "subscribers_total": subscribers.get("total", len(subscribers["subscribers"])),
+    }
 
 
 def _size(nbytes: float | None) -> str:
@@ -49,6 +56,25 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _pending(model: dict[str, Any]) -> str:
+    """`v5 missing 1,3` per version waiting for ranks."""
+    parts = [
+        f"v{p['version']} missing {','.join(map(str, p['missing_ranks']))}"
+        for p in model.get("pending", [])
+    ]
+    return "; ".join(parts) or "-"
+
+
+def _problems(model: dict[str, Any]) -> str:
+    """Versions nobody can read, and pending versions that expired (newest of each)."""
+    parts = [f"v{w['version']} unreadable ({w['reason']})" for w in model.get("withdrawn", [])[-1:]]
+    parts += [
+        f"v{e['version']} expired, ranks {','.join(map(str, e['missing_ranks']))} missing"
+        for e in model.get("expired", [])[-1:]
+    ]
+    return "; ".join(parts)[:80]
+
+
 def render_status(status: dict[str, Any]) -> str:
     """Two tables: models, then subscribers."""
     now = time.time()
@@ -60,6 +86,8 @@ def render_status(status: dict[str, Any]) -> str:
             _size(m["latest_bytes"]),
             f"{now - m['latest_announced_at']:.0f}s ago" if m["latest_announced_at"] else "-",
             str(m["subscribers_at_latest"]),
+            _pending(m),
+            _problems(m),
         ]
         for m in status["models"]
     ]
@@ -72,7 +100,7 @@ def render_status(status: dict[str, Any]) -> str:
             )
         sub_rows.append(
             [
-                s["peer_id"],
+                s.get("name") or s["peer_id"],
                 s["model"],
                 s["state"],
                 "-" if s["applied_version"] is None else str(s["applied_version"]),
@@ -83,9 +111,23 @@ def render_status(status: dict[str, Any]) -> str:
                 (s["last_error"] or "")[:60],
             ]
         )
+    shown, total = len(status["subscribers"]), status.get("subscribers_total", 0)
+    more = [f"({total - shown} more subscriber rows: GET /v1/subscribers?offset={shown})"]
     return "\n\n".join(
         [
-            _table(["MODEL", "LATEST", "READABLE", "SIZE", "ANNOUNCED", "AT LATEST"], model_rows),
+            _table(
+                [
+                    "MODEL",
+                    "LATEST",
+                    "READABLE",
+                    "SIZE",
+                    "ANNOUNCED",
+                    "AT LATEST",
+                    "PENDING",
+                    "PROBLEMS",
+                ],
+                model_rows,
+            ),
             _table(
                 [
                     "SUBSCRIBER",
@@ -100,5 +142,6 @@ def render_status(status: dict[str, Any]) -> str:
                 ],
                 sub_rows,
             ),
+            *(more if total > shown else []),
         ]
     )

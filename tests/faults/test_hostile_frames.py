@@ -143,8 +143,8 @@ async def test_deep_frames_to_the_broker_and_a_trainers_bulk_port_kill_neither(
         await bulk.send(encode(read))
         async with asyncio.timeout(10):
             header, payload = await bulk.recv_multipart()
-        reply = decode_frame_reply(header)
-        assert (reply.request_id, reply.ok, len(payload)) == (7, True, 256), reply
+        frame_reply = decode_frame_reply(header)
+        assert (frame_reply.request_id, frame_reply.ok, len(payload)) == (7, True, 256), frame_reply
     finally:
         bulk.close(linger=0)
 

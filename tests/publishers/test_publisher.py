@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -178,15 +179,22 @@ async def test_sync_publisher_publishes_from_plain_blocking_code(
     broker: RunningBroker, zmq_ctx
 ) -> None:
     config = broker.client_config()
+    seen = threading.Event()
 
     def training_loop() -> list[bool]:
         with SyncPublisher(config, model=MODEL, sender=ZmqFrameSender()) as publisher:
-            return [publisher.publish(step, tensors(step)).complete for step in (10, 20)]
+            complete = [publisher.publish(step, tensors(step)).complete for step in (10, 20)]
+            # Stay until the watcher has it: once the publisher leaves, its versions are
+            # withdrawn (nobody can read them).
+            assert seen.wait(5)
+            return complete
 
     async with connect(config, role="subscriber", context=zmq_ctx) as watcher:
         await watcher.subscribe(MODEL)
-        assert await asyncio.to_thread(training_loop) == [True, True]
+        loop = asyncio.create_task(asyncio.to_thread(training_loop))
         manifest = await asyncio.wait_for(watcher.next_manifest(MODEL, after=10), 5)
+        seen.set()
+        assert await loop == [True, True]
     assert manifest.version == 20
 
 

@@ -48,6 +48,7 @@ from schemas.messages import (
     Subscribed,
     WaitApplied,
     Welcome,
+    Withdraw,
 )
 from streamer.errors import ProtocolError
 from streamer.frames import decode_header
@@ -202,6 +203,9 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
         num_subscribers=SMALL,
     ),
     Retire: st.builds(Retire, model=MODEL_NAMES, version=NON_NEGATIVE),
+    Withdraw: st.builds(
+        Withdraw, model=MODEL_NAMES, version=NON_NEGATIVE, reason=st.text(max_size=100)
+    ),
 }
 
 WIRE_TAGS: dict[type, str] = {
@@ -224,6 +228,7 @@ WIRE_TAGS: dict[type, str] = {
     WaitApplied: "wait_applied",
     AppliedReached: "applied_reached",
     Retire: "retire",
+    Withdraw: "withdraw",
 }
 
 

@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import zmq
 
+from schemas.codec import decode_message, encode
 from schemas.manifest import BucketSpec, FrameLocator, RegionSpec, Shard, TensorSpec
+from schemas.messages import Applied, Hello, Welcome
 from streamer.client import connect
 from streamer.metrics import (
+    ANNOUNCE_TO_APPLIED_SECONDS,
     ANNOUNCED_TOTAL,
     APPLIED_TOTAL,
+    CONTENT_TYPE,
     LATEST_VERSION,
     MESSAGES_TOTAL,
+    PAUSE_SECONDS,
     PEERS,
+    PENDING_VERSIONS,
     PROTOCOL_ERRORS_TOTAL,
     PULL_FAILURES_TOTAL,
+    PULL_SECONDS,
+    STATE_WRITE_ERRORS_TOTAL,
     SUBSCRIBER_LAG,
     SUBSCRIBER_VERSION,
+    UNREADABLE_VERSIONS,
 )
 from tests.support import RunningBroker, eventually
 
@@ -52,12 +64,29 @@ async def get(broker: RunningBroker, path: str, *, method: str = "GET") -> tuple
         return response.status, await response.text()
 
 
+_PUBLISHERS: list[contextlib.AsyncExitStack] = []
+
+
+@pytest.fixture(autouse=True)
+async def publishers(zmq_ctx) -> AsyncIterator[None]:
+    """Publishers stay connected for the whole test: a version whose publisher left is
+    unreadable (withdrawn), and these tests look at readable ones."""
+    async with contextlib.AsyncExitStack() as stack:
+        _PUBLISHERS.append(stack)
+        try:
+            yield
+        finally:
+            _PUBLISHERS.remove(stack)
+
+
 async def publish_versions(
     broker: RunningBroker, zmq_ctx, *versions: int, model: str = MODEL
 ) -> None:
-    async with connect(broker.client_config(), role="publisher", context=zmq_ctx) as publisher:
-        for version in versions:
-            await publisher.publish(model, version, 0, 1, shard())
+    publisher = await _PUBLISHERS[-1].enter_async_context(
+        connect(broker.client_config(), role="publisher", context=zmq_ctx)
+    )
+    for version in versions:
+        await publisher.publish(model, version, 0, 1, shard())
 
 
 async def test_healthz_reports_ok_and_uptime(broker: RunningBroker) -> None:
@@ -226,9 +255,12 @@ def parse_prometheus(text: str) -> tuple[dict[str, str], Samples]:
         else:
             match = SAMPLE.match(line)
             assert match, f"not a sample line: {line!r}"
-            name = match["name"]
-            assert name in types, f"{name} sampled before its TYPE"
-            assert name in helps, f"{name} sampled before its HELP"
+            name = family = match["name"]
+            for suffix in ("_bucket", "_sum", "_count"):
+                if name.endswith(suffix) and types.get(name.removesuffix(suffix)) == "histogram":
+                    family = name.removesuffix(suffix)
+            assert family in types, f"{name} sampled before its TYPE"
+            assert family in helps, f"{name} sampled before its HELP"
             labels: list[tuple[str, str]] = []
             if match["labels"]:
                 pairs = LABEL.findall(match["labels"])
@@ -261,12 +293,13 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
                 session.get(broker.url + "/metrics") as response,
             ):
                 assert response.status == 200
+                assert response.headers["Content-Type"] == CONTENT_TYPE
                 assert response.content_type == "text/plain"
                 types, samples = parse_prometheus(await response.text())
             return (types, samples) if samples[(PULL_FAILURES_TOTAL, frozenset())] == 1 else None
 
         types, samples = await eventually(scrape)
-        peer = client.peer_id
+        name = f"{client.host}:{os.getpid()}"  # stable: no per-connection id in labels
 
     assert types == {
         MESSAGES_TOTAL: "counter",
@@ -274,10 +307,16 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         ANNOUNCED_TOTAL: "counter",
         APPLIED_TOTAL: "counter",
         PULL_FAILURES_TOTAL: "counter",
+        STATE_WRITE_ERRORS_TOTAL: "counter",
         LATEST_VERSION: "gauge",
+        PENDING_VERSIONS: "gauge",
+        UNREADABLE_VERSIONS: "gauge",
         SUBSCRIBER_VERSION: "gauge",
         SUBSCRIBER_LAG: "gauge",
         PEERS: "gauge",
+        PULL_SECONDS: "histogram",
+        PAUSE_SECONDS: "histogram",
+        ANNOUNCE_TO_APPLIED_SECONDS: "histogram",
     }
     assert all(name.startswith("weightstream_") for name in types)
     assert samples[(ANNOUNCED_TOTAL, frozenset())] == 2
@@ -285,10 +324,20 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
     assert samples[(PROTOCOL_ERRORS_TOTAL, frozenset())] == 0
     assert samples[(MESSAGES_TOTAL, frozenset())] >= 6
     assert samples[(LATEST_VERSION, frozenset({("model", MODEL)}))] == 2
-    labels = frozenset({("model", MODEL), ("peer", peer)})
+    labels = frozenset({("model", MODEL), ("subscriber", name)})
     assert samples[(SUBSCRIBER_VERSION, labels)] == 1
     assert samples[(SUBSCRIBER_LAG, labels)] == 1
     assert samples[(PEERS, frozenset({("role", "subscriber")}))] == 1
+    model = frozenset({("model", MODEL)})
+    assert samples[(PENDING_VERSIONS, model)] == 0
+    assert samples[(UNREADABLE_VERSIONS, model)] == 0
+    # One Applied observed: pull 0.1 s, pause 0.01 s, both in their histograms per model.
+    assert samples[(PULL_SECONDS + "_count", model)] == 1
+    assert samples[(PULL_SECONDS + "_sum", model)] == pytest.approx(0.1)
+    assert samples[(PULL_SECONDS + "_bucket", model | {("le", "0.1")})] == 1
+    assert samples[(PULL_SECONDS + "_bucket", model | {("le", "0.05")})] == 0
+    assert samples[(PAUSE_SECONDS + "_sum", model)] == pytest.approx(0.01)
+    assert samples[(ANNOUNCE_TO_APPLIED_SECONDS + "_count", model)] == 1
 
 
 async def test_metrics_render_large_versions_exactly(broker: RunningBroker, zmq_ctx) -> None:
@@ -303,19 +352,25 @@ async def test_metrics_render_large_versions_exactly(broker: RunningBroker, zmq_
 async def test_metrics_escape_label_values(broker: RunningBroker, zmq_ctx) -> None:
     await publish_versions(broker, zmq_ctx, 1)
     odd = 'sub "quoted" back\\slash\nnewline'
-    config = broker.client_config()
-    async with connect(config, role="subscriber", context=zmq_ctx, peer_id=odd) as client:
-        await client.report_applied(MODEL, 1, pull_s=0.1, pause_s=0.01, nbytes=512)
+    socket = zmq_ctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(broker.endpoint)
+    try:
+        await socket.send(encode(Hello(peer_id="odd", role="subscriber", name=odd)))
+        assert isinstance(decode_message(await socket.recv()), Welcome)
+        await socket.send(encode(Applied(model=MODEL, version=1, pull_s=0.1, pause_s=0.01)))
 
         async def applied() -> bool:
             _, body = await get(broker, "/v1/subscribers")
-            return [row["applied_version"] for row in body["subscribers"]] == [1]
+            return [(r["name"], r["applied_version"]) for r in body["subscribers"]] == [(odd, 1)]
 
         await eventually(applied)
         status, text = await get(broker, "/metrics")
+    finally:
+        socket.close()
     assert status == 200
     _, samples = parse_prometheus(text)
-    assert samples[(SUBSCRIBER_VERSION, frozenset({("model", MODEL), ("peer", odd)}))] == 1
+    assert samples[(SUBSCRIBER_VERSION, frozenset({("model", MODEL), ("subscriber", odd)}))] == 1
 
 
 @pytest.mark.parametrize(

@@ -248,7 +248,7 @@ def test_wait_applied_wakes_once_enough_subscribers_reach_the_version() -> None:
     publish(reg, 1)
     publish(reg, 2)
 
-    assert reg.wait_applied("pub", 9, MODEL, 2, 2) == []
+    assert reg.wait_applied("pub", 9, MODEL, 2, 2, now=0.0) == []
     assert reg.applied("sub", MODEL, 2, 0.1, 0.01, now=1.0) == []
     # A publisher reporting Applied does not count as a subscriber.
     assert reg.applied("pub", MODEL, 2, 0.1, 0.01, now=1.0) == []
@@ -262,7 +262,7 @@ def test_wait_applied_answers_at_once_when_already_reached() -> None:
     reg = registry()
     publish(reg, 1)
     reg.applied("sub", MODEL, 1, 0.1, 0.01, now=1.0)
-    [(peer, reached)] = reg.wait_applied("pub", 4, MODEL, 1, 1)
+    [(peer, reached)] = reg.wait_applied("pub", 4, MODEL, 1, 1, now=0.0)
     assert peer == "pub"
     assert reached == AppliedReached(request_id=4, model=MODEL, version=1, num_subscribers=1)
 
@@ -276,7 +276,7 @@ def test_gone_subscribers_do_not_count_and_gone_waiters_are_forgotten() -> None:
     reg.goodbye("sub", now=1.0)
     assert reg.count_applied(MODEL, 1) == 0
 
-    reg.wait_applied("waiter", 1, MODEL, 1, 1)
+    reg.wait_applied("waiter", 1, MODEL, 1, 1, now=0.0)
     reg.goodbye("waiter", now=1.0)
     assert reg.applied("sub2", MODEL, 1, 0.1, 0.01, now=1.0) == []
 
@@ -290,6 +290,7 @@ def test_an_older_applied_report_does_not_move_a_subscriber_back() -> None:
 
 def test_applied_clears_progress_and_the_last_error() -> None:
     reg = registry()
+    reg.subscribe("sub", MODEL)
     reg.progress("sub", MODEL, 2, 10, 100, 5.0)
     reg.pull_failed("sub", MODEL, 2, "TransportError: gone")
     assert reg.peers["sub"].last_error[MODEL] == "version 2: TransportError: gone"
@@ -301,7 +302,7 @@ def test_applied_clears_progress_and_the_last_error() -> None:
     assert MODEL not in reg.peers["sub"].last_error
 
 
-def test_a_reconnecting_peer_keeps_what_it_applied_but_not_its_leases() -> None:
+def test_a_reconnecting_peer_keeps_what_it_applied_and_its_leases() -> None:
     reg = registry()
     publish(reg, 1)
     reg.applied("sub", MODEL, 1, 0.1, 0.01, now=1.0)
@@ -310,7 +311,8 @@ def test_a_reconnecting_peer_keeps_what_it_applied_but_not_its_leases() -> None:
     reg.hello("sub", "subscriber", "host", 2, now=2.0)
 
     assert reg.peers["sub"].applied == {MODEL: 1}
-    assert reg.models[MODEL].versions[1].leases == {}
+    # It may be reading version 1 right now: a reconnect is no reason to let it retire.
+    assert reg.models[MODEL].versions[1].leases == {"sub": 31.0}
 
 
 def test_snapshot_and_restore_round_trip_versions_history_and_publishers() -> None:
@@ -345,16 +347,20 @@ def test_snapshot_and_restore_round_trip_versions_history_and_publishers() -> No
     assert sorted(retired(out)) == [("pub", 3), ("pub1", 3)]
 
 
-def test_snapshot_leaves_out_retiring_versions() -> None:
-    reg = registry(retention=1)
+def test_snapshot_keeps_a_leased_retiring_version_until_its_lease_lapses() -> None:
+    reg = registry(retention=1, lease_ttl_s=30.0)
     publish(reg, 1)
     reg.acquire_lease("sub", MODEL, 1, now=0.0)
     publish(reg, 2)
     assert reg.models[MODEL].versions[1].retiring
 
-    restored = Registry(retention=1)
-    restored.restore(reg.snapshot())
-    assert sorted(restored.models[MODEL].versions) == [2]
+    restored = Registry(retention=1, lease_ttl_s=30.0, peer_timeout_s=10.0)
+    restored.restore(reg.snapshot(), now=5.0)
+    record = restored.models[MODEL].versions[1]
+    assert (record.retiring, record.leases) == (True, {"sub": 30.0})
+    restored.hello("pub", "publisher", "host", 1, now=29.0)
+    assert retired(restored.expire(now=29.0)) == []
+    assert retired(restored.expire(now=31.0)) == [("pub", 1)]
 
 
 def test_restore_of_version_zero_makes_it_the_latest() -> None:
@@ -375,7 +381,7 @@ def test_heartbeat_restores_applied_versions_and_wakes_waiters_after_a_restart()
     registry.hello("trainer", "publisher", "h", 1, now=0.0)
     registry.hello("sub", "subscriber", "h", 2, now=0.0)
     # A restarted broker knows nothing of what "sub" runs until it says so.
-    assert registry.wait_applied("trainer", 7, "m", 3, 1) == []
+    assert registry.wait_applied("trainer", 7, "m", 3, 1, now=0.0) == []
     assert registry.heartbeat("sub", {"m": 2}, now=1.0) == []
     out = registry.heartbeat("sub", {"m": 3}, now=2.0)
     assert [(peer, type(message).__name__) for peer, message in out] == [
