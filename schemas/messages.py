@@ -158,6 +158,7 @@ class Progress(Wire, frozen=True, tag="progress"):
     bytes_done: NonNegative
     bytes_total: NonNegative
     bytes_per_s: float = 0.0
+    state: Literal["pulling", "staged"] = "pulling"
 
 
 class Applied(Wire, frozen=True, tag="applied"):

@@ -92,8 +92,12 @@ class CudaSwapper:
     is the staging, sized by the caller for the largest version.
     """
 
-    verifies_on_device = True
-    """Tells the Subscriber not to checksum on the host what `stage` checks on the device."""
+    @property
+    def verifies_on_device(self) -> bool:
+        """Staged mode: `stage` reads each byte once into GPU staging and verifies it there, so
+        the host checksums nothing and may map a same-host publisher's memory. Streaming mode
+        reads host staging at the swap: it gets a private, host-verified copy instead."""
+        return self.mode == "staged"
 
     def __init__(
         self,

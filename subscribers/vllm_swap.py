@@ -56,8 +56,6 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from schemas.manifest import ShmLocator
-from streamer.transport.shm import host_id
 from subscribers.dtypes import torch_dtype
 from subscribers.staging import map_shared
 from subscribers.swap import SwapError, SwapReport, refuse_if
@@ -283,27 +281,23 @@ def _model_dir(model: str) -> Path:
 def update_info(manifest: Manifest, staging: Staging) -> dict[str, Any]:
     """The JSON-able update info naming where each tensor of a staged version lies.
 
-    A region staging holds in its own buffer lies in `staging.shm_name`; a region staging
-    maps from a same-host publisher lies in the publisher's segment, from its start.
+    Every region lies in the subscriber's own staging segment, `staging.shm_name`: the engine
+    reads staging at the swap, so it never names a publisher's memory (which the publisher
+    may reuse once a lease is lost), only the private copy the pull verified.
     """
-    segments: dict[str, int] = {}  # name -> nbytes, in order of first use
+    if staging.shm_name is None:
+        raise ValueError(
+            "a vLLM engine reads staging from shared memory: pass Staging(shm_name=...)"
+        )
+    segments: dict[str, int] = {staging.shm_name: staging.buffer.numel()}
     places: list[tuple[str, int]] = []  # per region: (segment name, offset of the region)
-    for index, region in enumerate(manifest.regions):
+    for index in range(len(manifest.regions)):
         if staging.is_mapped(index):
-            locator = next(
-                loc
-                for loc in region.locators
-                if isinstance(loc, ShmLocator) and loc.host == host_id()
+            raise ValueError(
+                f"region {index} of {manifest.model} version {manifest.version} maps a "
+                "publisher's memory; a vLLM engine swaps only from private staging"
             )
-            segments.setdefault(locator.name, locator.nbytes)
-            places.append((locator.name, 0))
-        else:
-            if staging.shm_name is None:
-                raise ValueError(
-                    "a vLLM engine reads staging from shared memory: pass Staging(shm_name=...)"
-                )
-            segments.setdefault(staging.shm_name, staging.buffer.numel())
-            places.append((staging.shm_name, staging.region_offsets[index]))
+        places.append((staging.shm_name, staging.region_offsets[index]))
     numbers = {name: number for number, name in enumerate(segments)}
     rows = {
         spec.name: [
