@@ -54,7 +54,6 @@ async def main(args: argparse.Namespace) -> None:
     receivers = [ShmReceiver(), ZmqFrameReceiver(timeout_s=5)]
     stop = threading.Event()
     dump_dir = Path(args.dump_dir)
-    dump_dir.mkdir(parents=True, exist_ok=True)
     try:
         async with connect(
             ClientConfig(broker=args.broker), role="subscriber", context=ctx
@@ -102,4 +101,6 @@ if __name__ == "__main__":
     parser.add_argument("--dump-dir", required=True)
     parser.add_argument("--hold-file", required=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(main(parser.parse_args()))
+    arguments = parser.parse_args()
+    Path(arguments.dump_dir).mkdir(parents=True, exist_ok=True)
+    asyncio.run(main(arguments))
