@@ -33,6 +33,7 @@ from subscribers.swap import TorchSwapper, VersionGate
 
 if TYPE_CHECKING:
     from schemas.manifest import Manifest
+    from streamer.transport.base import BulkReceiver
     from subscribers.pull import PullReport
     from subscribers.swap import SwapReport
 
@@ -51,7 +52,7 @@ def _engine(gate: VersionGate, hold: Path, stop: threading.Event) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     ctx = zmq.asyncio.Context()
-    receivers = [ShmReceiver(), ZmqFrameReceiver(timeout_s=5)]
+    receivers: list[BulkReceiver] = [ShmReceiver(), ZmqFrameReceiver(timeout_s=5)]
     stop = threading.Event()
     dump_dir = Path(args.dump_dir)
     try:
