@@ -15,7 +15,7 @@ import contextlib
 import signal
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import zmq.asyncio
@@ -91,8 +91,9 @@ async def test_a_frozen_publisher_costs_the_pull_deadline_and_a_clear_error(tmp_
             lambda: file_exists(dumps / "v1.safetensors"), timeout_s=60, what="v1", fleet=fleet
         )
 
-        async def rows() -> list[dict]:
-            return (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
+        async def rows() -> list[dict[str, Any]]:
+            page: dict[str, list[dict[str, Any]]] = await get_json(f"{broker.http}/v1/subscribers")
+            return page["subscribers"]
 
         async def mid_pull() -> bool:
             return any(
