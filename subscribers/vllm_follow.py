@@ -33,10 +33,9 @@ import zmq.asyncio
 
 from streamer.client import connect
 from streamer.config import ClientConfig
-from streamer.errors import StreamerError
 from streamer.transport.choice import make_receivers, parse_transports, receiver_names
 from subscribers.staging import Staging
-from subscribers.subscriber import PullConfig, Subscriber
+from subscribers.subscriber import FollowerStopped, PullConfig, Subscriber
 from subscribers.vllm_swap import PauseMode, VllmSwapper
 
 if TYPE_CHECKING:
@@ -117,6 +116,10 @@ class FollowStatus:
     last_pull_s: float | None = None
     last_pause_s: float | None = None
     connected: bool = False
+    restarts: int = 0
+    """Times the follower stopped on an error outside its policy and was started again."""
+    restart_in_s: float | None = None
+    """Set while a stopped follower waits to be started again."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,7 +145,7 @@ class _Following(Subscriber):
         self._update(pulling=manifest.version)
         try:
             await super().apply(manifest)
-        except (StreamerError, TimeoutError) as exc:
+        except Exception as exc:  # recorded for status, then raised on: never swallowed
             self._update(
                 failed=manifest.version,
                 last_error=f"version {manifest.version}: {type(exc).__name__}: {exc}",
@@ -295,8 +298,8 @@ class WeightStream:
         self._task = asyncio.current_task()
         try:
             await follow(self.config, self.swapper, self.status, on_ready=self._ready.set)
-        except (StreamerError, TimeoutError, zmq.ZMQError) as exc:
-            logger.error("weightstream follower stopped: %s", exc)  # noqa: TRY400
+        except Exception as exc:  # noqa: BLE001 - kept and raised by apply_latest, never silent
+            logger.error("weightstream follower stopped: %s: %s", type(exc).__name__, exc)  # noqa: TRY400
             self._error = exc
         finally:
             self._ready.set()
@@ -325,7 +328,10 @@ class WeightStream:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if self._error is not None:
-                raise RuntimeError("the weightstream follower stopped") from self._error
+                raise FollowerStopped(
+                    f"the weightstream follower stopped: {type(self._error).__name__}: "
+                    f"{self._error}; the engine stays on version {self.version}"
+                ) from self._error
             report = self.swapper.apply_staged()
             if report is not None:
                 self.version = report.version
