@@ -86,6 +86,7 @@ class Subscriber:
         model: str,
         config: PullConfig | None = None,
         staging: Staging | None = None,
+        spare_staging: Staging | None = None,
         applied: int | None = None,
         on_applied: AppliedCallback | None = None,
     ) -> None:
@@ -97,6 +98,10 @@ class Subscriber:
         self.model = model
         self.config = config or PullConfig()
         self.staging = staging or Staging(receivers=self.receivers)
+        self.spare_staging = spare_staging
+        """With a spare, each version is pulled into the staging the applied version does not
+        occupy, so the applied version's bytes stay intact until the next one applies (a
+        swapper that can restore the previous version after a failed swap needs them)."""
         self.applied = applied
         """The version the engine runs now; None before the first one."""
         self.on_applied = on_applied
@@ -208,6 +213,8 @@ class Subscriber:
             finally:
                 await self.client.release_lease(self.model, manifest.version)
             self.applied = manifest.version
+            if self.spare_staging is not None:
+                self.staging, self.spare_staging = self.spare_staging, self.staging
             total_s = time.perf_counter() - started
             logger.info(
                 "applied model=%s version=%d bytes=%d pull_s=%.3f rate_gbps=%.2f pause_ms=%.1f total_s=%.3f",
@@ -272,3 +279,5 @@ class Subscriber:
 
     def close(self) -> None:
         self.staging.close()
+        if self.spare_staging is not None:
+            self.spare_staging.close()

@@ -180,6 +180,7 @@ async def follow(
     ctx = zmq.asyncio.Context()
     receivers: list[BulkReceiver] = []
     staging: Staging | None = None
+    spare: Staging | None = None
 
     async def on_applied(manifest: Manifest, pull: PullReport, swap: SwapReport) -> None:
         with swapper.changed:
@@ -190,7 +191,11 @@ async def follow(
 
     try:
         receivers = make_receivers(parse_transports(config.transport), host=config.host)
-        staging = Staging(receivers=receivers, shm_name=config.shm_name or _shm_name(config.model))
+        shm_name = config.shm_name or _shm_name(config.model)
+        staging = Staging(receivers=receivers, shm_name=shm_name)
+        # The applied version's staging stays intact until the next applies: a failed update
+        # reloads it (the price: two versions in /dev/shm).
+        spare = Staging(receivers=receivers, shm_name=f"{shm_name}-spare")
         async with connect(
             ClientConfig(broker=config.broker), role="subscriber", context=ctx
         ) as client:
@@ -203,6 +208,7 @@ async def follow(
                 model=config.model,
                 config=config.pull,
                 staging=staging,
+                spare_staging=spare,
                 applied=config.applied,
                 on_applied=on_applied,
             )
@@ -219,8 +225,9 @@ async def follow(
             await subscriber.run()
     finally:
         status.connected = False
-        if staging is not None:
-            staging.close()
+        for each in (staging, spare):
+            if each is not None:
+                each.close()
         for receiver in receivers:
             receiver.close()
         ctx.destroy(linger=0)
