@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-import mmap
-import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from gpu.host import HostRegisterError, HostRegistration
 from streamer.transport.base import Region
-from streamer.transport.shm import SHM_DIR
+from streamer.transport.shm import SHM_DIR, create_segment
+
+if TYPE_CHECKING:
+    import mmap
+    from pathlib import Path
 
 __all__ = ["BufferPool", "BufferSet"]
 
@@ -51,9 +54,17 @@ class BufferSet:
 class BufferPool:
     """Free buffer sets, reused when a new version's layout fits in one."""
 
-    def __init__(self, *, pin_memory: bool | None = None, shm_prefix: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        pin_memory: bool | None = None,
+        shm_prefix: str | None = None,
+        shm_dir: Path = SHM_DIR,
+    ) -> None:
+        """`shm_dir` is where shared-memory segments go (a tmpfs; /dev/shm by default)."""
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.shm_prefix = shm_prefix
+        self.shm_dir = shm_dir
         self._free: list[BufferSet] = []
         self._names: dict[int, str] = {}
         self._mappings: list[mmap.mmap] = []
@@ -81,12 +92,8 @@ class BufferPool:
         if self.shm_prefix is None:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
         name = f"{self.shm_prefix}-{next(self._counter)}"
-        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, max(nbytes, 1))
-            mapping = mmap.mmap(fd, max(nbytes, 1))
-        finally:
-            os.close(fd)
+        # Reserved up front: a tmpfs too small fails here, with the fix, not with SIGBUS later.
+        mapping = create_segment(self.shm_dir / name, nbytes, exclusive=True)
         self._mappings.append(mapping)
         tensor = torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes]
         if self.pin_memory:
@@ -119,5 +126,5 @@ class BufferPool:
                 logger.warning("%s; leaving the pages pinned", exc)
         self._registered.clear()
         for name in self._names.values():
-            (SHM_DIR / name).unlink(missing_ok=True)
+            (self.shm_dir / name).unlink(missing_ok=True)
         self._names.clear()

@@ -2,8 +2,12 @@
 
 One DEALER socket, owned by one receive task; requests are matched to replies by
 `request_id`. If the broker restarts, the first message it does not recognise is answered
-`Error("unknown_peer")`: the client says Hello again, re-subscribes, and re-sends every request
-still waiting for an answer, so callers only see a delay.
+`Error("unknown_peer")`: the client says Hello again, re-subscribes, re-takes the leases it
+holds, and re-sends every request still waiting for an answer, so callers only see a delay.
+
+Every request times out, its send included (`BrokerTimeout`: a send into a full queue to a
+frozen broker does not block forever). A `Retire` that finds the queue full waits in a bounded
+overflow and is queued again as room appears, never silently dropped.
 
     caller ── request(msg) ──> send ──> broker
                  ▲ future                 │
@@ -20,7 +24,7 @@ import logging
 import os
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 import zmq.asyncio
@@ -50,7 +54,13 @@ from schemas.messages import (
     Welcome,
     Withdraw,
 )
-from streamer.errors import BrokerError, IncompatiblePeer, ProtocolError, VersionUnavailable
+from streamer.errors import (
+    BrokerError,
+    IncompatiblePeer,
+    ProtocolError,
+    StreamerError,
+    VersionUnavailable,
+)
 from streamer.frames import decode_header
 
 if TYPE_CHECKING:
@@ -59,9 +69,13 @@ if TYPE_CHECKING:
     from schemas.manifest import Manifest, Shard
     from streamer.config import ClientConfig
 
-__all__ = ["BrokerClient", "connect"]
+__all__ = ["BrokerClient", "BrokerTimeout", "connect"]
 
 logger = logging.getLogger(__name__)
+
+
+class BrokerTimeout(StreamerError, TimeoutError):
+    """The broker did not take or answer a message in time (frozen, gone, or overloaded)."""
 
 
 class BrokerClient:
@@ -97,6 +111,10 @@ class BrokerClient:
         self._manifests: dict[str, Manifest] = {}
         self._manifest_changed = asyncio.Condition()
         self.retired: asyncio.Queue[Retire] = asyncio.Queue(maxsize=config.queue_size)
+        self._retired_overflow: dict[tuple[str, int], Retire] = {}
+        """Retires that found `retired` full, queued again as room appears (<= queue_size)."""
+        self._leases: dict[tuple[str, int], int] = {}
+        """Leases we hold (model, version) -> count, re-taken after a broker restart."""
         self.broker_id: str | None = None
         self._applied: dict[str, int] = {}
         self._rehello: asyncio.Task[None] | None = None
@@ -133,10 +151,21 @@ class BrokerClient:
             AcquireLease(request_id=next(self._ids), model=model, version=version)
         )
         assert isinstance(reply, LeaseGranted)
+        key = (model, version)
+        self._leases[key] = self._leases.get(key, 0) + 1
         return reply.ttl_s
 
     async def release_lease(self, model: str, version: int) -> None:
+        key = (model, version)
+        count = self._leases.pop(key, 0) - 1
+        if count > 0:
+            self._leases[key] = count
         await self._send(ReleaseLease(model=model, version=version))
+
+    @property
+    def leases(self) -> list[tuple[str, int]]:
+        """The (model, version) leases this client holds now."""
+        return sorted(self._leases)
 
     async def wait_applied(self, model: str, version: int, num_subscribers: int) -> int:
         """Wait until `num_subscribers` subscribers report `version` (or newer) applied.
@@ -156,11 +185,24 @@ class BrokerClient:
     # reports (no reply)
 
     async def report_progress(
-        self, model: str, version: int, done: int, total: int, rate: float
+        self,
+        model: str,
+        version: int,
+        done: int,
+        total: int,
+        rate: float,
+        *,
+        state: Literal["pulling", "staged"] = "pulling",
     ) -> None:
+        """`state="staged"`: pulled, verified and staged, waiting at the version boundary."""
         await self._send(
             Progress(
-                model=model, version=version, bytes_done=done, bytes_total=total, bytes_per_s=rate
+                model=model,
+                version=version,
+                bytes_done=done,
+                bytes_total=total,
+                bytes_per_s=rate,
+                state=state,
             )
         )
 
@@ -208,15 +250,26 @@ class BrokerClient:
                 async with asyncio.timeout(limit):
                     return await future
             except TimeoutError:
-                raise TimeoutError(
+                raise BrokerTimeout(
                     f"the broker at {self.config.broker} did not answer {type(message).__name__} "
-                    f"within {limit} s: is it running?"
+                    f"within {limit} s: is it running (`weightstream status`)? start it, or "
+                    "check --broker"
                 ) from None
         finally:
             self._pending.pop(message.request_id, None)
 
     async def _send(self, message: Any) -> None:
-        await self._socket.send(encode(message))
+        """Queue one message for the broker, within `request_timeout_s` (the queue may be full)."""
+        limit = self.config.request_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await self._socket.send(encode(message))
+        except TimeoutError:
+            raise BrokerTimeout(
+                f"could not send {type(message).__name__} to the broker at {self.config.broker} "
+                f"within {limit} s: the send queue ({self.config.queue_size} messages) is full, "
+                "so the broker is frozen, gone or overloaded; check it (`weightstream status`)"
+            ) from None
 
     async def hello(self) -> Welcome:
         loop = asyncio.get_running_loop()
@@ -278,14 +331,7 @@ class BrokerClient:
                     del self._manifests[model]
                 logger.warning("withdrawn model=%s version=%d reason=%s", model, version, reason)
             case Retire():
-                try:
-                    self.retired.put_nowait(message)
-                except asyncio.QueueFull:
-                    logger.warning(
-                        "dropped Retire model=%s version=%d: queue full",
-                        message.model,
-                        message.version,
-                    )
+                self._queue_retire(message)
             case Error(code="unknown_peer"):
                 self._start_rehello()
             case Error(code="incompatible", detail=detail):
@@ -307,6 +353,34 @@ class BrokerClient:
             case _:
                 logger.warning("ignored unexpected %s from the broker", type(message).__name__)
 
+    def _queue_retire(self, message: Retire) -> None:
+        self._requeue_retires()
+        if not self._retired_overflow:
+            try:
+                self.retired.put_nowait(message)
+            except asyncio.QueueFull:
+                pass
+            else:
+                return
+        key = (message.model, message.version)
+        self._retired_overflow[key] = message  # a repeated Retire of one version is kept once
+        if len(self._retired_overflow) > self.config.queue_size:
+            (model, version), _ = next(iter(self._retired_overflow.items()))
+            del self._retired_overflow[(model, version)]
+            logger.error(
+                "dropped Retire model=%s version=%d: %d retires wait unread; the publisher's "
+                "retire loop is stuck (its buffers for that version stay allocated)",
+                model,
+                version,
+                self.config.queue_size * 2,
+            )
+
+    def _requeue_retires(self) -> None:
+        """Move overflowed Retires into the queue, oldest first, as far as it has room."""
+        while self._retired_overflow and not self.retired.full():
+            key = next(iter(self._retired_overflow))
+            self.retired.put_nowait(self._retired_overflow.pop(key))
+
     async def _notify(self) -> None:
         async with self._manifest_changed:
             self._manifest_changed.notify_all()
@@ -327,6 +401,12 @@ class BrokerClient:
                 await self._send(Subscribe(request_id=next(self._ids), model=model))
             for message, _ in list(self._pending.values()):
                 await self._send(message)
+            for model, version in list(self._leases):
+                # A new broker (or one that forgot us) must know what we still read.
+                await self._send(
+                    AcquireLease(request_id=next(self._ids), model=model, version=version)
+                )
+                logger.info("re-took lease model=%s version=%d", model, version)
         except TimeoutError as exc:
             logger.warning("%s", exc)
 
@@ -334,7 +414,11 @@ class BrokerClient:
         """Heartbeats; runs until cancelled."""
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            await self._send(Heartbeat(applied=dict(self._applied)))
+            self._requeue_retires()
+            try:
+                await self._send(Heartbeat(applied=dict(self._applied)))
+            except BrokerTimeout as exc:
+                logger.warning("heartbeat not sent: %s", exc)
 
     def _fail(self, error: BaseException) -> None:
         self._failure = error

@@ -31,9 +31,9 @@ that way); timings there are meaningless.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -44,7 +44,14 @@ from schemas.manifest import ALIGNMENT
 from streamer.errors import ChecksumMismatch
 from subscribers.cuda_stage import CudaStager
 from subscribers.host_pins import HostPins
-from subscribers.swap import SwapError, SwapReport, TorchSwapper, VersionGate
+from subscribers.swap import (
+    SwapError,
+    SwapReport,
+    TorchSwapper,
+    VersionGate,
+    raise_if_cancelled,
+    run_cancellable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -92,8 +99,12 @@ class CudaSwapper:
     is the staging, sized by the caller for the largest version.
     """
 
-    verifies_on_device = True
-    """Tells the Subscriber not to checksum on the host what `stage` checks on the device."""
+    @property
+    def verifies_on_device(self) -> bool:
+        """Staged mode: `stage` reads each byte once into GPU staging and verifies it there, so
+        the host checksums nothing and may map a same-host publisher's memory. Streaming mode
+        reads host staging at the swap: it gets a private, host-verified copy instead."""
+        return self.mode == "staged"
 
     def __init__(
         self,
@@ -132,6 +143,8 @@ class CudaSwapper:
         self._checker = TorchSwapper(self.tensors, gate=self.gate, strict=strict)
         self._stager: CudaStager | None = node.stager if node is not None else None
         self._staged: _Staged | None = None
+        self._stage_lock = threading.Lock()
+        """One stage at a time: a cancelled one still running keeps the next off the staging."""
 
     def check(self, manifest: Manifest) -> None:
         """Names, shapes, dtypes and sizes, as `TorchSwapper.check`; raises `SwapError`."""
@@ -145,7 +158,9 @@ class CudaSwapper:
         """
         if self.mode == "streaming":
             return
-        await asyncio.to_thread(self._stage, manifest, staging)
+        await run_cancellable(
+            lambda cancel: self._stage(manifest, staging, cancel), name="weightstream-stage"
+        )
 
     async def swap_in(self, manifest: Manifest, staging: Staging) -> SwapReport:
         """Apply the version under `gate.exclusive()`; returns the engine's pause.
@@ -159,7 +174,9 @@ class CudaSwapper:
         old and the new version until a good version is applied. That is why staged is the
         default.
         """
-        return await asyncio.to_thread(self._swap, manifest, staging)
+        return await run_cancellable(
+            lambda cancel: self._swap(manifest, staging, cancel), name="weightstream-swap"
+        )
 
     def close(self) -> None:
         """Unregister the host buffers and free the GPU staging."""
@@ -170,8 +187,17 @@ class CudaSwapper:
 
     # -- blocking halves, run in a thread ---------------------------------------------------
 
-    def _stage(self, manifest: Manifest, staging: Staging) -> None:
+    def _stage(
+        self, manifest: Manifest, staging: Staging, cancel: threading.Event | None = None
+    ) -> None:
+        with self._stage_lock:
+            self._stage_locked(manifest, staging, cancel)
+
+    def _stage_locked(
+        self, manifest: Manifest, staging: Staging, cancel: threading.Event | None
+    ) -> None:
         self._staged = None
+        raise_if_cancelled(cancel, "stage")
         with self._on_device():
             hosts, register_s = self.pins.sources(
                 manifest, staging, register=self.device.type == "cuda"
@@ -185,6 +211,7 @@ class CudaSwapper:
             else:
                 result = stager.pull(hosts, manifest.buckets)
             _raise_if_failed(manifest, result, self.device, applied=False)
+            raise_if_cancelled(cancel, "stage")  # cancelled meanwhile: the staging stays unused
             try:
                 plan = stager.plan_swap(manifest.tensors, self.tensors)
             except ValueError as exc:
@@ -206,16 +233,18 @@ class CudaSwapper:
             self.device,
         )
 
-    def _swap(self, manifest: Manifest, staging: Staging) -> SwapReport:
+    def _swap(
+        self, manifest: Manifest, staging: Staging, cancel: threading.Event | None = None
+    ) -> SwapReport:
         if self.mode == "streaming":
-            return self._stream(manifest, staging)
+            return self._stream(manifest, staging, cancel)
         if self._staged is None or self._staged.version != manifest.version:
-            self._stage(manifest, staging)
+            self._stage(manifest, staging, cancel)
         staged = self._staged
         assert staged is not None
         stager = self._stager
         assert stager is not None
-        with self._on_device(), self.gate.exclusive():
+        with self._on_device(), self.gate.exclusive(cancel):
             started = time.perf_counter()
             if self.device.type == "cuda":
                 # A step may leave kernels that read the parameters in flight after it
@@ -227,7 +256,9 @@ class CudaSwapper:
         self._staged = None
         return SwapReport(version=manifest.version, pause_s=pause_s, nbytes=manifest.payload_bytes)
 
-    def _stream(self, manifest: Manifest, staging: Staging) -> SwapReport:
+    def _stream(
+        self, manifest: Manifest, staging: Staging, cancel: threading.Event | None
+    ) -> SwapReport:
         self.check(manifest)
         with self._on_device():
             hosts, register_s = self.pins.sources(
@@ -235,7 +266,7 @@ class CudaSwapper:
             )
             if self._stager is None:
                 self._stager = CudaStager(self.device, 0)  # streams only: no staging
-            with self.gate.exclusive():
+            with self.gate.exclusive(cancel):
                 started = time.perf_counter()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)

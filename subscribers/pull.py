@@ -7,6 +7,12 @@
 A bucket whose checksum does not match is fetched again once (a torn read), then the pull
 fails with `ChecksumMismatch`; any transport error fails it with `TransportError`. Either
 way nothing has touched the engine yet: staging is private to the subscriber.
+
+A same-host publisher's shared memory is copied into staging like any other transport's
+bytes (a memcpy) and verified there, unless the caller asks for `map_shared` (a swapper that
+verifies on its device). Every fetch carries the pull's `deadline`, so a frozen publisher
+costs the deadline plus one bucket, and a failed or cancelled pull waits for its fetch and
+verify threads before it returns: nothing of it writes into staging afterwards.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from schemas.manifest import ShmLocator
 from streamer.checksum import ALGORITHM, SUPPORTED_ALGORITHMS, bucket_digest
-from streamer.errors import ChecksumMismatch, TransportError
+from streamer.errors import ChecksumMismatch, StreamerError, TransportError
 from streamer.transport.base import BulkReceiver, Fetch
 from streamer.transport.shm import ShmReceiver
 
@@ -31,11 +37,15 @@ if TYPE_CHECKING:
     from schemas.manifest import BucketSpec, Manifest
     from subscribers.staging import Staging
 
-__all__ = ["PullReport", "pull"]
+__all__ = ["PullReport", "PullTimeout", "pull"]
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, float], Awaitable[None]]
+
+
+class PullTimeout(StreamerError, TimeoutError):
+    """A version was not pulled (and staged) within `pull_timeout_s`; says how far it got."""
 
 
 @dataclass(frozen=True)
@@ -97,12 +107,16 @@ async def pull(
     on_progress: ProgressCallback | None = None,
     progress_interval_s: float = 0.5,
     verify: bool = True,
+    map_shared: bool = False,
+    deadline: float | None = None,
 ) -> PullReport:
     """Fetch and verify every bucket of `manifest` into `staging`.
 
     Regions a same-host publisher offers in shared memory (and a `ShmReceiver` accepts) are
-    mapped, not fetched. `verify=False` skips the host checksums, for a swapper that verifies
-    on the device anyway (it must then raise `ChecksumMismatch` itself).
+    copied into staging, or with `map_shared=True` mapped, not copied: only for a swapper
+    that reads each byte once into its own memory and verifies it there. `verify=False` skips
+    the host checksums, for such a swapper (it must then raise `ChecksumMismatch` itself).
+    `deadline` (a `time.monotonic()` value) bounds every fetch (`FetchTimeout`).
     """
     if manifest.checksum_algorithm not in SUPPORTED_ALGORITHMS:
         raise TransportError(
@@ -114,7 +128,7 @@ async def pull(
     mapped: dict[int, torch.Tensor] = {}
     for region, (receiver, locator_index) in enumerate(routes):
         locator = manifest.regions[region].locators[locator_index]
-        if isinstance(receiver, ShmReceiver) and isinstance(locator, ShmLocator):
+        if map_shared and isinstance(receiver, ShmReceiver) and isinstance(locator, ShmLocator):
             mapping = await asyncio.to_thread(receiver.mapping, locator)
             mapped[region] = staging.segment(locator.name, mapping)
     staging.prepare(manifest, mapped)
@@ -132,7 +146,7 @@ async def pull(
         request = Fetch(
             locator, bucket.offset, bucket.nbytes, staging.address(bucket.region, bucket.offset)
         )
-        await asyncio.wrap_future(pool.submit(receiver.fetch, [request]))
+        await asyncio.wrap_future(pool.submit(receiver.fetch, [request], deadline=deadline))
 
     async def one(bucket: BucketSpec) -> None:
         nonlocal done, refetched, last_report

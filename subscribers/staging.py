@@ -8,31 +8,36 @@ With `shm_name` set, the buffer lives in POSIX shared memory (`/dev/shm/<shm_nam
 node's other processes (say, the workers of a tensor-parallel vLLM engine) map the staged
 version instead of fetching it again: one fetch per node.
 
-A region that a same-host publisher offers in shared memory is not copied at all: `prepare`
-takes it as `mapped`, and that region's views point straight at the publisher's memory.
+A region that a same-host publisher offers in shared memory is copied in (and verified) like
+any other, except for a swapper that verifies on its device: for it `prepare` takes the
+region as `mapped`, and that region's views point straight at the publisher's memory.
 
     staging: [ region 0 | region 2 ]  own buffer (fetched into)
-             region 1 -> publisher's /dev/shm segment (mapped, zero copy)
+             region 1 -> publisher's /dev/shm segment (mapped, zero copy; verifies_on_device only)
+
+A shared-memory staging file reserves its space when it is made (`SharedMemoryFull` names the
+size and the fix, instead of SIGBUS later); an allocation that fails is a `StagingError`.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
-import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from schemas.manifest import ALIGNMENT, Manifest, TensorSpec
+from streamer.errors import StreamerError
 from streamer.transport.base import BulkReceiver, Region
-from streamer.transport.shm import SHM_DIR
+from streamer.transport.shm import SHM_DIR, create_segment
 from subscribers.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-__all__ = ["Staging", "map_shared"]
+__all__ = ["Staging", "StagingError", "map_shared"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +46,19 @@ def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-def map_shared(shm_name: str, nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+class StagingError(StreamerError):
+    """Staging memory could not be allocated or registered (out of host or pinned memory)."""
+
+
+def map_shared(
+    shm_name: str, nbytes: int, *, shm_dir: Path = SHM_DIR
+) -> tuple[mmap.mmap, torch.Tensor]:
     """Map another process's staging; the tensor views the mapping (no copy).
 
     The mapping is private copy-on-write: a write through it (there should be none) would
     stay in this process and never reach the staged bytes other processes read.
     """
-    path = SHM_DIR / shm_name
+    path = shm_dir / shm_name
     with path.open("rb") as file:
         mapping = mmap.mmap(file.fileno(), nbytes, access=mmap.ACCESS_COPY)
     return mapping, torch.frombuffer(mapping, dtype=torch.uint8)
@@ -67,8 +78,11 @@ class Staging:
         receivers: Sequence[BulkReceiver],
         pin_memory: bool | None = None,
         shm_name: str | None = None,
+        shm_dir: Path = SHM_DIR,
     ) -> None:
+        """`shm_name` puts the buffer in shared memory, as the file `shm_dir / shm_name`."""
         self.receivers = list(receivers)
+        self.shm_dir = Path(shm_dir)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.shm_name = shm_name
         self.buffer = torch.empty(0, dtype=torch.uint8)
@@ -136,15 +150,16 @@ class Staging:
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         if self.shm_name is None:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+            except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory, pinned or not
+                raise StagingError(
+                    f"cannot allocate {nbytes} bytes of staging (pinned={self.pin_memory}): "
+                    f"{exc}; free host memory, or run the subscriber where the version fits"
+                ) from exc
         self._release_mapping()
-        path = SHM_DIR / self.shm_name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            os.ftruncate(fd, nbytes)
-            self._mapping = mmap.mmap(fd, nbytes)
-        finally:
-            os.close(fd)
+        # Reserved up front (SharedMemoryFull with the size and the fix), never SIGBUS later.
+        self._mapping = create_segment(self.shm_dir / self.shm_name, nbytes)
         return torch.frombuffer(self._mapping, dtype=torch.uint8)
 
     def address(self, region: int, offset: int) -> int:
@@ -175,4 +190,4 @@ class Staging:
         self._release_mapping()
         self._segments.clear()
         if self.shm_name is not None:
-            (SHM_DIR / self.shm_name).unlink(missing_ok=True)
+            (self.shm_dir / self.shm_name).unlink(missing_ok=True)

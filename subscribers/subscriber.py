@@ -4,16 +4,24 @@
         │ validate it (schemas.validate), check it fits the engine (before allocating a byte)
         │ acquire a lease (the publisher keeps the version readable while we read it)
         ▼
-    pull: fetch buckets into staging (or map a same-host publisher's), verify each ── Progress ──> broker
+    pull: fetch buckets into staging (a same-host publisher's by memcpy), verify each ── Progress ──> broker
         │ swapper.stage (e.g. to the GPU, verified there), still serving the old version
-        ▼
+        ▼                                              Progress(state="staged") ──> broker
     swapper.swap_in at a step boundary, then release the lease
         └── Applied(version) ──> broker
 
+Staging is private: a swapper that reads staging at the swap (TorchSwapper, VllmSwapper) gets
+the verified copy, never the publisher's memory, so a lost lease (broker restart, a frozen
+subscriber) and a publisher reusing its buffers cannot change the bytes between the check and
+the swap. Only a swapper that copies each byte once into its own device memory in `stage` and
+verifies it there (`verifies_on_device`) maps a same-host publisher's memory instead.
+
 A version is applied whole or not at all. A failed pull (dead or slow publisher, a bucket
-that fails its checksum, a retired version) is reported, leaves the engine on its previous
-version, and is retried `max_attempts` times; an invalid manifest, or one that does not fit
-the engine, is never retried. Either way the subscriber then waits for the next version.
+that fails its checksum, a retired version, `pull_timeout_s` passed: `PullTimeout`) is
+reported, leaves the engine on its previous version, and is retried `max_attempts` times; an
+invalid manifest, or one that does not fit the engine, is never retried. Either way the
+subscriber then waits for the next version. Any other error (a bug, or a foreign error no seam
+translated) is reported to the broker too, and stops the loop with `FollowerStopped` naming it.
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ import msgspec
 
 from schemas.manifest import Manifest
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest
-from streamer.errors import BrokerError, ChecksumMismatch, TransportError
-from subscribers.pull import PullReport, pull
+from streamer.errors import StreamerError
+from subscribers.pull import PullReport, PullTimeout, pull
 from subscribers.staging import Staging
 from subscribers.swap import SwapError, Swapper, SwapReport
 
@@ -37,12 +45,16 @@ if TYPE_CHECKING:
     from streamer.client import BrokerClient
     from streamer.transport.base import BulkReceiver
 
-__all__ = ["PullConfig", "Subscriber"]
+__all__ = ["FollowerStopped", "PullConfig", "Subscriber"]
 
 logger = logging.getLogger(__name__)
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 AppliedCallback = Callable[[Manifest, PullReport, SwapReport], Awaitable[None]]
+
+
+class FollowerStopped(StreamerError):
+    """The subscriber loop stopped on an error outside its retry policy (reported first)."""
 
 
 class PullConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -77,6 +89,7 @@ class Subscriber:
         model: str,
         config: PullConfig | None = None,
         staging: Staging | None = None,
+        spare_staging: Staging | None = None,
         applied: int | None = None,
         on_applied: AppliedCallback | None = None,
     ) -> None:
@@ -88,10 +101,17 @@ class Subscriber:
         self.model = model
         self.config = config or PullConfig()
         self.staging = staging or Staging(receivers=self.receivers)
+        self.spare_staging = spare_staging
+        """With a spare, each version is pulled into the staging the applied version does not
+        occupy, so the applied version's bytes stay intact until the next one applies (a
+        swapper that can restore the previous version after a failed swap needs them)."""
         self.applied = applied
         """The version the engine runs now; None before the first one."""
         self.on_applied = on_applied
         self.failures = 0
+        self.last_error: BaseException | None = None
+        """The last failure (reported to the broker as well)."""
+        self._pulled = 0
         self._lock = asyncio.Lock()
 
     async def run(self) -> None:
@@ -108,10 +128,15 @@ class Subscriber:
         """Apply the newest announced version now if it is newer; returns the applied version.
 
         For engines that update between steps on their own schedule (an offline rollout loop).
+        Raises the last error if that version could not be applied (the engine stays where it
+        was), rather than quietly returning the old version.
         """
         manifest = self.client.latest_manifest(self.model)
-        if manifest is not None and (self.applied is None or manifest.version > self.applied):
-            await self._apply_with_retries(manifest)
+        if manifest is None or (self.applied is not None and manifest.version <= self.applied):
+            return self.applied
+        if not await self._apply_with_retries(manifest):
+            assert self.last_error is not None  # every failed attempt records its error
+            raise self.last_error
         return self.applied
 
     async def _apply_with_retries(self, manifest: Manifest) -> bool:
@@ -127,10 +152,18 @@ class Subscriber:
             except (InvalidManifest, SwapError) as exc:
                 await self._report_failure(manifest, exc)
                 return False
-            except (TransportError, ChecksumMismatch, BrokerError, TimeoutError) as exc:
+            except StreamerError as exc:  # transport, checksum, broker, timeout, staging...
                 await self._report_failure(manifest, exc)
                 if attempt < self.config.max_attempts:
                     await asyncio.sleep(self.config.retry_backoff_s * attempt)
+            except Exception as exc:
+                # Outside the policy: say so to the broker and stop, never die silently.
+                await self._report_failure(manifest, exc)
+                raise FollowerStopped(
+                    f"the subscriber of model {self.model} stopped on version {manifest.version}: "
+                    f"{type(exc).__name__}: {exc} (engine stays on version {self.applied}); "
+                    "this is a bug or an untranslated error: report it with the log"
+                ) from exc
             else:
                 return True
         logger.error(
@@ -144,6 +177,7 @@ class Subscriber:
 
     async def _report_failure(self, manifest: Manifest, exc: Exception) -> None:
         self.failures += 1
+        self.last_error = exc
         reason = f"{type(exc).__name__}: {exc}"
         logger.warning(
             "pull failed model=%s version=%d staying_on=%s reason=%s",
@@ -152,7 +186,11 @@ class Subscriber:
             self.applied,
             reason,
         )
-        await self.client.report_failure(self.model, manifest.version, reason)
+        try:
+            async with asyncio.timeout(self.client.config.request_timeout_s):
+                await self.client.report_failure(self.model, manifest.version, reason)
+        except (StreamerError, TimeoutError) as report_error:
+            logger.warning("could not report the failure to the broker: %s", report_error)
 
     async def apply(self, manifest: Manifest) -> None:
         """Pull, verify and swap in one version, or raise and leave the engine as it was."""
@@ -165,22 +203,22 @@ class Subscriber:
             # The lease holds until the swap is done: staging may map the publisher's memory.
             await self.client.acquire_lease(self.model, manifest.version)
             try:
-                async with asyncio.timeout(self.config.pull_timeout_s):
-                    report = await pull(
-                        manifest,
-                        self.staging,
-                        self.receivers,
-                        max_inflight=self.config.max_inflight,
-                        max_bytes_per_s=self.config.max_bytes_per_s,
-                        on_progress=self._progress(manifest.version),
-                        progress_interval_s=self.config.progress_interval_s,
-                        verify=not self.swapper.verifies_on_device,
-                    )
-                    await self.swapper.stage(manifest, self.staging)
+                report = await self._pull_and_stage(manifest)
+                logger.info("staged model=%s version=%d", self.model, manifest.version)
+                await self.client.report_progress(
+                    self.model,
+                    manifest.version,
+                    report.nbytes,
+                    report.nbytes,
+                    report.bytes_per_s,
+                    state="staged",
+                )
                 swap = await self.swapper.swap_in(manifest, self.staging)
             finally:
                 await self.client.release_lease(self.model, manifest.version)
             self.applied = manifest.version
+            if self.spare_staging is not None:
+                self.staging, self.spare_staging = self.spare_staging, self.staging
             total_s = time.perf_counter() - started
             logger.info(
                 "applied model=%s version=%d bytes=%d pull_s=%.3f rate_gbps=%.2f pause_ms=%.1f total_s=%.3f",
@@ -202,11 +240,48 @@ class Subscriber:
             if self.on_applied is not None:
                 await self.on_applied(manifest, report, swap)
 
+    async def _pull_and_stage(self, manifest: Manifest) -> PullReport:
+        """Pull and stage within `pull_timeout_s`, or raise `PullTimeout` saying how far it got."""
+        limit_s = self.config.pull_timeout_s
+        started = time.monotonic()
+        self._pulled = 0
+        # Zero copy only for a swapper that reads each byte once into its own verified memory.
+        shared = self.swapper.verifies_on_device
+        try:
+            async with asyncio.timeout(limit_s):
+                report = await pull(
+                    manifest,
+                    self.staging,
+                    self.receivers,
+                    max_inflight=self.config.max_inflight,
+                    max_bytes_per_s=self.config.max_bytes_per_s,
+                    on_progress=self._progress(manifest.version),
+                    progress_interval_s=self.config.progress_interval_s,
+                    verify=not shared,
+                    map_shared=shared,
+                    deadline=started + limit_s,
+                )
+                await self.swapper.stage(manifest, self.staging)
+        except TimeoutError as exc:  # our deadline, or a fetch's (FetchTimeout)
+            if isinstance(exc, StreamerError) and time.monotonic() < started + limit_s:
+                raise  # a transport's own per-reply limit, not the pull's deadline
+            raise PullTimeout(
+                f"{self.model} version {manifest.version} not pulled and staged within "
+                f"pull_timeout_s={limit_s:g} s (gave up after {time.monotonic() - started:.1f} s, "
+                f"{self._pulled} of {manifest.payload_bytes} bytes verified): the publisher is "
+                "frozen, overloaded or unreachable; check it, or raise pull_timeout_s"
+                + (f" ({exc})" if str(exc) else "")
+            ) from exc
+        return report
+
     def _progress(self, version: int) -> Callable[[int, int, float], Awaitable[None]]:
         async def report(done: int, total: int, rate: float) -> None:
+            self._pulled = done
             await self.client.report_progress(self.model, version, done, total, rate)
 
         return report
 
     def close(self) -> None:
         self.staging.close()
+        if self.spare_staging is not None:
+            self.spare_staging.close()

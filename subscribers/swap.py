@@ -11,17 +11,25 @@ half a version, and the engine's pause is the copy, not the transfer.
 
     engine thread:   with gate.step(): model(x)      (many, concurrently with pulling)
     subscriber:      pull (no gate) ... with gate.exclusive(): copy staged -> params
+
+Stage and swap work runs in a thread of its own (`run_cancellable`). A cancel (a caller's
+timeout, a shutdown) sets the attempt's cancel token: the work checks it between buckets and
+while it waits for the gate, and the awaiting side waits (bounded) for the thread to stop
+before the cancellation propagates, so nothing of a cancelled attempt touches staging or the
+engine afterwards. A swap that holds the gate completes whole: never half a version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 
@@ -29,16 +37,76 @@ from streamer.errors import StreamerError
 from subscribers.dtypes import torch_dtype
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from schemas.manifest import Manifest
     from subscribers.staging import Staging
 
-__all__ = ["SwapError", "SwapReport", "Swapper", "TorchSwapper", "VersionGate", "refuse_if"]
+__all__ = [
+    "SwapCancelled",
+    "SwapError",
+    "SwapReport",
+    "Swapper",
+    "TorchSwapper",
+    "VersionGate",
+    "refuse_if",
+    "run_cancellable",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SETTLE_S = 60.0
+"""How long a cancelled stage or swap may take to stop (one bucket, or one whole swap)."""
 
 
 class SwapError(StreamerError):
     """A manifest does not fit the engine (missing name, wrong shape or dtype)."""
+
+
+class SwapCancelled(StreamerError):
+    """A stage or swap was cancelled before it touched the engine (raised in its thread)."""
+
+
+def raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise SwapCancelled(f"{what} cancelled")
+
+
+async def run_cancellable(
+    work: Callable[[threading.Event], T], *, name: str, settle_s: float = SETTLE_S
+) -> T:
+    """Run blocking `work(cancel)` in a thread of its own and await its result.
+
+    If the awaiting task is cancelled, `cancel` is set and the thread is waited for (at most
+    `settle_s`) before `CancelledError` propagates: `work` checks `cancel` between its steps
+    and raises `SwapCancelled`; once it holds the gate it finishes what it started.
+    """
+    cancel = threading.Event()
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def body() -> None:
+        try:
+            result = work(cancel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side, never lost
+            done.set_exception(exc)
+        else:
+            done.set_result(result)
+
+    done.set_running_or_notify_cancel()  # running: a cancelled await cannot cancel it under us
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    try:
+        return await asyncio.wrap_future(done)
+    except asyncio.CancelledError:
+        cancel.set()
+        await asyncio.to_thread(thread.join, settle_s)
+        if thread.is_alive():
+            logger.warning("%s still running %.0f s after a cancel", name, settle_s)
+        elif not done.cancelled() and done.exception() is not None:
+            logger.debug("%s ended after its cancel: %s", name, done.exception())
+        raise
 
 
 def refuse_if(problems: list[str], manifest: Manifest, engine: str) -> None:
@@ -114,15 +182,38 @@ class VersionGate:
                 self._steps -= 1
                 self._cond.notify_all()
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Wait for running steps to finish, hold new ones off, and let the swap run."""
+    @property
+    def swap_waiting(self) -> bool:
+        """True while a swap holds the gate or waits for running steps to finish."""
         with self._cond:
+            return self._swapping
+
+    def _wait(self, cancel: threading.Event | None) -> None:
+        if cancel is None:
+            self._cond.wait()
+            return
+        raise_if_cancelled(cancel, "swap waiting at the gate")
+        self._cond.wait(0.02)  # a cancel from another thread does not notify this condition
+
+    @contextlib.contextmanager
+    def exclusive(self, cancel: threading.Event | None = None) -> Iterator[None]:
+        """Wait for running steps to finish, hold new ones off, and let the swap run.
+
+        With `cancel`, the wait ends with `SwapCancelled` once it is set (the engine untouched);
+        once the gate is held, the swap runs to its end.
+        """
+        with self._cond:
+            raise_if_cancelled(cancel, "swap")
             while self._swapping:
-                self._cond.wait()
+                self._wait(cancel)
             self._swapping = True
-            while self._steps:
-                self._cond.wait()
+            try:
+                while self._steps:
+                    self._wait(cancel)
+            except SwapCancelled:
+                self._swapping = False
+                self._cond.notify_all()
+                raise
         try:
             yield
         finally:
@@ -181,15 +272,25 @@ class TorchSwapper:
         """Nothing to prepare: the staged host bytes are copied straight in at the boundary."""
 
     async def swap_in(self, manifest: Manifest, staging: Staging) -> SwapReport:
-        return await asyncio.to_thread(self._swap, manifest, staging)
+        return await run_cancellable(
+            lambda cancel: self._swap(manifest, staging, cancel), name="weightstream-swap"
+        )
 
-    def _swap(self, manifest: Manifest, staging: Staging) -> SwapReport:
+    def _swap(
+        self, manifest: Manifest, staging: Staging, cancel: threading.Event | None = None
+    ) -> SwapReport:
         self.check(manifest)
-        with self.gate.exclusive():
+        with self.gate.exclusive(cancel):
             started = time.perf_counter()
-            with torch.no_grad():
-                for spec in manifest.tensors:
-                    self.tensors[spec.name].copy_(staging.tensor(spec))
+            try:
+                with torch.no_grad():
+                    for spec in manifest.tensors:
+                        self.tensors[spec.name].copy_(staging.tensor(spec))
+            except RuntimeError as exc:  # torch's, at its seam; check() makes it unexpected
+                raise SwapError(
+                    f"{manifest.model} version {manifest.version}: copy into the engine failed "
+                    f"({exc}); the engine may hold a mix of versions until the next one applies"
+                ) from exc
             if any(t.is_cuda for t in self.tensors.values()):
                 torch.cuda.synchronize()
             self.gate.version = manifest.version

@@ -33,10 +33,9 @@ import zmq.asyncio
 
 from streamer.client import connect
 from streamer.config import ClientConfig
-from streamer.errors import StreamerError
 from streamer.transport.choice import make_receivers, parse_transports, receiver_names
 from subscribers.staging import Staging
-from subscribers.subscriber import PullConfig, Subscriber
+from subscribers.subscriber import FollowerStopped, PullConfig, Subscriber
 from subscribers.vllm_swap import PauseMode, VllmSwapper
 
 if TYPE_CHECKING:
@@ -117,6 +116,10 @@ class FollowStatus:
     last_pull_s: float | None = None
     last_pause_s: float | None = None
     connected: bool = False
+    restarts: int = 0
+    """Times the follower stopped on an error outside its policy and was started again."""
+    restart_in_s: float | None = None
+    """Set while a stopped follower waits to be started again."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,7 +145,7 @@ class _Following(Subscriber):
         self._update(pulling=manifest.version)
         try:
             await super().apply(manifest)
-        except (StreamerError, TimeoutError) as exc:
+        except Exception as exc:  # recorded for status, then raised on: never swallowed
             self._update(
                 failed=manifest.version,
                 last_error=f"version {manifest.version}: {type(exc).__name__}: {exc}",
@@ -177,6 +180,7 @@ async def follow(
     ctx = zmq.asyncio.Context()
     receivers: list[BulkReceiver] = []
     staging: Staging | None = None
+    spare: Staging | None = None
 
     async def on_applied(manifest: Manifest, pull: PullReport, swap: SwapReport) -> None:
         with swapper.changed:
@@ -187,7 +191,11 @@ async def follow(
 
     try:
         receivers = make_receivers(parse_transports(config.transport), host=config.host)
-        staging = Staging(receivers=receivers, shm_name=config.shm_name or _shm_name(config.model))
+        shm_name = config.shm_name or _shm_name(config.model)
+        staging = Staging(receivers=receivers, shm_name=shm_name)
+        # The applied version's staging stays intact until the next applies: a failed update
+        # reloads it (the price: two versions in /dev/shm).
+        spare = Staging(receivers=receivers, shm_name=f"{shm_name}-spare")
         async with connect(
             ClientConfig(broker=config.broker), role="subscriber", context=ctx
         ) as client:
@@ -200,6 +208,7 @@ async def follow(
                 model=config.model,
                 config=config.pull,
                 staging=staging,
+                spare_staging=spare,
                 applied=config.applied,
                 on_applied=on_applied,
             )
@@ -216,8 +225,9 @@ async def follow(
             await subscriber.run()
     finally:
         status.connected = False
-        if staging is not None:
-            staging.close()
+        for each in (staging, spare):
+            if each is not None:
+                each.close()
         for receiver in receivers:
             receiver.close()
         ctx.destroy(linger=0)
@@ -295,8 +305,8 @@ class WeightStream:
         self._task = asyncio.current_task()
         try:
             await follow(self.config, self.swapper, self.status, on_ready=self._ready.set)
-        except (StreamerError, TimeoutError, zmq.ZMQError) as exc:
-            logger.error("weightstream follower stopped: %s", exc)  # noqa: TRY400
+        except Exception as exc:  # noqa: BLE001 - kept and raised by apply_latest, never silent
+            logger.error("weightstream follower stopped: %s: %s", type(exc).__name__, exc)  # noqa: TRY400
             self._error = exc
         finally:
             self._ready.set()
@@ -325,7 +335,10 @@ class WeightStream:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if self._error is not None:
-                raise RuntimeError("the weightstream follower stopped") from self._error
+                raise FollowerStopped(
+                    f"the weightstream follower stopped: {type(self._error).__name__}: "
+                    f"{self._error}; the engine stays on version {self.version}"
+                ) from self._error
             report = self.swapper.apply_staged()
             if report is not None:
                 self.version = report.version

@@ -14,7 +14,9 @@ while the server serves, and swapped in between requests:
     resume_generation()             queued requests run on the new version
 
 `GET /weightstream/status` shows the version applied (ours and the engine's label), what is
-being pulled, and the last error.
+being pulled, and the last error. A follower that stops on an error outside the retry policy
+(reported to the broker first) is restarted after a growing backoff, and the status says so
+(`restarts`, `last_error`, `restart_in_s`); the engine keeps serving its version meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_ROUTE = "/weightstream/status"
 RECONNECT_S = 5.0
+RESTART_MAX_S = 60.0
 
 
 class WeightstreamEndpoint:
@@ -71,6 +74,7 @@ class WeightstreamEndpoint:
         assert self.config is not None
         assert self.swapper is not None
         assert self.status is not None
+        backoff_s = RECONNECT_S
         while True:
             try:
                 await follow(self.config, self.swapper, self.status)
@@ -78,6 +82,22 @@ class WeightstreamEndpoint:
                 self.status.last_error = str(exc)
                 logger.warning("%s; trying again in %.0f s", exc, RECONNECT_S)
                 await asyncio.sleep(RECONNECT_S)
+            except Exception as exc:  # noqa: BLE001 - reported, shown, and restarted, not hidden
+                self.status.restarts += 1
+                self.status.last_error = f"follower stopped: {type(exc).__name__}: {exc}"
+                self.status.restart_in_s = backoff_s
+                logger.error(  # noqa: TRY400 - the traceback is in the follower's own report
+                    "weightstream follower stopped (restart %d in %.0f s); the engine stays on "
+                    "version=%s: %s: %s",
+                    self.status.restarts,
+                    backoff_s,
+                    self.status.applied,
+                    type(exc).__name__,
+                    exc,
+                )
+                await asyncio.sleep(backoff_s)
+                self.status.restart_in_s = None
+                backoff_s = min(backoff_s * 2, RESTART_MAX_S)
 
     def _stopped(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

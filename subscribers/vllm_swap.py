@@ -14,9 +14,16 @@ Two halves, joined by vLLM's weight-transfer API and by node-local shared memory
       finish_weight_update(weight_version=str(v)) ──> finalize_layerwise_reload(model)
       resume_generation()          (AsyncLLM only)
 
-`info` is small JSON-able data: the shared-memory segments (the subscriber's staging, plus
-any same-host publisher segment that staging maps instead of copying) and one (name, dtype,
-shape, segment, offset, nbytes) row per tensor, in layer order. No tensor ever travels through
+`info` is small JSON-able data: the subscriber's own staging segment (never a publisher's
+memory: the engine reads it at the swap) and one (name, dtype, shape, segment, offset, nbytes)
+row per tensor, in layer order.
+
+Failure policy: everything (names, dtypes, sizes, shapes, every range against its segment) is
+verified before the bracket opens. A failure inside it closes the bracket in the workers
+(`finish_weight_update`), then the previous version is reloaded from its retained staging
+(the subscriber keeps it untouched until the next version applies) before generation
+resumes; only with no retained version (the start-up checkpoint) does the `SwapError` say
+that the engine may hold a mix. No tensor ever travels through
 RPC or pickle, and a tensor-parallel engine's workers all read the one copy on the node.
 
 The engine must be started with `weight_transfer_config={"backend": "weightstream"}` (or
@@ -36,6 +43,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import math
 import struct
 import threading
 import time
@@ -56,8 +64,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from schemas.manifest import ShmLocator
-from streamer.transport.shm import host_id
+from streamer.transport.shm import SHM_DIR
 from subscribers.dtypes import torch_dtype
 from subscribers.staging import map_shared
 from subscribers.swap import SwapError, SwapReport, refuse_if
@@ -144,14 +151,15 @@ class WeightstreamTransferEngine(
             torch.accelerator.synchronize()
 
     def receive_weights(self, update_info: WeightstreamUpdateInfo) -> None:
-        with _mapped_weights(update_info) as weights:
-            try:
+        try:
+            with _mapped_weights(update_info) as weights:
                 self.model.load_weights(iter(weights))
-            except BaseException:
-                # Put back the kernel tensors of the layers that got nothing, so the engine
-                # does not run forward passes on meta tensors; the worker ends the bracket.
-                self.finish_weight_update()
-                raise
+        except BaseException:
+            # Mapping or loading failed inside the bracket: put back the kernel tensors of the
+            # layers that got nothing, so the engine never runs forward passes on meta
+            # tensors; the worker then marks the bracket closed, and the front end restores.
+            self.finish_weight_update()
+            raise
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -283,27 +291,23 @@ def _model_dir(model: str) -> Path:
 def update_info(manifest: Manifest, staging: Staging) -> dict[str, Any]:
     """The JSON-able update info naming where each tensor of a staged version lies.
 
-    A region staging holds in its own buffer lies in `staging.shm_name`; a region staging
-    maps from a same-host publisher lies in the publisher's segment, from its start.
+    Every region lies in the subscriber's own staging segment, `staging.shm_name`: the engine
+    reads staging at the swap, so it never names a publisher's memory (which the publisher
+    may reuse once a lease is lost), only the private copy the pull verified.
     """
-    segments: dict[str, int] = {}  # name -> nbytes, in order of first use
+    if staging.shm_name is None:
+        raise ValueError(
+            "a vLLM engine reads staging from shared memory: pass Staging(shm_name=...)"
+        )
+    segments: dict[str, int] = {staging.shm_name: staging.buffer.numel()}
     places: list[tuple[str, int]] = []  # per region: (segment name, offset of the region)
-    for index, region in enumerate(manifest.regions):
+    for index in range(len(manifest.regions)):
         if staging.is_mapped(index):
-            locator = next(
-                loc
-                for loc in region.locators
-                if isinstance(loc, ShmLocator) and loc.host == host_id()
+            raise ValueError(
+                f"region {index} of {manifest.model} version {manifest.version} maps a "
+                "publisher's memory; a vLLM engine swaps only from private staging"
             )
-            segments.setdefault(locator.name, locator.nbytes)
-            places.append((locator.name, 0))
-        else:
-            if staging.shm_name is None:
-                raise ValueError(
-                    "a vLLM engine reads staging from shared memory: pass Staging(shm_name=...)"
-                )
-            segments.setdefault(staging.shm_name, staging.buffer.numel())
-            places.append((staging.shm_name, staging.region_offsets[index]))
+        places.append((staging.shm_name, staging.region_offsets[index]))
     numbers = {name: number for number, name in enumerate(segments)}
     rows = {
         spec.name: [
@@ -346,6 +350,9 @@ class VllmSwapper:
     """
 
     verifies_on_device = False
+    retains_staging = True
+    """The subscriber keeps the applied version's staging untouched until the next one
+    applies (it pulls into a second staging), so a failed update can reload it."""
 
     def __init__(
         self,
@@ -382,6 +389,9 @@ class VllmSwapper:
         self.changed = threading.Condition()
         """Notified when a version is handed over or applied (offline engines)."""
         self._handover: _Handover | None = None
+        self.retained: tuple[int, dict[str, Any]] | None = None
+        """The applied version and its update info, restored if a later update fails; its
+        staging must stay untouched until the next version applies (`retains_staging`)."""
         self._initialized = False
         self._step = ""
         self.last_drain_s = 0.0
@@ -391,12 +401,23 @@ class VllmSwapper:
         problems: list[str] = []
         names = set()
         for spec in manifest.tensors:
+            if spec.name in names:
+                problems.append(f"{spec.name}: twice in the manifest")
             names.add(spec.name)
             expected = self.expected.get(spec.name)
             if expected is None:
                 problems.append(f"{spec.name}: not in the engine's checkpoint")
-            elif expected[1] != spec.shape:
+                continue
+            if expected[1] != spec.shape:
                 problems.append(f"{spec.name}: shape {spec.shape} != engine {expected[1]}")
+            if expected[0] != spec.dtype:
+                problems.append(f"{spec.name}: dtype {spec.dtype} != engine {expected[0]}")
+            needed = math.prod(spec.shape) * torch_dtype(spec.dtype).itemsize
+            if spec.nbytes != needed:
+                problems.append(
+                    f"{spec.name}: {spec.nbytes} bytes where shape {spec.shape} of {spec.dtype} "
+                    f"needs {needed}"
+                )
         if self.strict:
             problems.extend(
                 f"{name}: missing from the manifest" for name in sorted(set(self.expected) - names)
@@ -409,6 +430,7 @@ class VllmSwapper:
     async def swap_in(self, manifest: Manifest, staging: Staging) -> SwapReport:
         self.check(manifest)
         info = update_info(manifest, staging)
+        verify_info(manifest, info)  # before the bracket: a bad update never opens one
         if self.offline:
             return await self._hand_over(manifest, info)
         return await self._swap_async(manifest, info)
@@ -429,28 +451,53 @@ class VllmSwapper:
         paused = time.perf_counter()
         self.last_drain_s = paused - started
         try:
-            if self.route == "extension":
-                reload = engine.collective_rpc("weightstream_reload", args=(json.dumps(info),))
-                await self._guarded(manifest, "update_weights", reload)
-            else:
-                await self._guarded(manifest, "start_weight_update", engine.start_weight_update())
-                update = engine.update_weights(WeightTransferUpdateRequest(update_info=info))
-                await self._guarded(manifest, "update_weights", update)
-                finish = engine.finish_weight_update(weight_version=str(manifest.version))
-                await self._guarded(manifest, "finish_weight_update", finish)
+            try:
+                await self._load_async(manifest, info)
+            except _StepFailed as failed:
+                if "start_weight_update failed" in failed.base:
+                    raise  # the bracket never opened: nothing changed
+                # Inside the bracket: the workers closed it; reload the previous version
+                # before anything is generated again.
+                raise SwapError(await self._restore_async(failed.base)) from failed
         finally:
             await self._guarded(manifest, "resume_generation", engine.resume_generation())
+        self.retained = (manifest.version, info)
         return SwapReport(
             version=manifest.version,
             pause_s=time.perf_counter() - paused,
             nbytes=manifest.payload_bytes,
         )
 
+    async def _load_async(self, manifest: Manifest, info: dict[str, Any]) -> None:
+        engine = self.engine
+        if self.route == "extension":
+            reload = engine.collective_rpc("weightstream_reload", args=(json.dumps(info),))
+            await self._guarded(manifest, "update_weights", reload)
+            return
+        await self._guarded(manifest, "start_weight_update", engine.start_weight_update())
+        update = engine.update_weights(WeightTransferUpdateRequest(update_info=info))
+        await self._guarded(manifest, "update_weights", update)
+        finish = engine.finish_weight_update(weight_version=str(manifest.version))
+        await self._guarded(manifest, "finish_weight_update", finish)
+
+    async def _restore_async(self, failure: str) -> str:
+        if self.retained is None:
+            return f"{failure}; {_MIXED} (no previous version retained to restore)"
+        version, info = self.retained
+        try:
+            await self._load_async(_label(version), info)
+        except SwapError as exc:
+            return f"{failure}; restoring version {version} failed too ({exc}): {_MIXED}"
+        logger.warning("restored version=%d after a failed update", version)
+        return f"{failure}; restored version {version}: the engine serves it"
+
     async def _guarded(self, manifest: Manifest, step: str, call: Any) -> None:
         try:
             await call
         except Exception as exc:
-            raise SwapError(_failed(manifest, step, exc)) from exc
+            inside = step in ("update_weights", "finish_weight_update")
+            outcome = _MIXED if inside else "the engine's weights are unchanged"
+            raise _StepFailed(_failure(manifest, step, exc), outcome) from exc
 
     # LLM: handed over to the thread that calls generate.
 
@@ -491,21 +538,21 @@ class VllmSwapper:
             return None
         manifest = handover.manifest
         started = time.perf_counter()
-        self._step = "update_weights"
         try:
-            if self.route == "extension":
-                info = json.dumps(handover.info)
-                self.engine.collective_rpc("weightstream_reload", args=(info,))
-            else:
-                self._apply_native(handover)
+            self._load(handover.manifest, handover.info)
         except Exception as exc:  # noqa: BLE001  (handed to the subscriber thread as SwapError)
-            error = SwapError(_failed(manifest, self._step, exc))
+            failure = _failed(manifest, self._step, exc)
+            if self._step not in ("init_weight_transfer_engine", "start_weight_update"):
+                # Inside the bracket: back to the previous version before the next generate.
+                failure = self._restore(_failure(manifest, self._step, exc))
+            error = SwapError(failure)
             logger.error("%s", error)  # noqa: TRY400  (the traceback travels with the error)
             handover.done.set_exception(error)
             return None
         finally:
             with self.changed:
                 self.changed.notify_all()
+        self.retained = (manifest.version, handover.info)
         report = SwapReport(
             version=manifest.version,
             pause_s=time.perf_counter() - started,
@@ -514,8 +561,12 @@ class VllmSwapper:
         handover.done.set_result(report)
         return report
 
-    def _apply_native(self, handover: _Handover) -> None:
-        """start / update / finish on the offline engine; `_step` names the call under way."""
+    def _load(self, manifest: Manifest, info: dict[str, Any]) -> None:
+        """One reload bracket on the offline engine; `_step` names the call under way."""
+        self._step = "update_weights"
+        if self.route == "extension":
+            self.engine.collective_rpc("weightstream_reload", args=(json.dumps(info),))
+            return
         llm = self.engine
         if not self._initialized:
             self._step = "init_weight_transfer_engine"
@@ -524,9 +575,21 @@ class VllmSwapper:
         self._step = "start_weight_update"
         llm.start_weight_update()
         self._step = "update_weights"
-        llm.update_weights({"update_info": handover.info})
+        llm.update_weights({"update_info": info})
         self._step = "finish_weight_update"
-        llm.finish_weight_update(weight_version=str(handover.manifest.version))
+        llm.finish_weight_update(weight_version=str(manifest.version))
+
+    def _restore(self, failure: str) -> str:
+        """Reload the retained previous version after a failed bracket (offline engine)."""
+        if self.retained is None:
+            return f"{failure}; {_MIXED} (no previous version retained to restore)"
+        version, info = self.retained
+        try:
+            self._load(_label(version), info)
+        except Exception as exc:  # noqa: BLE001  (reported with the first failure)
+            return f"{failure}; restoring version {version} failed too ({exc}): {_MIXED}"
+        logger.warning("restored version=%d after a failed update", version)
+        return f"{failure}; restored version {version}: the engine serves it"
 
     def wait_staged(self, timeout_s: float) -> None:
         """Block up to `timeout_s` for a hand-over or any other notification on `changed`."""
@@ -535,12 +598,62 @@ class VllmSwapper:
                 self.changed.wait(timeout_s)
 
 
-def _failed(manifest: Manifest, step: str, exc: BaseException) -> str:
-    if step in ("update_weights", "finish_weight_update"):
-        outcome = "the engine may hold a mix of versions until the next version applies"
-    else:
-        outcome = "the engine's weights are unchanged"
+def _label(version: int) -> Manifest:
+    """A stand-in manifest that names `version` for a restore's bracket and messages."""
+    from schemas.manifest import Manifest
+
+    return Manifest(model="restore", version=version, regions=(), tensors=(), buckets=())
+
+
+def verify_info(manifest: Manifest, info: dict[str, Any]) -> None:
+    """Check every row of an update against its segment, as the workers will: `SwapError`."""
+    problems: list[str] = []
+    sizes = []
+    for name, nbytes in info["segments"]:
+        try:
+            actual = (SHM_DIR / name).stat().st_size
+        except OSError as exc:
+            problems.append(f"segment {name}: {exc.strerror}")
+            actual = 0
+        if actual < nbytes:
+            problems.append(f"segment {name}: {actual} bytes, update needs {nbytes}")
+        sizes.append(nbytes)
+    seen: set[str] = set()
+    for name, dtype_name, shape, segment, offset, nbytes in info["tensors"]:
+        if name in seen:
+            problems.append(f"{name}: twice in the update")
+        seen.add(name)
+        if not 0 <= segment < len(sizes):
+            problems.append(f"{name}: no segment {segment}")
+            continue
+        needed = math.prod(shape) * torch_dtype(dtype_name).itemsize
+        if needed != nbytes or offset < 0 or offset + nbytes > sizes[segment]:
+            problems.append(
+                f"{name}: {dtype_name}{list(shape)} ({nbytes} bytes at {offset}) does not fit "
+                f"segment {segment} ({sizes[segment]} bytes)"
+            )
+    refuse_if(problems, manifest, "its staged update")
+
+
+class _StepFailed(SwapError):
+    """One call of the reload bracket failed; `base` says which, without the outcome."""
+
+    def __init__(self, base: str, outcome: str) -> None:
+        super().__init__(f"{base}; {outcome}")
+        self.base = base
+
+
+_MIXED = "the engine may hold a mix of versions until the next version applies"
+
+
+def _failure(manifest: Manifest, step: str, exc: BaseException) -> str:
     return (
         f"{manifest.model} version {manifest.version}: {step} failed in the engine "
-        f"({type(exc).__name__}: {exc}); {outcome}"
+        f"({type(exc).__name__}: {exc})"
     )
+
+
+def _failed(manifest: Manifest, step: str, exc: BaseException) -> str:
+    inside = step in ("update_weights", "finish_weight_update")
+    outcome = _MIXED if inside else "the engine's weights are unchanged"
+    return f"{_failure(manifest, step, exc)}; {outcome}"

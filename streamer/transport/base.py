@@ -10,14 +10,28 @@ Implementations do not inherit from these Protocols; one conformance suite
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from streamer.errors import TransportError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from schemas.manifest import Locator
 
-__all__ = ["BulkReceiver", "BulkSender", "Fetch", "Region"]
+__all__ = ["BulkReceiver", "BulkSender", "Fetch", "FetchTimeout", "Region", "seconds_left"]
+
+
+class FetchTimeout(TransportError, TimeoutError):
+    """A fetch did not complete by its deadline (a frozen or overloaded publisher)."""
+
+
+def seconds_left(deadline: float | None, default_s: float) -> float:
+    """Seconds until `deadline` (a `time.monotonic()` value), at most `default_s`, never < 0."""
+    if deadline is None:
+        return default_s
+    return max(0.0, min(default_s, deadline - time.monotonic()))
 
 
 class Region(NamedTuple):
@@ -54,7 +68,10 @@ class BulkReceiver(Protocol):
 
     `register` makes local memory a valid destination (done once per buffer, not per fetch).
     `fetch` blocks until every range has landed, or raises `TransportError`; callers run it
-    in a thread (`asyncio.to_thread`).
+    in a thread (`asyncio.to_thread`). With a `deadline` (a `time.monotonic()` value) it
+    raises `FetchTimeout` once the deadline passes, and no write of that fetch lands in local
+    memory afterwards unless the receiver says otherwise: a read it cannot abandon is waited
+    for before the same receiver writes (or unregisters) anything again.
     """
 
     def accepts(self, locator: Locator) -> bool: ...
@@ -63,6 +80,6 @@ class BulkReceiver(Protocol):
 
     def unregister(self, region: Region) -> None: ...
 
-    def fetch(self, fetches: Sequence[Fetch]) -> None: ...
+    def fetch(self, fetches: Sequence[Fetch], *, deadline: float | None = None) -> None: ...
 
     def close(self) -> None: ...

@@ -16,6 +16,7 @@ import ctypes
 import logging
 import secrets
 import threading
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from schemas.frames import (
 )
 from schemas.manifest import FrameLocator, Locator
 from streamer.errors import TransportError
+from streamer.transport.base import FetchTimeout, seconds_left
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -126,11 +128,15 @@ class ZmqFrameSender:
 
 
 class ZmqFrameReceiver:
-    """Pulls ranges over ZeroMQ; `timeout_s` bounds the wait for each reply."""
+    """Pulls ranges over ZeroMQ; a fetch's `deadline` bounds it, else `timeout_s` per reply.
+
+    Payloads are copied into place by the fetching thread itself, so once `fetch` has
+    returned or raised (a deadline included) nothing of it writes into local memory again.
+    """
 
     def __init__(self, *, timeout_s: float = 30.0) -> None:
         self._ctx = zmq.Context()
-        self._timeout_ms = int(timeout_s * 1000)
+        self._timeout_s = timeout_s
         self._idle: dict[str, list[zmq.Socket[bytes]]] = defaultdict(list)
         self._sockets: list[zmq.Socket[bytes]] = []
         self._lock = threading.Lock()
@@ -144,14 +150,14 @@ class ZmqFrameReceiver:
     def unregister(self, region: Region) -> None:
         """Nothing to unregister."""
 
-    def fetch(self, fetches: Sequence[Fetch]) -> None:
+    def fetch(self, fetches: Sequence[Fetch], *, deadline: float | None = None) -> None:
         by_endpoint: dict[str, list[Fetch]] = defaultdict(list)
         for fetch in fetches:
             if not isinstance(fetch.locator, FrameLocator):
                 raise TypeError(f"ZmqFrameReceiver cannot read {type(fetch.locator).__name__}")
             by_endpoint[fetch.locator.endpoint].append(fetch)
         for endpoint, group in by_endpoint.items():
-            self._fetch_from(endpoint, group)
+            self._fetch_from(endpoint, group, deadline)
 
     def _checkout(self, endpoint: str) -> zmq.Socket[bytes]:
         """An idle socket to `endpoint`, or a new one: the caller's until `_checkin`."""
@@ -171,7 +177,8 @@ class ZmqFrameReceiver:
         with self._lock:
             self._idle[endpoint].append(socket)
 
-    def _fetch_from(self, endpoint: str, group: list[Fetch]) -> None:
+    def _fetch_from(self, endpoint: str, group: list[Fetch], deadline: float | None) -> None:
+        started = time.monotonic()
         socket = self._checkout(endpoint)
         timed_out = False
         try:
@@ -188,11 +195,19 @@ class ZmqFrameReceiver:
                 pending[read.request_id] = fetch
                 socket.send(_encoder.encode(read))
             while pending:
-                if not socket.poll(self._timeout_ms):
+                wait_s = seconds_left(deadline, self._timeout_s)
+                if not socket.poll(int(wait_s * 1000)):
                     timed_out = True
-                    raise TransportError(
-                        f"no reply from {endpoint} within {self._timeout_ms / 1000:.0f} s "
-                        f"({len(pending)} ranges outstanding): is the publisher alive?"
+                    if wait_s >= self._timeout_s:  # our own limit per reply, not the caller's
+                        raise TransportError(
+                            f"no reply from {endpoint} within {self._timeout_s:g} s "
+                            f"({len(pending)} ranges outstanding): is the publisher alive?"
+                        )
+                    raise FetchTimeout(
+                        f"zmq read from {endpoint} not done after "
+                        f"{time.monotonic() - started:.1f} s ({len(pending)} of {len(group)} ranges "
+                        "outstanding): the publisher is frozen, overloaded or gone; check it, "
+                        "or allow more time (pull_timeout_s)"
                     )
                 frames = socket.recv_multipart(copy=False)
                 if len(frames) != 2:

@@ -1,4 +1,5 @@
-"""Same-host publishers and subscribers share memory: the subscriber maps, never copies."""
+"""Same-host publishers and subscribers share memory: a swapper that reads staging at the swap
+gets a private, verified copy (a memcpy, no network); only `map_shared` pulls map it."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _segments() -> set[str]:
     return {name for name in os.listdir(SHM_DIR) if name.startswith(f"weightstream-{MODEL}-")}
 
 
-async def test_same_host_subscriber_maps_the_publishers_memory(broker, zmq_ctx):
+async def test_same_host_torch_subscriber_swaps_from_a_private_verified_copy(broker, zmq_ctx):
     before = _segments()
     size = 1 << 20
     params = {k: torch.zeros_like(v) for k, v in synthetic_llama(size, version=1).items()}
@@ -58,10 +59,13 @@ async def test_same_host_subscriber_maps_the_publishers_memory(broker, zmq_ctx):
 
                 await until(reached)
                 assert all(torch.equal(params[n], t) for n, t in tensors.items())
-                # Region 0 of staging *is* the publisher's buffer: same bytes, no copy made.
-                assert subscriber.staging.is_mapped(0)
+                # Region 0 of staging is our own copy of the publisher's buffer: same bytes,
+                # other memory (the publisher may reuse its buffer once our lease is gone).
+                assert not subscriber.staging.is_mapped(0)
                 live = publisher.live[version].buffers[0]
-                assert torch.equal(subscriber.staging.region_tensor(0), live[: live.numel()])
+                ours = subscriber.staging.region_tensor(0)
+                assert torch.equal(ours, live[: live.numel()])
+                assert ours.data_ptr() != live.data_ptr()
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,79 @@
+"""The client's waits have deadlines and its collections bounds.
+
+A send into a full queue (no broker, or a frozen one) times out with `BrokerTimeout` saying
+what to check, instead of blocking forever; a `Retire` that finds the queue full is kept (once
+per version, bounded) and queued again as room appears, instead of being dropped for good;
+the shm receiver keeps at most `max_mappings` segments mapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import time
+import uuid
+
+import pytest
+
+from schemas.manifest import ShmLocator
+from schemas.messages import Retire
+from streamer.client import BrokerClient, BrokerTimeout, connect
+from streamer.config import ClientConfig
+from streamer.transport.shm import SHM_DIR, ShmReceiver, host_id
+
+
+async def test_a_send_to_no_broker_times_out_with_a_clear_error(zmq_ctx) -> None:
+    nobody = f"ipc://@weightstream-test-{uuid.uuid4().hex}"
+    config = ClientConfig(broker=nobody, request_timeout_s=0.3, queue_size=4)
+    client = BrokerClient(config, role="subscriber", context=zmq_ctx)
+    sent = 0
+
+    async def fill() -> None:
+        nonlocal sent
+        for _ in range(100):  # the queue (queue_size, in ZeroMQ's pipe) fills first
+            await client.report_progress("m", 1, 0, 10, 0.0)
+            sent += 1
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerTimeout, match=r"within 0.3 s: the send queue") as failed:
+            await asyncio.wait_for(fill(), 10)
+    finally:
+        client.close()
+    assert sent < 100
+    assert time.monotonic() - started < 3, failed.value
+
+
+async def test_retires_that_find_the_queue_full_are_queued_again_not_dropped(
+    broker, zmq_ctx
+) -> None:
+    config = broker.client_config(queue_size=3, heartbeat_interval_s=0.05)  # 3 queued + 3 kept
+    async with connect(config, role="publisher", context=zmq_ctx) as client:
+        for version in range(1, 6):
+            client._dispatch(Retire(model="m", version=version))  # as the broker sends them
+        client._dispatch(Retire(model="m", version=5))  # a repeat is kept once
+        got: list[int] = []
+        async with asyncio.timeout(10):
+            while len(got) < 5:
+                got.append((await client.retired.get()).version)
+        assert got == [1, 2, 3, 4, 5]
+        assert client.retired.empty()
+
+
+def test_the_shm_receiver_keeps_a_bounded_number_of_mappings() -> None:
+    receiver = ShmReceiver(max_mappings=2)
+    names = [f"weightstream-test-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)]
+    try:
+        for name in names:
+            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(fd, mmap.PAGESIZE)
+            os.close(fd)
+            mapped = receiver.mapping(ShmLocator(host=host_id(), name=name, nbytes=mmap.PAGESIZE))
+            assert len(mapped) == mmap.PAGESIZE
+            assert receiver.num_mappings <= 2
+        assert receiver.num_mappings == 2
+    finally:
+        receiver.close()
+        for name in names:
+            (SHM_DIR / name).unlink(missing_ok=True)
