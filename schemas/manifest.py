@@ -150,7 +150,7 @@ class Shard(msgspec.Struct, frozen=True):
     regions: Regions
     tensors: Tensors
     buckets: Buckets
-    checksum_algorithm: AlgorithmName = "wsum64"
+    checksum_algorithm: AlgorithmName = "wmix128"
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -161,7 +161,7 @@ class Manifest(msgspec.Struct, frozen=True):
     regions: Regions
     tensors: Tensors
     buckets: Buckets
-    checksum_algorithm: AlgorithmName = "wsum64"
+    checksum_algorithm: AlgorithmName = "wmix128"
     world_size: WorldSize = 1
     published_at: Timestamp = 0.0
 
@@ -210,7 +210,7 @@ class Manifest(msgspec.Struct, frozen=True):
             regions=tuple(regions),
             tensors=tuple(tensors),
             buckets=tuple(buckets),
-            checksum_algorithm=algorithms.pop() if algorithms else "wsum64",
+            checksum_algorithm=algorithms.pop() if algorithms else "wmix128",
             world_size=len(shards),
             published_at=published_at,
         )

@@ -77,7 +77,7 @@ DTYPE_BYTES: dict[str, int] = {
 }
 assert set(DTYPE_BYTES) == set(get_args(DType))
 
-CHECKSUM_DIGEST_CHARS: dict[str, int] = {"wsum64": 32}
+CHECKSUM_DIGEST_CHARS: dict[str, int] = {"wmix128": 32}
 """Known checksum algorithms and the hex digits of their digests. A new algorithm is added
 here (and to the subscribers' verifiers) before any publisher uses it."""
 

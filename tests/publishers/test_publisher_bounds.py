@@ -25,6 +25,7 @@ async def test_past_max_buffer_sets_a_publish_is_refused_until_a_retire_frees_on
             model=MODEL,
             sender=ZmqFrameSender(),
             world_size=2,
+            job="bounds-test",
             max_buffer_sets=2,
             context=zmq_ctx,
         ) as publisher,

@@ -340,7 +340,7 @@ def _locator(key: str) -> tuple[FrameLocator, ...]:
     return (FrameLocator(endpoint="tcp://127.0.0.1:1", key=key),)
 
 
-def _shard(rank: int, names: list[str], *, regions: int = 1, algorithm: str = "wsum64") -> Shard:
+def _shard(rank: int, names: list[str], *, regions: int = 1, algorithm: str = "wmix128") -> Shard:
     """`regions` regions of 1024 bytes; tensor i in region i % regions; one bucket per region."""
     return Shard(
         regions=tuple(

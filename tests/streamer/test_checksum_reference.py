@@ -291,3 +291,10 @@ def test_structured_damage_is_caught(
     damaged = apply_damage(words, damage)
     assume(not np.array_equal(damaged, words))
     assert wmix128_words(damaged) != wmix128_words(words)
+
+
+def test_the_manifest_validator_knows_every_algorithm_we_compute():
+    from schemas.validate import CHECKSUM_DIGEST_CHARS
+    from streamer.checksum import SUPPORTED_ALGORITHMS
+
+    assert set(SUPPORTED_ALGORITHMS) == set(CHECKSUM_DIGEST_CHARS)

@@ -135,7 +135,7 @@ async def test_a_version_page_summarises_its_manifest(broker: RunningBroker, zmq
     assert body["leases"] == 0
     assert (body["world_size"], body["total_bytes"], body["payload_bytes"]) == (1, 512, 24)
     assert (body["num_tensors"], body["num_buckets"], body["num_regions"]) == (2, 2, 1)
-    assert body["checksum_algorithm"] == "wsum64"
+    assert body["checksum_algorithm"] == "wmix128"
     assert body["tensors"] == [
         {"name": "w", "dtype": "bfloat16", "shape": [2, 3], "nbytes": 12},
         {"name": "b", "dtype": "float32", "shape": [3], "nbytes": 12},
