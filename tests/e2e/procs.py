@@ -159,7 +159,20 @@ def assert_dump_equals(path: Path, size: int, version: int) -> None:
     live = load_file(str(path))
     want = expected(size, version)
     assert set(live) == set(want), f"{path}: tensor names differ"
-    different = [n for n, t in want.items() if not torch.equal(live[n], t)]
+    different = [n for n, t in want.items() if not torch.equal(_bits(live[n]), _bits(t))]
     assert not different, (
         f"{path}: {len(different)} tensors differ from version {version}: {different[:3]}"
     )
+
+
+def dump_matches(path: Path, size: int, version: int) -> bool:
+    """Whether a subscriber's dump holds exactly version `version`'s bytes (for the ledger)."""
+    try:
+        assert_dump_equals(path, size, version)
+    except AssertionError:
+        return False
+    return True
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(-1).view(torch.uint8)
