@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export MC_LOG_LEVEL ?= ERROR
 
-.PHONY: setup setup-vllm demo test test-vllm check fmt test-fast bench bench-netns clean
+.PHONY: setup setup-vllm demo test test-vllm test-faults check fmt test-fast bench bench-netns clean
 
 setup:
 	@scripts/setup.sh
@@ -32,6 +32,11 @@ test: setup-vllm check
 # vLLM on CPU, in .venv-vllm: offline (TP=2, multiprocess) and server mode, a refused version.
 test-vllm: setup-vllm
 	.venv-vllm/bin/python -m pytest -q tests/vllm
+
+# The standing fault suite alone (also part of `make test`): real processes under injected
+# faults and hostile input; it ends with its summary line ("fault suite: N faults injected, ...").
+test-faults: setup
+	$(VENV)/pytest -q -m "not gpu and not rdma" tests/faults
 
 test-fast: setup
 	$(VENV)/pytest -q -m "not gpu and not rdma and not slow and not vllm and not netns"

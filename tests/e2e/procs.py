@@ -110,6 +110,74 @@ async def start_broker(
     return BrokerInfo(proc, info["endpoint"], f"http://127.0.0.1:{info['http_port']}")
 
 
+def publish_args(
+    broker: str, *, size: int, versions: str, rank: int = 0, world_size: int = 1
+) -> list[str]:
+    """`weightstream publish` of the synthetic llama over mooncake tcp, 256 KiB buckets."""
+    return [
+        "publish",
+        "--broker",
+        broker,
+        "--model",
+        "llama",
+        "--transport",
+        "mooncake",
+        "--synthetic",
+        str(size),
+        "--bucket",
+        "256KiB",
+        "--versions",
+        versions,
+        "--rank",
+        str(rank),
+        "--world-size",
+        str(world_size),
+        "--job",
+        "e2e-trainer",  # every rank of one trainer names the same job
+    ]
+
+
+def subscribe_args(broker: str, dump: Path) -> list[str]:
+    """`weightstream subscribe` over mooncake tcp, dumping every version it applies."""
+    return [
+        "subscribe",
+        "--broker",
+        broker,
+        "--model",
+        "llama",
+        "--transport",
+        "mooncake",
+        "--dump-dir",
+        str(dump),
+        "--dump-all",
+    ]
+
+
+async def subscriber_rows(broker: BrokerInfo) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
+    return rows
+
+
+def row_of(rows: list[dict[str, Any]], proc: Proc) -> dict[str, Any] | None:
+    """The broker's row for the subscriber process `proc` (by its pid), if it has one."""
+    mine = [r for r in rows if r["pid"] == proc.process.pid]
+    assert len(mine) <= 1, mine
+    return mine[0] if mine else None
+
+
+async def get_text(url: str) -> str:
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+        assert response.status == 200, (url, response.status)
+        return await response.text()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one unlabelled metric in Prometheus text."""
+    [line] = [line for line in text.splitlines() if line.startswith(f"{name} ")]
+    return float(line.split()[1])
+
+
 async def get_json(url: str) -> Any:
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
@@ -159,7 +227,20 @@ def assert_dump_equals(path: Path, size: int, version: int) -> None:
     live = load_file(str(path))
     want = expected(size, version)
     assert set(live) == set(want), f"{path}: tensor names differ"
-    different = [n for n, t in want.items() if not torch.equal(live[n], t)]
+    different = [n for n, t in want.items() if not torch.equal(_bits(live[n]), _bits(t))]
     assert not different, (
         f"{path}: {len(different)} tensors differ from version {version}: {different[:3]}"
     )
+
+
+def dump_matches(path: Path, size: int, version: int) -> bool:
+    """Whether a subscriber's dump holds exactly version `version`'s bytes (for the ledger)."""
+    try:
+        assert_dump_equals(path, size, version)
+    except AssertionError:
+        return False
+    return True
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(-1).view(torch.uint8)

@@ -1,12 +1,10 @@
 """Several nodes as network namespaces: subscribers reach the trainer over a bridge, not loopback.
 
-Also a node whose link goes down mid-way: it stays on its last version, and catches up once
-the link is back.
+A node whose link goes down mid-pull is in `tests/faults/test_link_down.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from functools import partial
 from pathlib import Path
@@ -98,73 +96,3 @@ async def test_subscribers_in_namespaces_follow_a_trainer_over_the_bridge(
     # The subscribers really are on other hosts: the broker sees them from their own addresses.
     rows = (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
     assert len(rows) == 2
-
-
-async def test_node_with_link_down_stays_on_its_version_and_catches_up(
-    fleet: Fleet, nodes: NodeNet, tmp_path: Path
-):
-    broker = await start_broker(fleet, endpoint=f"tcp://{nodes.host_address}:0")
-    dump = tmp_path / "node0"
-    await fleet.start(
-        "node0",
-        "subscribe",
-        "--broker",
-        broker.endpoint,
-        "--model",
-        "llama",
-        "--transport",
-        "mooncake",
-        "--host",
-        nodes.address(0),
-        "--dump-dir",
-        str(dump),
-        "--dump-all",
-        "--pull-timeout-s",
-        "5",
-        "--max-attempts",
-        "2",
-        prefix=nodes.exec_prefix(0),
-    )
-    trainer_args = [
-        "publish",
-        "--broker",
-        broker.endpoint,
-        "--model",
-        "llama",
-        "--transport",
-        "mooncake",
-        "--host",
-        nodes.host_address,
-        "--synthetic",
-        str(SIZE),
-        "--bucket",
-        "512KiB",
-    ]
-    await fleet.start("v1", *trainer_args, "--versions", "1", "--wait-subscribers", "1")
-    await wait_for(
-        partial(file_exists, dump / "v1.safetensors"),
-        timeout_s=60,
-        what="v1",
-        fleet=fleet,
-    )
-
-    nodes.link(0, up=False)  # the cable is pulled
-    await fleet.start("v2", *trainer_args, "--versions", "2")
-
-    async def latest_is_2():
-        return (await get_json(f"{broker.http}/v1/models/llama"))["latest"] == 2
-
-    await wait_for(latest_is_2, timeout_s=60, what="v2 announced", fleet=fleet)
-    await asyncio.sleep(3)
-    assert not (dump / "v2.safetensors").exists()
-    assert_dump_equals(dump / "v1.safetensors", SIZE, 1)  # still serving version 1, intact
-
-    nodes.link(0, up=True)
-    await fleet.start("v3", *trainer_args, "--versions", "3")
-    await wait_for(
-        partial(file_exists, dump / "v3.safetensors"),
-        timeout_s=90,
-        what="v3",
-        fleet=fleet,
-    )
-    assert_dump_equals(dump / "v3.safetensors", SIZE, 3)

