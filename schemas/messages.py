@@ -17,6 +17,10 @@ defaults. Requests carry a `request_id` that the reply echoes.
       WaitApplied ------------------->
             <------------------------- AppliedReached (once enough subscribers applied it)
             <------------------------- Retire (to publishers: free that version's memory)
+      RetireVersion / DeleteModel --->   (admin keys only)
+            <------------------------- AdminDone | Error("forbidden")
+      Heartbeat --------------------->
+            <------------------------- Alive (a peer that stops hearing these is cut off)
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from schemas.manifest import Manifest, ModelName, Shard, Version
 __all__ = [
     "PROTOCOL_VERSION",
     "AcquireLease",
+    "AdminDone",
+    "Alive",
     "Announce",
     "Applied",
     "AppliedReached",
+    "DeleteModel",
     "Error",
     "ErrorCode",
     "Goodbye",
@@ -46,6 +53,7 @@ __all__ = [
     "PullFailed",
     "ReleaseLease",
     "Retire",
+    "RetireVersion",
     "Role",
     "Subscribe",
     "Subscribed",
@@ -65,6 +73,7 @@ ErrorCode = Literal[
     "version_unavailable",
     "stale_version",
     "bad_request",
+    "forbidden",
 ]
 RequestId = Annotated[int, msgspec.Meta(ge=0)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -193,6 +202,30 @@ class Retire(Wire, frozen=True, tag="retire"):
     version: Version
 
 
+class RetireVersion(Wire, frozen=True, tag="admin_retire"):
+    """Admin: stop serving a version (retired once no lease holds it)."""
+
+    request_id: RequestId
+    model: ModelName
+    version: Version
+
+
+class DeleteModel(Wire, frozen=True, tag="admin_delete"):
+    """Admin: forget a model, every version and its owner; its publishers get Retire."""
+
+    request_id: RequestId
+    model: ModelName
+
+
+class AdminDone(Wire, frozen=True, tag="admin_done"):
+    request_id: RequestId
+    detail: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+
+
+class Alive(Wire, frozen=True, tag="alive"):
+    """The broker's answer to a Heartbeat: it still hears this peer on this routing id."""
+
+
 Message = (
     Hello
     | Welcome
@@ -213,4 +246,8 @@ Message = (
     | WaitApplied
     | AppliedReached
     | Retire
+    | RetireVersion
+    | DeleteModel
+    | AdminDone
+    | Alive
 )

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 __all__ = [
     "ANNOUNCED_TOTAL",
     "APPLIED_TOTAL",
+    "FORBIDDEN_TOTAL",
+    "INSECURE",
     "LATEST_VERSION",
     "MESSAGES_TOTAL",
     "PEERS",
@@ -27,6 +29,8 @@ LATEST_VERSION = "weightstream_latest_version"
 SUBSCRIBER_VERSION = "weightstream_subscriber_version"
 SUBSCRIBER_LAG = "weightstream_subscriber_lag_versions"
 PEERS = "weightstream_peers"
+FORBIDDEN_TOTAL = "weightstream_broker_forbidden_total"
+INSECURE = "weightstream_broker_insecure"
 
 _HELP = {
     MESSAGES_TOTAL: ("counter", "Control messages received by the broker."),
@@ -38,6 +42,8 @@ _HELP = {
     SUBSCRIBER_VERSION: ("gauge", "Version each subscriber has applied, per model."),
     SUBSCRIBER_LAG: ("gauge", "Versions each subscriber is behind the latest, per model."),
     PEERS: ("gauge", "Connected peers by role."),
+    FORBIDDEN_TOTAL: ("counter", "Messages refused because the sender's key has no right."),
+    INSECURE: ("gauge", "1 if the broker serves off loopback without CURVE keys (--insecure)."),
 }
 
 
@@ -49,6 +55,9 @@ class BrokerStats:
     applied_total: int = 0
     pull_failures_total: int = 0
     started_at: float = 0.0
+    forbidden_total: int = 0
+    security: str = "loopback"
+    """`curve`, `loopback` (no keys, loopback only) or `insecure` (no keys, off loopback)."""
     gauges: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
 
 
@@ -71,6 +80,8 @@ def render(stats: BrokerStats) -> str:
         ANNOUNCED_TOTAL: [({}, stats.announced_total)],
         APPLIED_TOTAL: [({}, stats.applied_total)],
         PULL_FAILURES_TOTAL: [({}, stats.pull_failures_total)],
+        FORBIDDEN_TOTAL: [({}, stats.forbidden_total)],
+        INSECURE: [({}, 1.0 if stats.security == "insecure" else 0.0)],
     }
     samples.update(stats.gauges)
     lines: list[str] = []

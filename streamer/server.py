@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq.asyncio
 
+from streamer.auth import read_token
 from streamer.broker import Broker
 from streamer.http import serve_http
 
@@ -29,6 +30,10 @@ async def serve(
     config: BrokerConfig, *, on_ready: Callable[[str, int], None] | None = None
 ) -> None:
     """Serve until cancelled. `on_ready(endpoint, http_port)` runs once both are listening."""
+    tokens = [
+        read_token(path) if path else None
+        for path in (config.http_read_token_file, config.http_admin_token_file)
+    ]
     ctx = zmq.asyncio.Context()
     try:
         broker = Broker(config, context=ctx)
@@ -49,6 +54,9 @@ async def serve(
                     host=config.http_host,
                     port=config.http_port,
                     on_ready=_http_ready,
+                    admin=broker,
+                    read_token=tokens[0],
+                    admin_token=tokens[1],
                 ),
                 name="http",
             )

@@ -26,9 +26,12 @@ from schemas.manifest import (
 )
 from schemas.messages import (
     AcquireLease,
+    AdminDone,
+    Alive,
     Announce,
     Applied,
     AppliedReached,
+    DeleteModel,
     Error,
     ErrorCode,
     Goodbye,
@@ -42,6 +45,7 @@ from schemas.messages import (
     PullFailed,
     ReleaseLease,
     Retire,
+    RetireVersion,
     Role,
     Subscribe,
     Subscribed,
@@ -184,6 +188,12 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
         num_subscribers=INT64,
     ),
     Retire: st.builds(Retire, model=st.text(), version=NON_NEGATIVE),
+    RetireVersion: st.builds(
+        RetireVersion, request_id=NON_NEGATIVE, model=MODEL_NAMES, version=NON_NEGATIVE
+    ),
+    DeleteModel: st.builds(DeleteModel, request_id=NON_NEGATIVE, model=MODEL_NAMES),
+    AdminDone: st.builds(AdminDone, request_id=NON_NEGATIVE, detail=st.text(max_size=100)),
+    Alive: st.builds(Alive),
 }
 
 WIRE_TAGS: dict[type, str] = {
@@ -206,6 +216,10 @@ WIRE_TAGS: dict[type, str] = {
     WaitApplied: "wait_applied",
     AppliedReached: "applied_reached",
     Retire: "retire",
+    RetireVersion: "admin_retire",
+    DeleteModel: "admin_delete",
+    AdminDone: "admin_done",
+    Alive: "alive",
 }
 
 

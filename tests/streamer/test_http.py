@@ -15,6 +15,8 @@ from streamer.client import connect
 from streamer.metrics import (
     ANNOUNCED_TOTAL,
     APPLIED_TOTAL,
+    FORBIDDEN_TOTAL,
+    INSECURE,
     LATEST_VERSION,
     MESSAGES_TOTAL,
     PEERS,
@@ -278,6 +280,8 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         SUBSCRIBER_VERSION: "gauge",
         SUBSCRIBER_LAG: "gauge",
         PEERS: "gauge",
+        FORBIDDEN_TOTAL: "counter",
+        INSECURE: "gauge",
     }
     assert all(name.startswith("weightstream_") for name in types)
     assert samples[(ANNOUNCED_TOTAL, frozenset())] == 2
