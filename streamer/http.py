@@ -277,7 +277,8 @@ def build_app(
             return _respond(
                 {
                     "error": "method_not_allowed",
-                    "detail": "read with GET; the admin routes are POST .../versions/{v}/retire "
+                    "detail": "this route is read-only (GET); the admin routes are POST "
+                    ".../versions/{v}/retire "
                     "and DELETE /v1/models/{model}",
                 },
                 405,
