@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["FaultLedger", "LEDGER"]
+__all__ = ["LEDGER", "FaultLedger"]
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Faults:
     """The per-test handle on the ledger (the `faults` fixture)."""
 
     test: str
-    ledger: FaultLedger = LEDGER
+    ledger: FaultLedger = field(default_factory=lambda: LEDGER)
 
     def inject(self, what: str) -> None:
         """Record one fault or hostile input, as it is injected."""
