@@ -29,6 +29,7 @@ public, `NAME.key_secret` both halves); `weightstream keys new` makes them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -76,6 +77,7 @@ __all__ = [
     "load_keys",
     "load_public_key",
     "read_token",
+    "render_grants",
     "security_mode",
     "start_authenticator",
 ]
@@ -180,6 +182,26 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     publish: Annotated[list[ModelPattern], msgspec.Meta(max_length=1000)] = []
     subscribe: Annotated[list[ModelPattern], msgspec.Meta(max_length=1000)] = []
     admin: bool = False
+
+
+def render_grants(grants: list[Grant]) -> str:
+    """The allowlist TOML for `grants` (what `Allowlist.load` reads back).
+
+    >>> print(render_grants([Grant(name="a", public_key="0" * 40, publish=["m"])]))  # doctest: +SKIP
+    """
+    lines: list[str] = []
+    for grant in grants:
+        # json.dumps of names, z85 keys and model names is a valid TOML basic string.
+        lines += [
+            "[[key]]",
+            f"name = {json.dumps(grant.name)}",
+            f"public_key = {json.dumps(grant.public_key)}",
+            f"publish = {json.dumps(grant.publish)}",
+            f"subscribe = {json.dumps(grant.subscribe)}",
+            f"admin = {'true' if grant.admin else 'false'}",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 class _AllowlistFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

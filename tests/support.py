@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import msgspec
 import zmq
 
-from streamer.auth import create_keys, load_keys, load_public_key
+from streamer.auth import Grant, create_keys, load_keys, load_public_key, render_grants
 from streamer.config import BrokerConfig, ClientConfig
 from streamer.server import serve
 from streamer.transport import MooncakeReceiver, MooncakeSender, mooncake_available
@@ -110,19 +110,15 @@ def test_keys() -> Keys:
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     create_keys("broker", directory)
     create_keys("stranger", directory)
-    lines: list[str] = []
-    for name, rights in ALLOWLIST.items():
-        public, _ = create_keys(name, directory)
-        lines += [
-            "[[key]]",
-            f'name = "{name}"',
-            f'public_key = "{load_public_key(public).decode()}"',
-            f"publish = {rights.get('publish', [])!r}".replace("'", '"'),
-            f"subscribe = {rights.get('subscribe', [])!r}".replace("'", '"'),
-            f"admin = {'true' if rights.get('admin') else 'false'}",
-            "",
-        ]
-    (directory / "allowlist.toml").write_text("\n".join(lines))
+    grants = [
+        Grant(
+            name=name,
+            public_key=load_public_key(create_keys(name, directory)[0]).decode(),
+            **rights,
+        )
+        for name, rights in ALLOWLIST.items()
+    ]
+    (directory / "allowlist.toml").write_text(render_grants(grants))
     return Keys(directory)
 
 

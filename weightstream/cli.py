@@ -149,15 +149,14 @@ def _security_commands(commands: Any) -> None:
 
 def _run_security_command(args: argparse.Namespace) -> int:
     if args.command == "keys":
-        from streamer.auth import create_keys, load_public_key
+        from streamer.auth import Grant, create_keys, load_public_key, render_grants
 
         public, secret = create_keys(args.name, args.out)
         print(f"public key  {public}  (give it to the broker's operator, and to peers)")
         print(f"secret key  {secret}  (keep it; owner-only)")
-        print("allowlist entry:")
-        print(f'[[key]]\nname = "{args.name}"')
-        print(f'public_key = "{load_public_key(public).decode()}"')
-        print("publish = []\nsubscribe = []\nadmin = false")
+        print("allowlist entry (fill in its rights):")
+        key = load_public_key(public).decode()
+        print(render_grants([Grant(name=args.name, public_key=key)]))
         return 0
     from streamer.client import connect
 
