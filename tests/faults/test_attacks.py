@@ -235,6 +235,17 @@ async def test_fake_applied_and_a_stolen_routing_id_neither_count_nor_cut_the_en
         assert await status("POST", retire, "not-the-token-at-all-xxxxxxxx") == 401
         assert 3 in (await get_json(f"{broker.http}/v1/models/{MODEL}"))["readable_versions"]
         assert await status("POST", retire, token.read_text()) == 200
+
+        # The admin command line: a non-admin key is refused, the admin key deletes the model.
+        faults.inject("`weightstream admin delete` with a non-admin key")
+        admin = ["admin", "delete", "--broker", broker.endpoint, "--model", MODEL]
+        refused = await fleet.start("admin-peer", *admin, *test_keys().args("peer"))
+        assert await refused.process.wait() == 1
+        assert "forbidden: key 'peer' is not an admin" in refused.log.read_text()
+        deleted = await fleet.start("admin", *admin, *test_keys().args("admin"))
+        assert await deleted.process.wait() == 0, deleted.tail()
+        models = (await get_json(f"{broker.http}/v1/models"))["models"]
+        assert models == []
     sender.close()
 
 

@@ -39,6 +39,7 @@ from streamer.server import serve
 from streamer.transport.base import Fetch, Region
 from streamer.transport.zmq_frames import ZmqFrameReceiver, ZmqFrameSender
 from tests.support import RunningBroker, broker_config, run_broker, test_keys, until
+from weightstream.cli import main
 
 POLICY = "policy"
 
@@ -300,6 +301,23 @@ async def test_a_broker_off_loopback_without_keys_refuses_to_start():
     config = broker_config(endpoint="tcp://0.0.0.0:0", key_file=None, allowlist_file=None)
     with pytest.raises(AuthError, match=r"refusing to bind tcp://0\.0\.0\.0:0 without keys"):
         await serve(config)
+
+
+def test_the_broker_command_refuses_off_loopback_without_keys(caplog):
+    with caplog.at_level(logging.ERROR):
+        code = main(["broker", "--endpoint", "tcp://0.0.0.0:0", "--http-port", "0"])
+    assert code == 1
+    assert "pass --key-file and --allowlist-file, or pass --insecure" in caplog.text
+
+
+def test_keys_new_writes_a_pair_and_an_allowlist_entry(tmp_path: Path, capsys):
+    assert main(["keys", "new", "--name", "trainer-7", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    entry = printed[printed.index("[[key]]") :]
+    (tmp_path / "allowlist.toml").write_text(entry)
+    [principal] = Allowlist.load(tmp_path / "allowlist.toml").by_key.values()
+    assert principal.name == "trainer-7"
+    assert (tmp_path / "trainer-7.key_secret").stat().st_mode & 0o077 == 0
 
 
 async def test_an_insecure_broker_says_so(caplog):
