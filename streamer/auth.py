@@ -242,6 +242,7 @@ class Allowlist:
     def __init__(self, grants: list[Grant]) -> None:
         self.by_key: dict[bytes, Principal] = {}
         self.by_name: dict[str, Principal] = {}
+        self._refused: set[bytes] = set()
         for grant in grants:
             key = grant.public_key.encode("ascii")
             if len(zmq.utils.z85.decode(key)) != 32:
@@ -274,11 +275,13 @@ class Allowlist:
 
     def callback(self, domain: str, key: bytes) -> bool:
         """pyzmq's credentials callback: is this z85 public key allowed?"""
-        principal = self.by_key.get(key)
-        if principal is None:
+        if key in self.by_key:
+            return True
+        # Warn once per refused key (a bounded set), so that a flood of them cannot flood the log.
+        if key not in self._refused and len(self._refused) < _MAX_KEYS:
+            self._refused.add(key)
             logger.warning("refused an unknown CURVE key key=%s", key.decode("ascii", "replace"))
-            return False
-        return True
+        return False
 
 
 class _AllowlistAuthenticator(AsyncioAuthenticator):

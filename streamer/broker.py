@@ -120,6 +120,10 @@ class Broker:
         # No handover: a second connection with a routing id in use is ignored, so no one can
         # take over another peer's routing id (and with it its announcements).
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        # ZMTP heartbeats close a connection that died silently, so that its peer's reconnect
+        # (same routing id) is not ignored as a duplicate for as long as TCP would take.
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
         self.socket.setsockopt(zmq.SNDHWM, config.queue_size)
         self.socket.setsockopt(zmq.RCVHWM, config.queue_size)
         self.socket.setsockopt(zmq.LINGER, 0)

@@ -346,7 +346,6 @@ async def test_a_client_that_stops_hearing_the_broker_says_it_is_cut_off(zmq_ctx
         broker = await stack.enter_async_context(run_broker(broker_config()))
         config = broker.client_config(request_timeout_s=1.0)
         async with connect(config, role="subscriber", context=zmq_ctx) as engine:
-            await until(lambda: engine._last_heard > 0)
             assert engine.cut_off is None
             await stack.aclose()  # the broker goes away; the client does not know why
             with caplog.at_level(logging.WARNING):
