@@ -34,6 +34,7 @@ from streamer.auth import (
     load_public_key,
 )
 from streamer.client import BrokerClient, connect
+from streamer.errors import TransportError
 from streamer.frames import decode_header
 from streamer.server import serve
 from streamer.transport.base import Fetch, Region
@@ -412,6 +413,27 @@ def test_the_zmq_bulk_transport_moves_the_bytes_with_and_without_curve(encrypt: 
         assert bool(locator.server_key) is encrypt
         receiver.fetch([Fetch(locator, 0, 4096, ctypes.addressof(target))])
         assert bytes(target) == bytes(source)
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_an_encrypted_read_needs_the_senders_own_key():
+    # Someone else's server key in the locator (a forged manifest, a spoofed endpoint): the
+    # CURVE handshake cannot complete, so no byte is read and the fetch fails at its deadline.
+    import ctypes
+
+    source = (ctypes.c_char * 4096)()
+    target = (ctypes.c_char * 4096)()
+    sender = ZmqFrameSender(encrypt=True)
+    receiver = ZmqFrameReceiver(timeout_s=1)
+    try:
+        [locator] = sender.expose([Region(ctypes.addressof(source), 4096)])
+        assert isinstance(locator, FrameLocator)
+        forged = msgspec.structs.replace(locator, server_key=zmq.curve_keypair()[0].decode("ascii"))
+        with pytest.raises(TransportError, match="no reply"):
+            receiver.fetch([Fetch(forged, 0, 4096, ctypes.addressof(target))])
+        receiver.fetch([Fetch(locator, 0, 4096, ctypes.addressof(target))])
     finally:
         receiver.close()
         sender.close()
