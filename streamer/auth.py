@@ -413,9 +413,27 @@ class Guard:
                 f"the latest ({latest}); refused so that no publish can exhaust the version space"
             )
 
+    dirty: bool = False
+    """True when `owners` changed since the last `snapshot()`."""
+
     def claimed(self, model: str, principal: Principal) -> None:
         """`principal`'s shard of `model` was accepted: it owns the model from now on."""
-        self.owners[model] = principal.name
+        if self.owners.get(model) != principal.name:
+            self.owners[model] = principal.name
+            self.dirty = True
 
     def forget(self, model: str) -> None:
-        self.owners.pop(model, None)
+        if self.owners.pop(model, None) is not None:
+            self.dirty = True
+
+    def snapshot(self) -> bytes:
+        """The owners, for the broker's state directory (a restart keeps who owns what)."""
+        self.dirty = False
+        return msgspec.json.encode(self.owners)
+
+    def restore(self, data: bytes) -> None:
+        try:
+            owners = msgspec.json.decode(data, type=dict[str, str])
+        except msgspec.DecodeError as exc:
+            raise AuthError(f"the saved model owners are unreadable: {exc}") from exc
+        self.owners.update(owners)

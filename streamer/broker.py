@@ -81,6 +81,7 @@ logger = logging.getLogger(__name__)
 
 _HOUSEKEEPING_S = 0.25
 _STATE_FILE = "registry.msgpack"
+_OWNERS_FILE = "owners.json"
 
 
 class Broker:
@@ -115,6 +116,9 @@ class Broker:
         """Messages from HTTP admin actions; sent by `run()`, the socket's one owner."""
         self._allowlist: Allowlist | None = None
         self._authenticator: AsyncioAuthenticator | None = None
+        self._owners_path = Path(config.state_dir) / _OWNERS_FILE if config.state_dir else None
+        if self._owners_path is not None and self._owners_path.exists():
+            self.guard.restore(self._owners_path.read_bytes())
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # No handover: a second connection with a routing id in use is ignored, so no one can
@@ -394,6 +398,11 @@ class Broker:
             logger.debug("could not answer peer=%r", identity)
 
     def _persist(self) -> None:
+        if self._owners_path is not None and self.guard.dirty:
+            tmp = self._owners_path.with_suffix(".tmp")
+            self._owners_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(self.guard.snapshot())
+            os.replace(tmp, self._owners_path)
         if self._state_path is None or not self.registry.dirty:
             return
         self._state_path.parent.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,15 @@ async def test_only_the_owner_claims_the_next_version(broker: RunningBroker, zmq
         assert (await trainer.publish(POLICY, 2, 0, 1, shard())).complete
 
 
+async def test_the_owner_survives_a_broker_restart(zmq_ctx, tmp_path: Path):
+    config = broker_config(state_dir=str(tmp_path))
+    async with run_broker(config) as first, client(first, zmq_ctx, "trainer") as trainer:
+        await trainer.publish(POLICY, 1, 0, 1, shard())
+    async with run_broker(config) as second, client(second, zmq_ctx, "rival") as rival:
+        with pytest.raises(Forbidden, match="belongs to key 'trainer'"):
+            await rival.publish(POLICY, 2, 0, 3, shard())
+
+
 async def test_versions_far_past_the_latest_are_refused(broker: RunningBroker, zmq_ctx):
     async with client(broker, zmq_ctx, "trainer") as trainer:
         with pytest.raises(Forbidden, match="largest first version"):
