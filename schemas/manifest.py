@@ -102,6 +102,8 @@ class FrameLocator(msgspec.Struct, frozen=True, tag="zmq"):
     endpoint: Address
     """`tcp://host:port`."""
     key: Key
+    server_key: Annotated[str, msgspec.Meta(max_length=40)] = ""
+    """The sender's CURVE public key (z85); set, the reads are encrypted (CurveZMQ)."""
 
 
 class ShmLocator(msgspec.Struct, frozen=True, tag="shm"):

@@ -20,6 +20,10 @@ decoded message is larger or stranger than its type allows.
             <------------------------- AppliedReached (once enough subscribers applied it)
             <------------------------- Retire (to publishers: free that version's memory)
             <------------------------- Withdraw (to subscribers: nobody can read that version)
+      RetireVersion / DeleteModel --->   (admin keys only)
+            <------------------------- AdminDone | Error("forbidden")
+      Heartbeat --------------------->
+            <------------------------- Alive (a peer that stops hearing these is cut off)
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ from schemas.manifest import (
 __all__ = [
     "PROTOCOL_VERSION",
     "AcquireLease",
+    "AdminDone",
+    "Alive",
     "Announce",
     "Applied",
     "AppliedReached",
+    "DeleteModel",
     "Error",
     "ErrorCode",
     "Goodbye",
@@ -58,6 +65,7 @@ __all__ = [
     "PullFailed",
     "ReleaseLease",
     "Retire",
+    "RetireVersion",
     "Role",
     "Subscribe",
     "Subscribed",
@@ -81,6 +89,7 @@ ErrorCode = Literal[
     "invalid_manifest",
     "job_conflict",
     "expired",
+    "forbidden",
 ]
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 PeerId = Annotated[str, msgspec.Meta(max_length=255)]
@@ -233,6 +242,30 @@ class Withdraw(Wire, frozen=True, tag="withdraw"):
     reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
+class RetireVersion(Wire, frozen=True, tag="admin_retire"):
+    """Admin: stop serving a version (retired once no lease holds it)."""
+
+    request_id: RequestId
+    model: ModelName
+    version: Version
+
+
+class DeleteModel(Wire, frozen=True, tag="admin_delete"):
+    """Admin: forget a model, every version and its owner; its publishers get Retire."""
+
+    request_id: RequestId
+    model: ModelName
+
+
+class AdminDone(Wire, frozen=True, tag="admin_done"):
+    request_id: RequestId
+    detail: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+
+
+class Alive(Wire, frozen=True, tag="alive"):
+    """The broker's answer to a Heartbeat: it still hears this peer on this routing id."""
+
+
 Message = (
     Hello
     | Welcome
@@ -254,4 +287,8 @@ Message = (
     | AppliedReached
     | Retire
     | Withdraw
+    | RetireVersion
+    | DeleteModel
+    | AdminDone
+    | Alive
 )

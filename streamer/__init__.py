@@ -3,6 +3,7 @@
 Torch-free: tensors become `Region`s (address, nbytes) before they reach this package.
 """
 
+from streamer.auth import AuthError, Forbidden
 from streamer.client import BrokerClient, connect
 from streamer.config import BrokerConfig, ClientConfig
 from streamer.errors import (
@@ -17,11 +18,13 @@ from streamer.errors import (
 from streamer.server import serve
 
 __all__ = [
+    "AuthError",
     "BrokerClient",
     "BrokerConfig",
     "BrokerError",
     "ChecksumMismatch",
     "ClientConfig",
+    "Forbidden",
     "IncompatiblePeer",
     "ProtocolError",
     "StreamerError",

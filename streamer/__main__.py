@@ -40,6 +40,26 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peer-timeout-s", type=float, help="silence before a peer counts as gone (default 10)"
     )
+    security = parser.add_argument_group("security (docs/security.md)")
+    security.add_argument("--key-file", help="the broker's CURVE key pair (NAME.key_secret)")
+    security.add_argument(
+        "--allowlist-file", help="TOML allowlist: each public key's name and rights"
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow binding off loopback without keys (anyone reaching it may publish)",
+    )
+    security.add_argument(
+        "--max-version-jump", type=int, help="refuse a publish this far past the latest"
+    )
+    security.add_argument(
+        "--http-read-token-file", help="bearer token the read-only HTTP routes then need"
+    )
+    security.add_argument(
+        "--http-admin-token-file", help="bearer token of the HTTP admin routes (off without)"
+    )
     parser.add_argument(
         "--pending-timeout-s",
         type=float,

@@ -16,7 +16,9 @@ while the broker keeps serving. Retire, Withdraw and AppliedReached that cannot 
 (the peer is away, say during its reconnect) wait, bounded, for that peer's next Hello.
 
 A peer that sends garbage gets a typed `Error("protocol")` and the message is dropped; the
-broker keeps serving. A message from a peer that never said Hello (say, after a broker
+broker keeps serving. With keys (`key_file`, `allowlist_file`) the ROUTER is a CURVE server:
+only allowlisted keys connect, each routing id stays with the key that said Hello on it, and
+`streamer.auth.Guard` checks every message against that key's rights (`Error("forbidden")`). A message from a peer that never said Hello (say, after a broker
 restart) gets `Error("unknown_peer")`, and the client says Hello again.
 """
 
@@ -36,9 +38,12 @@ from schemas.codec import encode
 from schemas.messages import (
     PROTOCOL_VERSION,
     AcquireLease,
+    AdminDone,
+    Alive,
     Announce,
     Applied,
     AppliedReached,
+    DeleteModel,
     Error,
     Goodbye,
     Heartbeat,
@@ -51,11 +56,23 @@ from schemas.messages import (
     PullFailed,
     ReleaseLease,
     Retire,
+    RetireVersion,
     Subscribe,
     Subscribed,
     WaitApplied,
     Welcome,
     Withdraw,
+)
+from streamer.auth import (
+    ANONYMOUS,
+    Allowlist,
+    AuthError,
+    Forbidden,
+    Guard,
+    Principal,
+    load_keys,
+    security_mode,
+    start_authenticator,
 )
 from streamer.errors import BrokerError, ProtocolError
 from streamer.frames import decode_header
@@ -64,6 +81,8 @@ from streamer.registry import Outbox, Registry
 from streamer.state import StateError, StateFile
 
 if TYPE_CHECKING:
+    from zmq.auth.asyncio import AsyncioAuthenticator
+
     from streamer.config import BrokerConfig
 
 __all__ = ["Broker"]
@@ -78,6 +97,7 @@ _REDELIVER_PER_PEER = 64
 _REDELIVERED = (Retire, Withdraw, AppliedReached)
 """Messages that matter enough to re-send after the peer's next Hello."""
 _STATE_ERROR_LOG_S = 60.0
+_OWNERS_FILE = "owners.json"
 
 
 class Broker:
@@ -102,16 +122,41 @@ class Broker:
         self._warned: OrderedDict[bytes, None] = OrderedDict()
         self._undelivered: OrderedDict[str, list[Message]] = OrderedDict()
         self._state_error_logged_at = 0.0
+        self.security = security_mode(config)
+        self.stats.security = self.security
+        self.guard = Guard(max_version_jump=config.max_version_jump, owners={})
+        self._bound: dict[str, str] = {}
+        """routing id -> name of the key that said Hello on it (pruned with registry.peers)."""
+        self._deferred: Outbox = []
+        """Messages from HTTP admin actions; sent by `run()`, the socket's one owner."""
+        self._allowlist: Allowlist | None = None
+        self._authenticator: AsyncioAuthenticator | None = None
         self.state = StateFile(config.state_dir) if config.state_dir else None
+        self._owners = StateFile(config.state_dir, _OWNERS_FILE) if config.state_dir else None
         if self.state is not None:
             self._restore(self.state)
+        if self._owners is not None:
+            owners = self._owners.read()
+            if owners is not None:
+                try:
+                    self.guard.restore(owners)
+                except AuthError as exc:
+                    raise self._owners.damaged(exc) from exc
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No handover: a second connection with a routing id in use is ignored, so no one can
+        # take over another peer's routing id (and with it its announcements).
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        # ZMTP heartbeats close a connection that died silently, so that its peer's reconnect
+        # (same routing id) is not ignored as a duplicate for as long as TCP would take.
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
         self.socket.setsockopt(zmq.SNDHWM, config.queue_size)
         self.socket.setsockopt(zmq.RCVHWM, config.queue_size)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 256 * 1024 * 1024)
+        if config.key_file is not None and config.allowlist_file is not None:
+            self._secure(config.key_file, config.allowlist_file, context)
         self.socket.bind(config.endpoint)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -139,50 +184,114 @@ class Broker:
             sum(len(m.pending) for m in self.registry.models.values()),
         )
 
+    def _secure(self, key_file: str, allowlist_file: str, context: zmq.asyncio.Context) -> None:
+        keys = load_keys(key_file)
+        self._allowlist = Allowlist.load(allowlist_file)
+        self._authenticator = start_authenticator(context, self._allowlist)
+        self.socket.curve_secretkey = keys.secret
+        self.socket.curve_publickey = keys.public
+        self.socket.curve_server = True
+        self.socket.zap_domain = b"weightstream"
+        logger.info(
+            "CURVE on endpoint=%s keys=%d broker_key=%s",
+            self.config.endpoint,
+            len(self._allowlist.by_key),
+            keys.public.decode("ascii"),
+        )
+
     async def run(self) -> None:
         """Serve until cancelled."""
-        logger.info("broker listening endpoint=%s broker_id=%s", self.endpoint, self.broker_id)
+        logger.info(
+            "broker listening endpoint=%s broker_id=%s security=%s",
+            self.endpoint,
+            self.broker_id,
+            self.security,
+        )
+        if self.security == "insecure":
+            logger.warning(
+                "broker is INSECURE: endpoint=%s is off loopback and has no CURVE keys; any "
+                "peer that reaches it may publish, subscribe and retire (see docs/security.md)",
+                self.endpoint,
+            )
         next_housekeeping = time.monotonic()
         try:
             while True:
                 timeout_ms = max(0, int((next_housekeeping - time.monotonic()) * 1000))
                 if await self.socket.poll(timeout=timeout_ms):
-                    frames = await self.socket.recv_multipart()
+                    # copy=False: each frame carries its connection's User-Id (the key's name).
+                    frames = await self.socket.recv_multipart(copy=False)
                     await self._receive(frames)
+                if self._deferred:
+                    outbox, self._deferred = self._deferred, []
+                    await self._send(outbox)
                 if time.monotonic() >= next_housekeeping:
                     await self._send(self.registry.expire(time.time()))
+                    for peer_id in [p for p in self._bound if p not in self.registry.peers]:
+                        del self._bound[peer_id]
                     self._persist()
                     next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
         finally:
             self._persist()
             self.socket.close(linger=0)
+            if self._authenticator is not None:
+                self._authenticator.stop()
 
-    async def _receive(self, frames: list[bytes]) -> None:
+    def _principal(self, frame: zmq.Frame) -> Principal:
+        """The authenticated key behind a frame (everyone is ANONYMOUS without keys)."""
+        if self._allowlist is None:
+            return ANONYMOUS
+        try:
+            return self._allowlist.by_name[str(frame.get("User-Id"))]
+        except (zmq.ZMQError, KeyError) as exc:
+            raise Forbidden("this connection has no authenticated key") from exc
+
+    def _check_identity(self, peer_id: str, principal: Principal, message: Message) -> None:
+        """A routing id belongs to the key that said Hello with it; nobody else may use it."""
+        bound = self._bound.get(peer_id)
+        if bound is not None and bound != principal.name:
+            logger.warning(
+                "refused routing id peer=%s of key=%s used by key=%s",
+                peer_id,
+                bound,
+                principal.name,
+            )
+            raise Forbidden(f"routing id {peer_id!r} belongs to another key")
+        if bound is None and isinstance(message, Hello):
+            self._bound[peer_id] = principal.name
+
+    async def _receive(self, frames: list[zmq.Frame]) -> None:
         self.stats.messages_total += 1
-        identity = frames[0]
+        identity = frames[0].bytes
         if len(frames) != 2:
             await self._protocol_error(identity, f"expected one frame, got {len(frames) - 1}")
             return
         try:
-            message = decode_header(frames[1])
+            message = decode_header(frames[1].buffer)
         except ProtocolError as exc:
             await self._protocol_error(identity, str(exc))
             return
         # latin-1 maps any routing id to a str and back exactly (ours are ASCII peer ids).
         peer_id = identity.decode("latin-1")
         try:
-            await self._send(self._handle(peer_id, message))
+            principal = self._principal(frames[1])
+            self._check_identity(peer_id, principal, message)
+            await self._send(self._handle(peer_id, principal, message))
         except BrokerError as exc:
             if exc.code == "protocol":
                 self.stats.protocol_errors_total += 1
+            elif exc.code == "forbidden":
+                self.stats.forbidden_total += 1
+                logger.info("forbidden peer=%s detail=%s", peer_id, exc.detail)
             request_id = getattr(message, "request_id", 0)
             await self._send(
                 [(peer_id, Error(code=exc.code, detail=exc.detail, request_id=request_id))]
             )
 
-    def _handle(self, peer_id: str, message: Message) -> Outbox:
+    def _handle(self, peer_id: str, principal: Principal, message: Message) -> Outbox:
         now = time.time()
         registry = self.registry
+        model_state = registry.models.get(getattr(message, "model", ""))
+        self.guard.authorize(principal, message, model_state.latest if model_state else None)
         if isinstance(message, Hello):
             if message.protocol_version != PROTOCOL_VERSION:
                 raise BrokerError(
@@ -190,7 +299,13 @@ class Broker:
                     f"broker speaks protocol {PROTOCOL_VERSION}, peer {message.protocol_version}",
                 )
             registry.hello(peer_id, message.role, message.host, message.pid, now, name=message.name)
-            logger.info("peer joined peer=%s role=%s host=%s", peer_id, message.role, message.host)
+            logger.info(
+                "peer joined peer=%s role=%s host=%s key=%s",
+                peer_id,
+                message.role,
+                message.host,
+                principal.name,
+            )
             welcome = Welcome(
                 broker_id=self.broker_id, heartbeat_interval_s=self.config.heartbeat_interval_s
             )
@@ -202,7 +317,8 @@ class Broker:
         match message:
             case Heartbeat(applied=applied):
                 # Heartbeats repeat what each subscriber runs, so a restarted broker relearns it.
-                return registry.heartbeat(peer_id, applied, now)
+                # Alive tells the peer it is still heard on this routing id.
+                return [*registry.heartbeat(peer_id, applied, now), (peer_id, Alive())]
             case PublishShard(request_id=rid, model=model, version=version):
                 announced, outbox = registry.publish(
                     peer_id,
@@ -214,6 +330,7 @@ class Broker:
                     now,
                     job=message.job,
                 )
+                self.guard.claimed(model, principal)
                 if announced:
                     self.stats.announced_total += 1
                     manifest = registry.models[model].versions[version].manifest
@@ -299,8 +416,30 @@ class Broker:
             case Goodbye():
                 logger.info("peer left peer=%s", peer_id)
                 return registry.goodbye(peer_id, now)
+            case RetireVersion(request_id=rid, model=model, version=version):
+                outbox = self.retire_version(model, version, by=principal.name)
+                return [(peer_id, AdminDone(request_id=rid, detail="retiring")), *outbox]
+            case DeleteModel(request_id=rid, model=model):
+                outbox = self.delete_model(model, by=principal.name)
+                return [(peer_id, AdminDone(request_id=rid, detail="deleted")), *outbox]
             case _:
                 raise BrokerError("protocol", f"a peer does not send {type(message).__name__}")
+
+    # administration (admin keys over ZeroMQ, or the admin token over HTTP)
+
+    def retire_version(self, model: str, version: int, *, by: str) -> Outbox:
+        logger.info("admin retire model=%s version=%d by=%s", model, version, by)
+        return self.registry.retire_version(model, version, time.time())
+
+    def delete_model(self, model: str, *, by: str) -> Outbox:
+        logger.info("admin delete model=%s by=%s", model, by)
+        outbox = self.registry.delete_model(model)
+        self.guard.forget(model)
+        return outbox
+
+    def defer(self, outbox: Outbox) -> None:
+        """Queue messages for `run()` to send (from the HTTP admin routes)."""
+        self._deferred.extend(outbox)
 
     async def _send(self, outbox: Outbox) -> None:
         # One Announce fans out to many peers: encode each message object once.
@@ -349,7 +488,14 @@ class Broker:
             logger.debug("could not answer peer=%r", identity)
 
     def _persist(self) -> None:
-        """Write the registry if it changed; a failure is reported, kept dirty, retried."""
+        """Write the registry (and the model owners) if they changed; a failure is reported,
+        kept dirty, retried."""
+        if self._owners is not None and self.guard.dirty:
+            try:
+                self._owners.write(self.guard.snapshot())
+            except StateError as exc:
+                self.guard.dirty = True
+                logger.error("owners write failed %s", exc)  # noqa: TRY400
         if self.state is None or not self.registry.dirty:
             return
         try:

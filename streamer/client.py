@@ -12,7 +12,12 @@ overflow and is queued again as room appears, never silently dropped.
     caller ── request(msg) ──> send ──> broker
                  ▲ future                 │
     _receive() ──┴── replies, Announce (-> latest manifest per model), Retire (-> queue)
-    _heartbeat() ── Heartbeat every interval (also renews leases)
+    _heartbeat() ── Heartbeat every interval (also renews leases); the broker answers Alive
+    watch()      ── the socket's handshake events: a refused CURVE key fails the client
+
+With `key_file` and `broker_key_file` the DEALER is a CURVE client: the broker admits it only if
+its key is in the broker's allowlist. A client that stops hearing `Alive` (cut off, or the
+broker is gone) says so once in its log and in `cut_off`.
 """
 
 from __future__ import annotations
@@ -24,17 +29,22 @@ import logging
 import os
 import secrets
 import socket
+import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from schemas.codec import encode
 from schemas.messages import (
     AcquireLease,
+    AdminDone,
+    Alive,
     Announce,
     Applied,
     AppliedReached,
+    DeleteModel,
     Error,
     Goodbye,
     Heartbeat,
@@ -47,6 +57,7 @@ from schemas.messages import (
     PullFailed,
     ReleaseLease,
     Retire,
+    RetireVersion,
     Role,
     Subscribe,
     Subscribed,
@@ -54,6 +65,7 @@ from schemas.messages import (
     Welcome,
     Withdraw,
 )
+from streamer.auth import AuthError, Forbidden, load_keys, load_public_key
 from streamer.errors import (
     BrokerError,
     IncompatiblePeer,
@@ -67,6 +79,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from schemas.manifest import Manifest, Shard
+    from schemas.messages import ErrorCode
     from streamer.config import ClientConfig
 
 __all__ = ["BrokerClient", "BrokerTimeout", "connect"]
@@ -103,7 +116,18 @@ class BrokerClient:
         self._socket.setsockopt(zmq.SNDHWM, config.queue_size)
         self._socket.setsockopt(zmq.RCVHWM, config.queue_size)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if config.key_file is not None:
+            if config.broker_key_file is None:
+                raise AuthError("a client with key_file needs broker_key_file (the broker's .key)")
+            keys = load_keys(config.key_file)
+            self._socket.curve_secretkey = keys.secret
+            self._socket.curve_publickey = keys.public
+            self._socket.curve_serverkey = load_public_key(config.broker_key_file)
+        self._monitor = self._socket.get_monitor_socket(_HANDSHAKE_EVENTS)
         self._socket.connect(config.broker)
+        self._last_heard = time.monotonic()
+        self.cut_off: str | None = None
+        """Why the broker is not answering, while it is not (None when all is well)."""
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[Message, asyncio.Future[Message]]] = {}
         self._welcome: asyncio.Future[Welcome] | None = None
@@ -181,6 +205,20 @@ class BrokerClient:
         reply = await self._request(message, timeout_s=None)
         assert isinstance(reply, AppliedReached)
         return reply.num_subscribers
+
+    # administration (admin keys only)
+
+    async def retire_version(self, model: str, version: int) -> str:
+        reply = await self._request(
+            RetireVersion(request_id=next(self._ids), model=model, version=version)
+        )
+        assert isinstance(reply, AdminDone)
+        return reply.detail
+
+    async def delete_model(self, model: str) -> str:
+        reply = await self._request(DeleteModel(request_id=next(self._ids), model=model))
+        assert isinstance(reply, AdminDone)
+        return reply.detail
 
     # reports (no reply)
 
@@ -281,9 +319,14 @@ class BrokerClient:
             async with asyncio.timeout(self.config.request_timeout_s):
                 welcome = await self._welcome
         except TimeoutError:
+            keys = (
+                " (with keys: is --broker-key-file the broker's key?)"
+                if self.config.key_file
+                else " (if the broker uses keys, pass --key-file and --broker-key-file)"
+            )
             raise TimeoutError(
                 f"no broker answered at {self.config.broker} within {self.config.request_timeout_s} s: "
-                "start one with `weightstream broker`, or pass --broker"
+                f"start one with `weightstream broker`, or pass --broker{keys}"
             ) from None
         if self.broker_id is not None and welcome.broker_id != self.broker_id:
             logger.warning(
@@ -297,6 +340,7 @@ class BrokerClient:
         try:
             while True:
                 data = await self._socket.recv()
+                self._last_heard = time.monotonic()
                 try:
                     message = decode_header(data)
                 except ProtocolError as exc:
@@ -340,13 +384,14 @@ class BrokerClient:
                     self._welcome.set_exception(error)
                 self._fail(error)
             case Error(code=code, detail=detail, request_id=rid) if rid in self._pending:
-                error_type = VersionUnavailable if code == "version_unavailable" else BrokerError
                 _, future = self._pending[rid]
                 if not future.done():
-                    future.set_exception(error_type(code, detail))
+                    future.set_exception(_broker_error(code, detail))
             case Error(code=code, detail=detail):
                 logger.warning("broker error code=%s detail=%s", code, detail)
-            case Published() | Subscribed() | LeaseGranted() | AppliedReached():
+            case Alive():
+                pass  # _last_heard is already fresh
+            case Published() | Subscribed() | LeaseGranted() | AppliedReached() | AdminDone():
                 entry = self._pending.get(message.request_id)
                 if entry is not None and not entry[1].done():
                     entry[1].set_result(message)
@@ -419,6 +464,45 @@ class BrokerClient:
                 await self._send(Heartbeat(applied=dict(self._applied)))
             except BrokerTimeout as exc:
                 logger.warning("heartbeat not sent: %s", exc)
+            self._check_heard()
+
+    def _check_heard(self) -> None:
+        silent_s = time.monotonic() - self._last_heard
+        limit_s = max(5 * self.config.heartbeat_interval_s, self.config.request_timeout_s)
+        if silent_s > limit_s and self.cut_off is None:
+            self.cut_off = f"no answer from the broker for {silent_s:.1f} s"
+            logger.warning(
+                "cut off from the broker peer=%s silent_s=%.1f: is it down, or is another "
+                "connection holding our routing id? announcements will not reach us",
+                self.peer_id,
+                silent_s,
+            )
+        elif silent_s <= limit_s and self.cut_off is not None:
+            logger.info("the broker answers again peer=%s", self.peer_id)
+            self.cut_off = None
+
+    async def watch(self) -> None:
+        """Handshake events; a refused key fails every request. Runs until cancelled."""
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                continue
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                reason = (
+                    f"the broker at {self.config.broker} refused our key (ZAP status "
+                    f"{event['value']}): add its public key to the broker's allowlist"
+                )
+            else:
+                reason = (
+                    f"the handshake with the broker at {self.config.broker} failed: "
+                    "do both sides use keys (--key-file, --broker-key-file), and the right ones?"
+                )
+            logger.error("%s peer=%s", reason, self.peer_id)
+            self.cut_off = reason
+            error = AuthError(reason)
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(error)
+            self._fail(error)
 
     def _fail(self, error: BaseException) -> None:
         self._failure = error
@@ -436,7 +520,24 @@ class BrokerClient:
             await self._socket.send(encode(Goodbye(reason="closing")), flags=zmq.NOBLOCK)
 
     def close(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=100)
+
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
+
+
+def _broker_error(code: ErrorCode, detail: str) -> BrokerError:
+    if code == "version_unavailable":
+        return VersionUnavailable(code, detail)
+    if code == "forbidden":
+        return Forbidden(detail)
+    return BrokerError(code, detail)
 
 
 def _discard(task: asyncio.Task[Any]) -> None:
@@ -454,7 +555,10 @@ async def connect(
 ) -> AsyncIterator[BrokerClient]:
     """Connect, say hello, and keep the receive and heartbeat tasks running while in use."""
     client = BrokerClient(config, role=role, context=context, peer_id=peer_id)
-    tasks = [asyncio.create_task(client.receive(), name=f"{client.peer_id}-receive")]
+    tasks = [
+        asyncio.create_task(client.receive(), name=f"{client.peer_id}-receive"),
+        asyncio.create_task(client.watch(), name=f"{client.peer_id}-watch"),
+    ]
     try:
         await client.hello()
         tasks.append(asyncio.create_task(client.heartbeat(), name=f"{client.peer_id}-heartbeat"))

@@ -74,9 +74,28 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             gone_peer_ttl_s=self.gone_peer_ttl_s,
         )
 
+    # security (streamer/auth.py; docs/security.md)
+    key_file: str | None = None
+    """The broker's CURVE key pair (`NAME.key_secret`); with it every peer must present a key."""
+    allowlist_file: str | None = None
+    """TOML allowlist of public keys and their rights (required with `key_file`)."""
+    insecure: bool = False
+    """Allow a broker without keys on a non-loopback endpoint (it says so in logs and status)."""
+    max_version_jump: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
+    """A publish more than this past a model's latest version is refused."""
+    http_read_token_file: str | None = None
+    """If set, the read-only HTTP routes (all but /healthz) need this bearer token."""
+    http_admin_token_file: str | None = None
+    """Bearer token of the HTTP routes that change state; without it they are off."""
+
 
 class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     broker: str = "tcp://127.0.0.1:5555"
     request_timeout_s: Seconds = 10.0
     heartbeat_interval_s: Seconds = 1.0
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    # security (streamer/auth.py)
+    key_file: str | None = None
+    """This peer's CURVE key pair (`NAME.key_secret`), listed in the broker's allowlist."""
+    broker_key_file: str | None = None
+    """The broker's public key (`NAME.key`); needed with `key_file`."""

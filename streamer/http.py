@@ -9,31 +9,39 @@
                                                   each subscriber: version, lag, progress, rate
                                                   (a page: at most 1000 rows by default)
     GET /metrics                                  Prometheus text (prometheus-client)
+    POST /v1/models/{model}/versions/{version}/retire   admin: stop serving a version
+    DELETE /v1/models/{model}                     admin: forget a model
 
 Model names may contain slashes (`org/name`); the routes match them greedily. Handlers run
 on the broker's event loop: each renders a bounded amount (capped rows, a page of
 subscribers) so that no request stalls the ZeroMQ loop; idle and slow connections are closed
 after `idle_timeout_s`.
+
+Routes that change state need `Authorization: Bearer <admin token>` (`http_admin_token_file`;
+without one they are off). With `http_read_token_file` the read routes need that token (or
+the admin one), all but /healthz. Tokens are compared in constant time and never echoed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from aiohttp import web
 
+from streamer.errors import BrokerError
 from streamer.metrics import CONTENT_TYPE, BrokerStats, render
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from streamer.registry import PeerState, Registry
+    from streamer.registry import Outbox, PeerState, Registry
 
-__all__ = ["build_app", "fleet", "serve_http"]
+__all__ = ["AdminActions", "build_app", "fleet", "serve_http"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,32 @@ DEFAULT_PAGE = 1000
 MAX_PAGE = 10_000
 _MAX_TENSOR_ROWS = 10_000
 _STATES = ("idle", "pulling", "staged", "gone")
+
+
+class AdminActions(Protocol):
+    """What the admin routes ask of the broker (`streamer.broker.Broker` is one)."""
+
+    def retire_version(self, model: str, version: int, *, by: str) -> Outbox: ...
+    def delete_model(self, model: str, *, by: str) -> Outbox: ...
+    def defer(self, outbox: Outbox) -> None: ...
+
+
+def _bearer(request: web.Request, *tokens: str | None) -> bool:
+    """Does the request carry one of `tokens` (constant-time comparison)?"""
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return False
+    return any(
+        token is not None and hmac.compare_digest(given.strip().encode(), token.encode())
+        for token in tokens
+    )
+
+
+def _unauthorized(detail: str) -> web.Response:
+    response = _respond({"error": "unauthorized", "detail": detail}, status=401)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="weightstream"'
+    return response
 
 
 def _respond(body: Any, status: int = 200) -> web.Response:
@@ -147,7 +181,14 @@ def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) 
     }
 
 
-def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
+def build_app(
+    registry: Registry,
+    stats: BrokerStats,
+    *,
+    admin: AdminActions | None = None,
+    read_token: str | None = None,
+    admin_token: str | None = None,
+) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return _respond(
             {
@@ -158,6 +199,7 @@ def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
                     "write_errors_total": stats.state_write_errors_total,
                     "written_at": stats.state_written_at,
                 },
+                "security": stats.security,
             }
         )
 
@@ -243,6 +285,61 @@ def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=render(stats), headers={"Content-Type": CONTENT_TYPE})
 
+    def _admin_refusal(request: web.Request) -> web.Response | None:
+        if admin is None or admin_token is None:
+            return _respond(
+                {
+                    "error": "forbidden",
+                    "detail": "admin routes are off: start the broker with --http-admin-token-file",
+                },
+                403,
+            )
+        if not _bearer(request, admin_token):
+            logger.warning("refused an HTTP admin request path=%s", request.path)
+            return _unauthorized("this route needs Authorization: Bearer <admin token>")
+        return None
+
+    async def retire(request: web.Request) -> web.Response:
+        refusal = _admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        assert admin is not None
+        path: str = request.match_info["path"]
+        name, sep, rest = path.rpartition("/versions/")
+        version_text, _, action = rest.partition("/")
+        if not sep or action != "retire" or not version_text.isdigit():
+            return _not_found("POST /v1/models/{model}/versions/{version}/retire")
+        try:
+            admin.defer(admin.retire_version(name, int(version_text), by="http"))
+        except BrokerError as exc:
+            return _respond({"error": exc.code, "detail": exc.detail}, 404)
+        return _respond({"model": name, "version": int(version_text), "retiring": True})
+
+    async def delete(request: web.Request) -> web.Response:
+        refusal = _admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        assert admin is not None
+        name: str = request.match_info["path"]
+        try:
+            admin.defer(admin.delete_model(name, by="http"))
+        except BrokerError as exc:
+            return _respond({"error": exc.code, "detail": exc.detail}, 404)
+        return _respond({"model": name, "deleted": True})
+
+    @web.middleware
+    async def read_auth(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if (
+            read_token is not None
+            and request.method == "GET"
+            and request.path != "/healthz"
+            and not _bearer(request, read_token, admin_token)
+        ):
+            return _unauthorized("this endpoint needs Authorization: Bearer <read token>")
+        return await handler(request)
+
     @web.middleware
     async def json_errors(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -253,15 +350,23 @@ def build_app(registry: Registry, stats: BrokerStats) -> web.Application:
             return _not_found(f"no route {request.path}; try /v1/models, /v1/subscribers, /metrics")
         except web.HTTPMethodNotAllowed:
             return _respond(
-                {"error": "method_not_allowed", "detail": "the status endpoint is read-only"}, 405
+                {
+                    "error": "method_not_allowed",
+                    "detail": "this route is read-only (GET); the admin routes are POST "
+                    ".../versions/{v}/retire "
+                    "and DELETE /v1/models/{model}",
+                },
+                405,
             )
 
-    app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[json_errors, read_auth], client_max_size=64 * 1024)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{path:.+}", model_or_version)
     app.router.add_get("/v1/subscribers", subscribers)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/models/{path:.+}", retire)
+    app.router.add_delete("/v1/models/{path:.+}", delete)
     return app
 
 
@@ -273,14 +378,16 @@ async def serve_http(
     port: int,
     idle_timeout_s: float = 15.0,
     on_ready: Callable[[int], None] | None = None,
+    admin: AdminActions | None = None,
+    read_token: str | None = None,
+    admin_token: str | None = None,
 ) -> None:
     """Serve the status endpoint until cancelled; `on_ready` gets the bound port.
 
     A connection that sends no complete request for `idle_timeout_s` (idle, or a slow
     sender) is closed: aiohttp's keep-alive timer runs from the connection's start."""
-    runner = web.AppRunner(
-        build_app(registry, stats), access_log=None, keepalive_timeout=idle_timeout_s
-    )
+    app = build_app(registry, stats, admin=admin, read_token=read_token, admin_token=admin_token)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

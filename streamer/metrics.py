@@ -36,6 +36,8 @@ __all__ = [
     "ANNOUNCE_TO_APPLIED_SECONDS",
     "APPLIED_TOTAL",
     "CONTENT_TYPE",
+    "FORBIDDEN_TOTAL",
+    "INSECURE",
     "LATEST_VERSION",
     "MESSAGES_TOTAL",
     "PAUSE_SECONDS",
@@ -68,6 +70,8 @@ PEERS = "weightstream_peers"
 PULL_SECONDS = "weightstream_pull_seconds"
 PAUSE_SECONDS = "weightstream_pause_seconds"
 ANNOUNCE_TO_APPLIED_SECONDS = "weightstream_announce_to_applied_seconds"
+FORBIDDEN_TOTAL = "weightstream_broker_forbidden_total"
+INSECURE = "weightstream_broker_insecure"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -86,6 +90,9 @@ class BrokerStats:
         self.announced_total = 0
         self.applied_total = 0
         self.pull_failures_total = 0
+        self.forbidden_total = 0
+        self.security = "loopback"
+        """`curve`, `loopback` (no keys, loopback only) or `insecure` (no keys, off loopback)."""
         self.state_write_errors_total = 0
         self.state_last_error: str | None = None
         self.state_written_at: float | None = None
@@ -149,10 +156,20 @@ class RegistryCollector:
                 "Pulls that subscribers reported as failed.",
                 stats.pull_failures_total,
             ),
+            (
+                FORBIDDEN_TOTAL,
+                "Messages refused because the sender's key has no right.",
+                stats.forbidden_total,
+            ),
         ):
             counter = CounterMetricFamily(name, text)
             counter.add_metric([], value)
             yield counter
+        insecure = GaugeMetricFamily(
+            INSECURE, "1 if the broker serves off loopback without CURVE keys (--insecure)."
+        )
+        insecure.add_metric([], 1.0 if stats.security == "insecure" else 0.0)
+        yield insecure
         latest = GaugeMetricFamily(
             LATEST_VERSION, "Latest announced version per model.", labels=["model"]
         )

@@ -506,6 +506,33 @@ class Registry:
                 )
         return out
 
+    # administration (the broker lets only admin keys reach these)
+
+    def retire_version(self, model_name: str, version: int, now: float) -> Outbox:
+        """Stop serving `version`: no new leases; retired (Retire sent) once none holds it."""
+        model = self.models.get(model_name)
+        record = model.versions.get(version) if model else None
+        if record is None:
+            raise VersionUnavailable(
+                "version_unavailable", f"{model_name} version {version} is not readable"
+            )
+        record.retiring = True
+        self.dirty = True
+        return self._retire_unleased(now)
+
+    def delete_model(self, model_name: str) -> Outbox:
+        """Forget a model and its versions; its publishers get Retire for each."""
+        model = self.models.pop(model_name, None)
+        if model is None:
+            raise BrokerError("unknown_model", f"no model named {model_name!r}")
+        self.dirty = True
+        out: Outbox = []
+        for version, record in model.versions.items():
+            out.extend((p, Retire(model=model_name, version=version)) for p in record.publishers)
+        for version, pending in model.pending.items():
+            out.extend((p, Retire(model=model_name, version=version)) for p in pending.publishers)
+        return out
+
     # subscribing
 
     def subscribe(self, peer_id: str, model_name: str) -> Manifest | None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq.asyncio
 
+from streamer.auth import read_token
 from streamer.broker import Broker
 from streamer.http import serve_http
 
@@ -55,6 +56,10 @@ async def serve(
 ) -> None:
     """Serve until cancelled. `on_ready(endpoint, http_port)` runs once both are listening."""
     raise_fd_limit()
+    tokens = [
+        read_token(path) if path else None
+        for path in (config.http_read_token_file, config.http_admin_token_file)
+    ]
     ctx = zmq.asyncio.Context()
     try:
         broker = Broker(config, context=ctx)
@@ -76,6 +81,9 @@ async def serve(
                     port=config.http_port,
                     idle_timeout_s=config.http_idle_timeout_s,
                     on_ready=_http_ready,
+                    admin=broker,
+                    read_token=tokens[0],
+                    admin_token=tokens[1],
                 ),
                 name="http",
             )

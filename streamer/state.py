@@ -28,10 +28,10 @@ class StateError(StreamerError):
 
 
 class StateFile:
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], name: str = STATE_FILE) -> None:
         self.dir = Path(state_dir)
-        self.path = self.dir / STATE_FILE
-        self._tmp = self.dir / f"{STATE_FILE}.tmp"
+        self.path = self.dir / name
+        self._tmp = self.dir / f"{name}.tmp"
 
     def check(self) -> None:
         """Make the directory if needed and prove a write (and its fsync) works there."""

@@ -81,6 +81,10 @@ class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     applied: int | None = None
     """The version the engine's checkpoint already is, if it is a published one."""
     pull: PullConfig = msgspec.field(default_factory=PullConfig)
+    key_file: str | None = None
+    """This engine's CURVE key pair (WEIGHTSTREAM_KEY_FILE; docs/security.md)."""
+    broker_key_file: str | None = None
+    """The broker's public key (WEIGHTSTREAM_BROKER_KEY_FILE)."""
 
     def __post_init__(self) -> None:
         transport_names(self.transport)  # raises ValueError on a bad list
@@ -88,7 +92,8 @@ class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FollowConfig:
         """WEIGHTSTREAM_MODEL (required), _BROKER, _TRANSPORT, _HOST, _MODEL_PATH, _PAUSE_MODE,
-        _SHM_NAME, _APPLIED; raises ValueError naming the bad variable."""
+        _SHM_NAME, _APPLIED, _KEY_FILE, _BROKER_KEY_FILE; raises ValueError naming the bad
+        variable."""
         fields: dict[str, Any] = {}
         for name in cls.__struct_fields__:
             value = environ.get(ENV_PREFIX + name.upper())
@@ -197,7 +202,13 @@ async def follow(
         # reloads it (the price: two versions in /dev/shm).
         spare = Staging(receivers=receivers, shm_name=f"{shm_name}-spare")
         async with connect(
-            ClientConfig(broker=config.broker), role="subscriber", context=ctx
+            ClientConfig(
+                broker=config.broker,
+                key_file=config.key_file,
+                broker_key_file=config.broker_key_file,
+            ),
+            role="subscriber",
+            context=ctx,
         ) as client:
             subscriber = _Following(
                 status=status,
@@ -272,6 +283,8 @@ class WeightStream:
         applied: int | None = None,
         pull: PullConfig | None = None,
         connect_timeout_s: float = 30.0,
+        key_file: str | None = None,
+        broker_key_file: str | None = None,
     ) -> WeightStream:
         """Start following; returns once the broker has answered (raises if it does not)."""
         config = FollowConfig(
@@ -282,6 +295,8 @@ class WeightStream:
             model_path=model_path,
             applied=applied,
             pull=pull or PullConfig(),
+            key_file=key_file,
+            broker_key_file=broker_key_file,
         )
         stream = cls(llm, config)
         stream.start(connect_timeout_s)

@@ -9,7 +9,20 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import zmq.asyncio
 
-from tests.support import MooncakeEngines, RunningBroker, broker_config, run_broker
+from tests.support import (
+    Keys,
+    MooncakeEngines,
+    RunningBroker,
+    broker_config,
+    run_broker,
+    test_keys,
+)
+
+
+@pytest.fixture(scope="session")
+def keys() -> Keys:
+    """The session's CURVE keys and allowlist (`tests.support.test_keys`)."""
+    return test_keys()
 
 
 @pytest.fixture
@@ -26,7 +39,8 @@ def endpoint() -> str:
 
 @pytest.fixture
 async def broker() -> AsyncIterator[RunningBroker]:
-    """`streamer.server.serve` on tcp://127.0.0.1:0 with HTTP on port 0; cancelled afterwards."""
+    """`streamer.server.serve` on tcp://127.0.0.1:0 with HTTP on port 0, CURVE keys and the
+    test allowlist; cancelled afterwards."""
     async with run_broker(broker_config()) as running:
         yield running
 

@@ -5,6 +5,8 @@ weightstream publish    publish a checkpoint directory, or a synthetic model, as
 weightstream subscribe  keep a local torch model on the newest version
 weightstream status     the fleet as a table (or --json)
 weightstream demo       broker + trainer + two subscribers, end to end, checked bit for bit
+weightstream keys       make a CURVE key pair for a broker or a peer
+weightstream admin      retire a version or delete a model (an admin key)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import zmq.asyncio
 
 from streamer.__main__ import add_broker_arguments, broker_config, run_broker
 from streamer.config import ClientConfig
@@ -99,6 +102,78 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
         default="127.0.0.1",
         help="this machine's address as peers should reach it (default 127.0.0.1)",
     )
+    _key_args(parser)
+
+
+def _key_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key-file",
+        default=os.environ.get("WEIGHTSTREAM_KEY_FILE"),
+        help="this peer's CURVE key pair, NAME.key_secret (env WEIGHTSTREAM_KEY_FILE)",
+    )
+    parser.add_argument(
+        "--broker-key-file",
+        default=os.environ.get("WEIGHTSTREAM_BROKER_KEY_FILE"),
+        help="the broker's public key, NAME.key (env WEIGHTSTREAM_BROKER_KEY_FILE)",
+    )
+
+
+def _client_config(args: argparse.Namespace) -> ClientConfig:
+    return ClientConfig(
+        broker=args.broker, key_file=args.key_file, broker_key_file=args.broker_key_file
+    )
+
+
+def _security_commands(commands: Any) -> None:
+    """`keys new` and `admin retire|delete`."""
+    keys = commands.add_parser("keys", help="make CURVE key pairs")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_commands.add_parser("new", help="write NAME.key (public) and NAME.key_secret")
+    new.add_argument("--name", required=True, help="the key's name (letters, digits, _ . -)")
+    new.add_argument("--out", required=True, help="directory to write the key files into")
+
+    admin = commands.add_parser("admin", help="retire a version or delete a model (admin key)")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True)
+    for name, text in (("retire", "stop serving a version"), ("delete", "forget a model")):
+        sub = admin_commands.add_parser(name, help=text)
+        sub.add_argument(
+            "--broker",
+            default=os.environ.get("WEIGHTSTREAM_BROKER", DEFAULT_BROKER),
+            help=f"broker endpoint (env WEIGHTSTREAM_BROKER; default {DEFAULT_BROKER})",
+        )
+        sub.add_argument("--model", required=True)
+        if name == "retire":
+            sub.add_argument("--version", type=int, required=True)
+        _key_args(sub)
+
+
+def _run_security_command(args: argparse.Namespace) -> int:
+    if args.command == "keys":
+        from streamer.auth import Grant, create_keys, load_public_key, render_grants
+
+        public, secret = create_keys(args.name, args.out)
+        print(f"public key  {public}  (give it to the broker's operator, and to peers)")
+        print(f"secret key  {secret}  (keep it; owner-only)")
+        print("allowlist entry (fill in its rights):")
+        key = load_public_key(public).decode()
+        print(render_grants([Grant(name=args.name, public_key=key)]))
+        return 0
+    from streamer.client import connect
+
+    async def admin() -> None:
+        ctx = zmq.asyncio.Context()
+        try:
+            async with connect(_client_config(args), role="observer", context=ctx) as client:
+                if args.admin_command == "retire":
+                    detail = await client.retire_version(args.model, args.version)
+                else:
+                    detail = await client.delete_model(args.model)
+            print(f"{args.model}: {detail}")
+        finally:
+            ctx.destroy(linger=0)
+
+    asyncio.run(admin())
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,6 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true")
 
+    _security_commands(commands)
+
     demo = commands.add_parser(
         "demo", help="broker + trainer + subscribers on this machine, checked bit for bit"
     )
@@ -236,6 +313,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         status = asyncio.run(fetch_status(args.http.rstrip("/")))
         print(json.dumps(status, indent=2) if args.json else render_status(status))
         return 0
+    if args.command in ("keys", "admin"):
+        return _run_security_command(args)
     if args.command == "demo":
         from weightstream.demo import run_demo
 
@@ -245,7 +324,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             subscribers=args.subscribers,
             transport=args.transport,
         )
-    client = ClientConfig(broker=args.broker)
+    client = _client_config(args)
     if args.command == "publish":
         if args.world_size > 1 and not args.job:
             parser.error(

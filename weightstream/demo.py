@@ -7,6 +7,10 @@
 
 At the end every subscriber's live tensors (dumped after its last swap) must equal the
 trainer's last version byte for byte; the demo exits non-zero otherwise.
+
+Security is on, as in production: the demo makes CURVE keys for the broker, the trainer
+(publisher of `demo`) and the subscribers (subscribers of `demo`) and an allowlist in its
+work directory (`weightstream keys new` and docs/security.md do the same by hand).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import zmq.asyncio
 
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
+from streamer.auth import Grant, create_keys, load_public_key, render_grants
 from streamer.config import ClientConfig
 from streamer.server import run_until_signal
 from streamer.transport.choice import make_senders
@@ -82,6 +87,23 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
+def _make_keys(directory: Path) -> dict[str, Path]:
+    """Key pairs for broker, trainer and subscribers, and the allowlist naming them."""
+    rights = {"trainer": (["demo"], []), "subscriber": ([], ["demo"])}
+    paths: dict[str, Path] = {}
+    grants: list[Grant] = []
+    for name in ("broker", "trainer", "subscriber"):
+        public, secret = create_keys(name, directory)
+        paths[name], paths[f"{name}.public"] = secret, public
+        if name in rights:
+            key = load_public_key(public).decode()
+            publish, subscribe = rights[name]
+            grants.append(Grant(name=name, public_key=key, publish=publish, subscribe=subscribe))
+    paths["allowlist"] = directory / "allowlist.toml"
+    paths["allowlist"].write_text(render_grants(grants))
+    return paths
+
+
 def _progress_line(version: int, status: dict[str, Any]) -> str:
     parts = []
     for row in status["subscribers"]:
@@ -110,9 +132,14 @@ async def _demo(*, size: int, versions: int, subscribers: int, transport: list[s
         f"synthetic Llama-like model; logs in {workdir}"
     )
     try:
+        keys = _make_keys(workdir / "keys")
         broker = _spawn(
             [
                 "broker",
+                "--key-file",
+                str(keys["broker"]),
+                "--allowlist-file",
+                str(keys["allowlist"]),
                 "--endpoint",
                 "tcp://127.0.0.1:0",
                 "--http-port",
@@ -125,8 +152,19 @@ async def _demo(*, size: int, versions: int, subscribers: int, transport: list[s
         processes.append(broker)
         ready = await _wait_for_file(workdir / "broker.json", broker, timeout_s=30)
         endpoint, http = ready["endpoint"], f"http://127.0.0.1:{ready['http_port']}"
-        print(f"broker at {endpoint}, status at {http}")
-        common = ["--broker", endpoint, "--model", "demo", "--transport", ",".join(transport)]
+        print(f"broker at {endpoint} (CURVE keys, allowlist {keys['allowlist']}), status at {http}")
+        common = [
+            "--broker",
+            endpoint,
+            "--model",
+            "demo",
+            "--transport",
+            ",".join(transport),
+            "--key-file",
+            str(keys["subscriber"]),
+            "--broker-key-file",
+            str(keys["broker.public"]),
+        ]
         processes.extend(
             _spawn(
                 [
@@ -141,7 +179,11 @@ async def _demo(*, size: int, versions: int, subscribers: int, transport: list[s
             )
             for index in range(subscribers)
         )
-        config = ClientConfig(broker=endpoint)
+        config = ClientConfig(
+            broker=endpoint,
+            key_file=str(keys["trainer"]),
+            broker_key_file=str(keys["broker.public"]),
+        )
         tensors: dict[str, torch.Tensor] = {}
         senders, node_local = make_senders(transport, host="127.0.0.1")
         async with open_publisher(

@@ -8,6 +8,12 @@ of a batch, and copy each payload into its destination as it arrives.
 
     subscriber thread (DEALER) --FrameRead x N-->  ROUTER (server thread) -- memoryview(region)
                                <--FrameReply,payload--
+
+`ZmqFrameSender(encrypt=True)` makes the ROUTER a CURVE server with a key pair of its own and
+puts its public key in each `FrameLocator` (`server_key`); receivers then connect as CURVE
+clients with a throwaway key pair, so every request and payload is encrypted and the payload
+comes from the holder of that key. Any client may connect; what it may read is limited by the
+region keys, unguessable tokens that only the (authenticated) manifest carries.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def _view(address: int, nbytes: int) -> memoryview:
 class ZmqFrameSender:
     """Serves reads of exposed regions from a background thread."""
 
-    def __init__(self, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, *, host: str = "127.0.0.1", encrypt: bool = False) -> None:
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.SNDHWM, _HWM)
@@ -62,6 +68,13 @@ class ZmqFrameSender:
         self._socket.setsockopt(zmq.LINGER, 0)
         # Requests are small headers: a larger frame is dropped by ZeroMQ before it is read.
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_HEADER_BYTES)
+        self.server_key = ""
+        if encrypt:
+            public, secret = zmq.curve_keypair()
+            self._socket.curve_secretkey = secret
+            self._socket.curve_publickey = public
+            self._socket.curve_server = True
+            self.server_key = public.decode("ascii")
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self._regions: dict[str, Region] = {}
@@ -78,9 +91,12 @@ class ZmqFrameSender:
                 # One key per buffer: a publisher re-exposes the same buffers version after version.
                 key = self._keys.get(region)
                 if key is None:
-                    key = self._keys[region] = f"{region.address:x}-{secrets.token_hex(4)}"
+                    # 128 random bits: the key is the capability to read the region.
+                    key = self._keys[region] = f"{region.address:x}-{secrets.token_hex(16)}"
                 self._regions[key] = region
-                locators.append(FrameLocator(endpoint=self.endpoint, key=key))
+                locators.append(
+                    FrameLocator(endpoint=self.endpoint, key=key, server_key=self.server_key)
+                )
         return locators
 
     def retract(self, regions: Sequence[Region]) -> None:
@@ -137,7 +153,8 @@ class ZmqFrameReceiver:
     def __init__(self, *, timeout_s: float = 30.0) -> None:
         self._ctx = zmq.Context()
         self._timeout_s = timeout_s
-        self._idle: dict[str, list[zmq.Socket[bytes]]] = defaultdict(list)
+        self._idle: dict[tuple[str, str], list[zmq.Socket[bytes]]] = defaultdict(list)
+        self._client_keys: tuple[bytes, bytes] | None = None
         self._sockets: list[zmq.Socket[bytes]] = []
         self._lock = threading.Lock()
 
@@ -151,35 +168,52 @@ class ZmqFrameReceiver:
         """Nothing to unregister."""
 
     def fetch(self, fetches: Sequence[Fetch], *, deadline: float | None = None) -> None:
-        by_endpoint: dict[str, list[Fetch]] = defaultdict(list)
+        by_endpoint: dict[tuple[str, str], list[Fetch]] = defaultdict(list)
         for fetch in fetches:
             if not isinstance(fetch.locator, FrameLocator):
                 raise TypeError(f"ZmqFrameReceiver cannot read {type(fetch.locator).__name__}")
-            by_endpoint[fetch.locator.endpoint].append(fetch)
-        for endpoint, group in by_endpoint.items():
-            self._fetch_from(endpoint, group, deadline)
+            by_endpoint[fetch.locator.endpoint, fetch.locator.server_key].append(fetch)
+        for peer, group in by_endpoint.items():
+            self._fetch_from(peer, group, deadline)
 
-    def _checkout(self, endpoint: str) -> zmq.Socket[bytes]:
-        """An idle socket to `endpoint`, or a new one: the caller's until `_checkin`."""
+    def _checkout(self, peer: tuple[str, str]) -> zmq.Socket[bytes]:
+        """An idle socket to `peer` (endpoint, server key), or a new one: the caller's until
+        `_checkin`."""
         with self._lock:
-            if self._idle[endpoint]:
-                return self._idle[endpoint].pop()
+            if self._idle[peer]:
+                return self._idle[peer].pop()
+        endpoint, server_key = peer
         socket = self._ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.SNDHWM, _HWM)
         socket.setsockopt(zmq.RCVHWM, _HWM)
         socket.setsockopt(zmq.LINGER, 0)
+        if server_key:
+            try:
+                socket.curve_serverkey = server_key.encode("ascii")
+            except (zmq.ZMQError, UnicodeEncodeError) as exc:
+                socket.close(linger=0)
+                raise TransportError(f"bad CURVE key for {endpoint} in the manifest") from exc
+            with self._lock:
+                if self._client_keys is None:
+                    self._client_keys = zmq.curve_keypair()
+                public, secret = self._client_keys
+            socket.curve_publickey = public
+            socket.curve_secretkey = secret
         socket.connect(endpoint)
         with self._lock:
             self._sockets.append(socket)
         return socket
 
-    def _checkin(self, endpoint: str, socket: zmq.Socket[bytes]) -> None:
+    def _checkin(self, peer: tuple[str, str], socket: zmq.Socket[bytes]) -> None:
         with self._lock:
-            self._idle[endpoint].append(socket)
+            self._idle[peer].append(socket)
 
-    def _fetch_from(self, endpoint: str, group: list[Fetch], deadline: float | None) -> None:
+    def _fetch_from(
+        self, peer: tuple[str, str], group: list[Fetch], deadline: float | None
+    ) -> None:
+        endpoint = peer[0]
         started = time.monotonic()
-        socket = self._checkout(endpoint)
+        socket = self._checkout(peer)
         timed_out = False
         try:
             pending: dict[int, Fetch] = {}
@@ -233,7 +267,7 @@ class ZmqFrameReceiver:
             if timed_out:
                 self._drop(socket)
             else:
-                self._checkin(endpoint, socket)
+                self._checkin(peer, socket)
 
     def _drop(self, socket: zmq.Socket[bytes]) -> None:
         """Close a socket after a timeout rather than lend it out again to a dead peer."""

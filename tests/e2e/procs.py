@@ -1,4 +1,9 @@
-"""Start and watch real weightstream processes for the end-to-end tests."""
+"""Start and watch real weightstream processes for the end-to-end tests.
+
+Security is on: `start_broker` gives the broker the session's CURVE keys and allowlist
+(`tests.support.test_keys`), and every process started here uses the key `peer` through
+WEIGHTSTREAM_KEY_FILE (a command's own `--key-file` wins).
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 from publishers.sources import synthetic_llama
+from streamer.config import ClientConfig
+from tests.support import test_keys
 
-ENV = {**os.environ, "MC_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "MC_LOG_LEVEL": "ERROR", "PYTHONUNBUFFERED": "1", **test_keys().env()}
 
 
 @dataclass
@@ -83,11 +90,29 @@ class BrokerInfo:
     proc: Proc
     endpoint: str
     http: str
+    secure: bool = True
+
+    def client_config(self, key: str = "peer", **overrides: Any) -> ClientConfig:
+        """A client of this broker with test key `key` (none if the broker has no keys)."""
+        keys = test_keys()
+        return ClientConfig(
+            broker=self.endpoint,
+            key_file=keys.key_file(key) if self.secure else None,
+            broker_key_file=keys.broker_public_file if self.secure else None,
+            **overrides,
+        )
 
 
 async def start_broker(
-    fleet: Fleet, *extra: str, endpoint: str = "tcp://127.0.0.1:0"
+    fleet: Fleet, *extra: str, endpoint: str = "tcp://127.0.0.1:0", secure: bool = True
 ) -> BrokerInfo:
+    """A broker process; `secure` (the default) gives it the test keys and allowlist."""
+    keys = test_keys()
+    security = (
+        ["--key-file", keys.broker_key_file, "--allowlist-file", keys.allowlist_file]
+        if secure
+        else []
+    )
     ready = fleet.workdir / f"broker-{len(fleet.procs)}.json"
     proc = await fleet.start(
         "broker",
@@ -100,6 +125,7 @@ async def start_broker(
         str(ready),
         "--peer-timeout-s",
         "3",
+        *security,
         *extra,
     )
     async with asyncio.timeout(30):
@@ -107,7 +133,9 @@ async def start_broker(
             assert proc.process.returncode is None, proc.tail()
             await asyncio.sleep(0.05)
     info = json.loads(ready.read_text())
-    return BrokerInfo(proc, info["endpoint"], f"http://127.0.0.1:{info['http_port']}")
+    return BrokerInfo(
+        proc, info["endpoint"], f"http://127.0.0.1:{info['http_port']}", secure=secure
+    )
 
 
 def publish_args(

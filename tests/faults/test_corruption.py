@@ -15,7 +15,6 @@ import zmq.asyncio
 
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
-from streamer.config import ClientConfig
 from streamer.transport import MooncakeSender
 from tests.e2e.procs import (
     Fleet,
@@ -62,7 +61,7 @@ async def test_corrupted_bucket_is_detected_reported_and_never_applied(
         "--max-attempts",
         "2",
     )
-    config = ClientConfig(broker=broker.endpoint)
+    config = broker.client_config()
     ctx = zmq.asyncio.Context()
     try:
         async with (

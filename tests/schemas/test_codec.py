@@ -27,9 +27,12 @@ from schemas.manifest import (
 )
 from schemas.messages import (
     AcquireLease,
+    AdminDone,
+    Alive,
     Announce,
     Applied,
     AppliedReached,
+    DeleteModel,
     Error,
     ErrorCode,
     Goodbye,
@@ -43,6 +46,7 @@ from schemas.messages import (
     PullFailed,
     ReleaseLease,
     Retire,
+    RetireVersion,
     Role,
     Subscribe,
     Subscribed,
@@ -206,6 +210,12 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
     Withdraw: st.builds(
         Withdraw, model=MODEL_NAMES, version=NON_NEGATIVE, reason=st.text(max_size=100)
     ),
+    RetireVersion: st.builds(
+        RetireVersion, request_id=NON_NEGATIVE, model=MODEL_NAMES, version=NON_NEGATIVE
+    ),
+    DeleteModel: st.builds(DeleteModel, request_id=NON_NEGATIVE, model=MODEL_NAMES),
+    AdminDone: st.builds(AdminDone, request_id=NON_NEGATIVE, detail=st.text(max_size=100)),
+    Alive: st.builds(Alive),
 }
 
 WIRE_TAGS: dict[type, str] = {
@@ -229,6 +239,10 @@ WIRE_TAGS: dict[type, str] = {
     AppliedReached: "applied_reached",
     Retire: "retire",
     Withdraw: "withdraw",
+    RetireVersion: "admin_retire",
+    DeleteModel: "admin_delete",
+    AdminDone: "admin_done",
+    Alive: "alive",
 }
 
 

@@ -29,7 +29,14 @@ from schemas.messages import (
 from streamer.client import connect
 from streamer.errors import BrokerError, IncompatiblePeer, VersionUnavailable
 from streamer.frames import decode_header
-from tests.support import RunningBroker, broker_config, client_config, eventually, run_broker
+from tests.support import (
+    RunningBroker,
+    broker_config,
+    client_config,
+    eventually,
+    run_broker,
+    test_keys,
+)
 
 MODEL = "org/model"
 
@@ -55,6 +62,7 @@ async def raw_peer(
     socket.setsockopt(zmq.LINGER, 0)
     if peer_id is not None:
         socket.setsockopt(zmq.ROUTING_ID, peer_id.encode())
+    test_keys().apply(socket)  # an allowlisted key: hostile, but admitted
     socket.connect(endpoint)
     try:
         yield socket
@@ -137,6 +145,7 @@ async def test_a_peer_whose_routing_id_is_not_utf8_is_still_answered(
     routing_id = b"\xff\xfe-peer"
     socket = zmq_ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.ROUTING_ID, routing_id)
+    test_keys().apply(socket)
     socket.connect(broker.endpoint)
     try:
         await socket.send(encode(Hello(peer_id="x", role="observer")))
@@ -338,7 +347,9 @@ async def test_a_client_facing_a_broker_of_another_protocol_fails_to_connect(
     answering = asyncio.create_task(newer_broker())
     try:
         with pytest.raises(IncompatiblePeer, match="protocol 2"):
-            async with connect(client_config(endpoint), role="subscriber", context=zmq_ctx):
+            async with connect(
+                client_config(endpoint, key=None), role="subscriber", context=zmq_ctx
+            ):
                 pytest.fail("connected to an incompatible broker")
         hello = await answering
     finally:

@@ -23,6 +23,8 @@ from streamer.metrics import (
     ANNOUNCED_TOTAL,
     APPLIED_TOTAL,
     CONTENT_TYPE,
+    FORBIDDEN_TOTAL,
+    INSECURE,
     LATEST_VERSION,
     MESSAGES_TOTAL,
     PAUSE_SECONDS,
@@ -320,6 +322,8 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         PULL_SECONDS: "histogram",
         PAUSE_SECONDS: "histogram",
         ANNOUNCE_TO_APPLIED_SECONDS: "histogram",
+        FORBIDDEN_TOTAL: "counter",
+        INSECURE: "gauge",
     }
     assert all(name.startswith("weightstream_") for name in types)
     assert samples[(ANNOUNCED_TOTAL, frozenset())] == 2
