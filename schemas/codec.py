@@ -32,6 +32,7 @@ __all__ = [
     "decode_message",
     "encode",
     "guarded_decode",
+    "request_id_of",
 ]
 
 T = TypeVar("T")
@@ -58,6 +59,27 @@ def guarded_decode(
         return decoder.decode(data)
     except RecursionError as exc:
         raise msgspec.DecodeError("frame nested too deeply") from exc
+
+
+class _RequestOnly(msgspec.Struct):
+    """Just the `request_id` of a request that failed its bounds, to answer it by id."""
+
+    request_id: int = 0
+
+
+_request_id_decoder = msgspec.msgpack.Decoder(_RequestOnly)
+
+
+def request_id_of(data: bytes | memoryview) -> int:
+    """The `request_id` a frame claims (0 if it has none, or is not even msgpack), so an error
+    about a message that failed its bounds still reaches the request that sent it."""
+    try:
+        request_id = guarded_decode(
+            _request_id_decoder, data, max_bytes=MAX_MESSAGE_BYTES
+        ).request_id
+    except msgspec.DecodeError:
+        return 0
+    return request_id if 0 <= request_id < 2**63 else 0
 
 
 def decode_message(data: bytes | memoryview) -> Message:

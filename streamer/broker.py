@@ -34,7 +34,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from schemas.codec import encode
+from schemas.codec import encode, request_id_of
 from schemas.messages import (
     PROTOCOL_VERSION,
     AcquireLease,
@@ -268,7 +268,7 @@ class Broker:
         try:
             message = decode_header(frames[1].buffer)
         except ProtocolError as exc:
-            await self._protocol_error(identity, str(exc))
+            await self._protocol_error(identity, str(exc), request_id_of(frames[1].buffer))
             return
         # latin-1 maps any routing id to a str and back exactly (ours are ASCII peer ids).
         peer_id = identity.decode("latin-1")
@@ -474,7 +474,7 @@ class Broker:
         while len(self._undelivered) > _REDELIVER_PEERS:
             self._undelivered.popitem(last=False)
 
-    async def _protocol_error(self, identity: bytes, detail: str) -> None:
+    async def _protocol_error(self, identity: bytes, detail: str, request_id: int = 0) -> None:
         self.stats.protocol_errors_total += 1
         if identity not in self._warned:
             self._warned[identity] = None
@@ -482,7 +482,7 @@ class Broker:
                 self._warned.popitem(last=False)
             logger.warning("protocol error peer=%r detail=%s", identity, detail)
         try:
-            error = encode(Error(code="protocol", detail=detail))
+            error = encode(Error(code="protocol", detail=detail[:8000], request_id=request_id))
             await self.socket.send_multipart([identity, error], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             logger.debug("could not answer peer=%r", identity)

@@ -24,6 +24,7 @@ from schemas.messages import (
     Retire,
     Welcome,
 )
+from tests.support import test_keys
 
 __all__ = ["RawPeer", "good_shard", "replace_at"]
 
@@ -63,6 +64,7 @@ class RawPeer:
         socket = ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.ROUTING_ID, peer_id.encode())
         socket.setsockopt(zmq.LINGER, 0)
+        test_keys().apply(socket)  # an allowlisted key: hostile input from an admitted peer
         socket.connect(endpoint)
         return cls(socket, peer_id)
 

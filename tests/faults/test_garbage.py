@@ -28,6 +28,7 @@ from tests.e2e.procs import (
     wait_for,
 )
 from tests.faults.ledger import Faults
+from tests.support import test_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -51,6 +52,7 @@ async def test_garbage_on_broker_sockets_and_http_leaves_it_serving(
     try:
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        test_keys().apply(dealer)  # an allowlisted key: hostile bytes, admitted peer
         dealer.connect(broker.endpoint)
         await dealer.send(b"\xc1\xc1 definitely not msgpack")
         faults.inject("a frame that is not msgpack")

@@ -40,6 +40,7 @@ from streamer.config import ClientConfig
 from streamer.transport import ZmqFrameSender
 from tests.e2e.procs import Fleet, file_exists, get_json, start_broker, wait_for
 from tests.faults.measure import cpu_s, rss_bytes
+from tests.support import test_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -129,6 +130,7 @@ async def _raw_peer(ctx: zmq.asyncio.Context, endpoint: str, peer_id: str, role:
     socket.setsockopt(zmq.ROUTING_ID, peer_id.encode())
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, 0)
+    test_keys().apply(socket)
     socket.connect(endpoint)
     await socket.send(encode(Hello(peer_id=peer_id, role=role)))  # type: ignore[arg-type]
     return socket

@@ -34,7 +34,7 @@ from streamer.auth import (
     load_public_key,
 )
 from streamer.client import BrokerClient, connect
-from streamer.errors import TransportError
+from streamer.errors import BrokerError, TransportError
 from streamer.frames import decode_header
 from streamer.server import serve
 from streamer.transport.base import Fetch, Region
@@ -49,7 +49,7 @@ def shard(name: str = "w") -> Shard:
     return Shard(
         regions=(RegionSpec(nbytes=256, locators=(FrameLocator(endpoint="tcp://x:1", key="k"),)),),
         tensors=(TensorSpec(name=name, dtype="uint8", shape=(16,), region=0, offset=0, nbytes=16),),
-        buckets=(BucketSpec(region=0, offset=0, nbytes=256, checksum="c"),),
+        buckets=(BucketSpec(region=0, offset=0, nbytes=256, checksum="0" * 32),),
     )
 
 
@@ -164,8 +164,11 @@ async def test_the_owner_survives_a_broker_restart(zmq_ctx, tmp_path: Path):
 
 async def test_versions_far_past_the_latest_are_refused(broker: RunningBroker, zmq_ctx):
     async with client(broker, zmq_ctx, "trainer") as trainer:
-        with pytest.raises(Forbidden, match="largest first version"):
+        # Past the wire type's bound: refused as a protocol error, answered by request id.
+        with pytest.raises(BrokerError, match="protocol"):
             await trainer.publish(POLICY, 2**64 - 1, 0, 1, shard())
+        with pytest.raises(Forbidden, match="largest first version"):
+            await trainer.publish(POLICY, 2**53 + 1, 0, 1, shard())
         assert (await trainer.publish(POLICY, 5, 0, 1, shard())).complete
         jump = broker.config.max_version_jump
         with pytest.raises(Forbidden, match=rf"more than {jump} past the latest"):

@@ -38,7 +38,7 @@ from streamer.metrics import (
     SUBSCRIBER_VERSION,
     UNREADABLE_VERSIONS,
 )
-from tests.support import RunningBroker, eventually
+from tests.support import RunningBroker, eventually, test_keys
 
 MODEL = "org/model"
 
@@ -361,6 +361,7 @@ async def test_metrics_escape_label_values(broker: RunningBroker, zmq_ctx) -> No
     odd = 'sub "quoted" back\\slash\nnewline'
     socket = zmq_ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
+    test_keys().apply(socket)
     socket.connect(broker.endpoint)
     try:
         await socket.send(encode(Hello(peer_id="odd", role="subscriber", name=odd)))

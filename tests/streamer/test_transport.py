@@ -28,7 +28,7 @@ from streamer.transport import (
 from tests.support import MooncakeEngines
 
 ZMQ_TIMEOUT_S = 0.5
-REFUSED = {"mooncake": "returned -", "zmq": "refused a read"}
+REFUSED = {"mooncake": r"failed \(status -\d+", "zmq": "refused a read"}
 """How each transport says a read was refused (answered, not left to time out)."""
 
 
@@ -242,7 +242,7 @@ def test_reading_from_a_closed_sender_raises_transport_error(failing_pair: Pair)
     failing_pair.sender.close()
 
     # A closed zmq sender answers nothing: the receiver's own timeout ends the read.
-    gone = {"mooncake": r"returned -\d+ \(publisher gone", "zmq": r"no reply .* publisher alive\?"}
+    gone = {"mooncake": r"status -\d+: publisher gone", "zmq": r"no reply .* publisher alive\?"}
     _fails(failing_pair, Fetch(locator, 0, 4096, target.ctypes.data), says=gone)
 
 
