@@ -18,6 +18,7 @@ Everything is one sort of tensors and buckets by (region, offset) and linear sca
 (a `ValueError`) naming the field and what is wrong:
 
 >>> validate_shard(Shard(regions=(), tensors=(), buckets=()), ManifestLimits())
+>>> from schemas.manifest import TensorSpec
 >>> spec = TensorSpec(name="w", dtype="float32", shape=(4,), region=0, offset=0, nbytes=16)
 >>> validate_shard(Shard(regions=(), tensors=(spec,), buckets=()), ManifestLimits())
 Traceback (most recent call last):

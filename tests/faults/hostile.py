@@ -20,7 +20,6 @@ from schemas.messages import (
     Hello,
     Message,
     Published,
-    PublishShard,
     Retire,
     Welcome,
 )
@@ -92,16 +91,18 @@ class RawPeer:
     async def publish(
         self, version: int, shard: Shard, *, rank: int = 0, world_size: int = 1, job: str = ""
     ) -> Published | Error:
-        message = PublishShard(
-            request_id=version,
-            model="llama",
-            version=version,
-            rank=rank,
-            world_size=world_size,
-            shard=shard,
-            job=job,
-        )
-        await self.send_raw(encode(message))  # struct construction checks no bounds: sent as is
+        message = {
+            "kind": "publish",
+            "request_id": version,
+            "model": "llama",
+            "version": version,
+            "rank": rank,
+            "world_size": world_size,
+            "shard": msgspec.to_builtins(shard),
+        }
+        if job:  # a peer of before `job` sends none
+            message["job"] = job
+        await self.send_raw(encode(message))  # sent as is: no bounds checked on this side
         reply = await self.reply()
         assert isinstance(reply, Published | Error), reply
         return reply

@@ -13,12 +13,13 @@ import asyncio
 from functools import partial
 from pathlib import Path
 
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
 
 from schemas.codec import decode_message, encode
-from schemas.frames import FrameRead, decode_frame_reply
+from schemas.frames import FrameRead, FrameReply
 from schemas.manifest import FrameLocator
 from schemas.messages import (
     Announce,
@@ -143,8 +144,8 @@ async def test_deep_frames_to_the_broker_and_a_trainers_bulk_port_kill_neither(
         await bulk.send(encode(read))
         async with asyncio.timeout(10):
             header, payload = await bulk.recv_multipart()
-        frame_reply = decode_frame_reply(header)
-        assert (frame_reply.request_id, frame_reply.ok, len(payload)) == (7, True, 256), frame_reply
+        answer = msgspec.msgpack.decode(header, type=FrameReply)
+        assert (answer.request_id, answer.ok, len(payload)) == (7, True, 256), answer
     finally:
         bulk.close(linger=0)
 

@@ -292,9 +292,11 @@ async def test_a_rival_job_cannot_add_a_shard_to_another_jobs_version(
     dump = tmp_path / "sub"
     await fleet.start("sub", *_subscribe_args(broker.endpoint, dump))
     # Rank 1 of job A waits for its rank 0 (which the test plays last, after the rival).
+    job_a = ("env", "WEIGHTSTREAM_JOB=A")  # the CLI's default for --job
     await fleet.start(
         "job-a-rank1",
-        *_publish_args(broker.endpoint, "1", "--rank", "1", "--world-size", "2", "--job", "A"),
+        *_publish_args(broker.endpoint, "1", "--rank", "1", "--world-size", "2"),
+        prefix=job_a,
     )
 
     rank1_log = fleet.procs[-1]
@@ -319,7 +321,8 @@ async def test_a_rival_job_cannot_add_a_shard_to_another_jobs_version(
 
     await fleet.start(
         "job-a-rank0",
-        *_publish_args(broker.endpoint, "1", "--rank", "0", "--world-size", "2", "--job", "A"),
+        *_publish_args(broker.endpoint, "1", "--rank", "0", "--world-size", "2"),
+        prefix=job_a,
     )
     await _wait_dump(fleet, dump, 1)
     assert_dump_equals(dump / "v1.safetensors", SIZE, 1)

@@ -160,6 +160,10 @@ async def test_a_rank_outside_the_world_is_a_caller_error(broker: RunningBroker,
             Publisher(client=client, sender=ZmqFrameSender(), model=MODEL, rank=2, world_size=2)
         with pytest.raises(ValueError, match="at least one sender"):
             Publisher(client=client, sender=[], model=MODEL)
+        with pytest.raises(
+            ValueError, match=r"world_size 2 needs job=\.\.\., one id shared by all"
+        ):
+            Publisher(client=client, sender=ZmqFrameSender(), model=MODEL, rank=0, world_size=2)
 
 
 async def test_every_region_is_offered_on_every_sender(

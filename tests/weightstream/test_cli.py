@@ -40,3 +40,14 @@ def test_bad_sizes_and_transport_lists_are_usage_errors(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["subscribe", "--transport", "carrier-pigeon"])
     assert "use auto, or a comma-separated list of mooncake, zmq, shm" in capsys.readouterr().err
+
+
+def test_a_multi_rank_publish_without_a_job_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("WEIGHTSTREAM_JOB", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["publish", "--versions", "1", "--world-size", "2", "--rank", "1"])
+    assert exited.value.code == 2
+    assert "--world-size 2 needs --job ID, the same on every rank" in capsys.readouterr().err
