@@ -76,3 +76,6 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     request_timeout_s: Seconds = 10.0
     heartbeat_interval_s: Seconds = 1.0
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    """A stable name for this peer in status and metric labels, kept across its restarts
+    (say, the node and engine it serves); default host:pid."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import zmq
 
@@ -282,7 +282,8 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
     broker: RunningBroker, zmq_ctx
 ) -> None:
     await publish_versions(broker, zmq_ctx, 1, 2)
-    async with connect(broker.client_config(), role="subscriber", context=zmq_ctx) as client:
+    config = msgspec.structs.replace(broker.client_config(), name="node-7/engine-0")
+    async with connect(config, role="subscriber", context=zmq_ctx) as client:
         await client.subscribe(MODEL)
         await client.report_applied(MODEL, 1, pull_s=0.1, pause_s=0.01, nbytes=512)
         await client.report_failure(MODEL, 2, "ChecksumMismatch: bucket 0")
@@ -300,7 +301,7 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
             return (types, samples) if samples[(PULL_FAILURES_TOTAL, frozenset())] == 1 else None
 
         types, samples = await eventually(scrape)
-        name = f"{client.host}:{os.getpid()}"  # stable: no per-connection id in labels
+        name = "node-7/engine-0"  # stable: no per-connection id in labels
 
     assert types == {
         MESSAGES_TOTAL: "counter",

@@ -234,3 +234,10 @@ def test_a_staged_version_shows_as_staged_not_pulling() -> None:
     [row] = fleet(reg, 1.0)[1]
     assert (row["state"], row["pulling_version"], row["progress"]) == ("staged", 1, 1.0)
     assert fleet(reg, 1.0, state="pulling") == (0, [])
+
+
+def test_a_peer_is_named_by_hello_or_else_by_host_and_pid() -> None:
+    reg = Registry()
+    reg.hello("subscriber-h-12-abcdef", "subscriber", "h", 12, now=0.0, name="node-7")
+    reg.hello("subscriber-h-13-012345", "subscriber", "h", 13, now=0.0)
+    assert [p.name for p in reg.peers.values()] == ["node-7", "h:13"]
