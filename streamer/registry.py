@@ -13,7 +13,8 @@ Version life cycle, per model::
       │    │                          │                                  Retire to publishers
       │    │                          └─ a publisher is gone ─> unreadable: Withdraw to
       │    │                                                    subscribers, then retiring
-      │    └─(pending_timeout_s, or a newer version announced, or over the pending cap)─>
+      │    └─(pending_timeout_s, a newer version announced, a publisher gone, or over
+      │       the pending cap)
       └─────────> expired: Retire(reason="ranks [..] never published") to those that did
 """
 
