@@ -30,10 +30,12 @@ async def test_an_undelivered_retire_is_sent_after_the_publishers_next_hello(
             await socket.send(encode(publish))
             assert isinstance(await receive(socket), Published)
     # A new broker restores version 1; trainer-a has not said Hello to it.
-    async with run_broker(config) as second:
-        async with connect(second.client_config(), role="publisher", context=zmq_ctx) as other:
-            for version in (2, 3):  # retention 2: version 1 retires; trainer-a is unreachable
-                await other.publish(MODEL, version, 0, 1, shard())
-            async with raw_peer(zmq_ctx, second.endpoint, "trainer-a") as again:
-                await say_hello(again, "trainer-a")
-                assert await receive(again) == Retire(model=MODEL, version=1)
+    async with (
+        run_broker(config) as second,
+        connect(second.client_config(), role="publisher", context=zmq_ctx) as other,
+    ):
+        for version in (2, 3):  # retention 2: version 1 retires; trainer-a is unreachable
+            await other.publish(MODEL, version, 0, 1, shard())
+        async with raw_peer(zmq_ctx, second.endpoint, "trainer-a") as again:
+            await say_hello(again, "trainer-a")
+            assert await receive(again) == Retire(model=MODEL, version=1)
