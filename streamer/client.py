@@ -313,7 +313,13 @@ class BrokerClient:
         loop = asyncio.get_running_loop()
         self._welcome = loop.create_future()
         await self._send(
-            Hello(peer_id=self.peer_id, role=self.role, host=self.host, pid=os.getpid())
+            Hello(
+                peer_id=self.peer_id,
+                role=self.role,
+                host=self.host,
+                pid=os.getpid(),
+                name=self.config.name,
+            )
         )
         try:
             async with asyncio.timeout(self.config.request_timeout_s):

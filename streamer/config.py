@@ -99,3 +99,6 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """This peer's CURVE key pair (`NAME.key_secret`), listed in the broker's allowlist."""
     broker_key_file: str | None = None
     """The broker's public key (`NAME.key`); needed with `key_file`."""
+    name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    """A stable name for this peer in status and metric labels, kept across its restarts
+    (say, the node and engine it serves); default host:pid."""

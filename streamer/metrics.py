@@ -42,6 +42,7 @@ __all__ = [
     "MESSAGES_TOTAL",
     "PAUSE_SECONDS",
     "PEERS",
+    "PENDING_MISSING_RANKS",
     "PENDING_VERSIONS",
     "PROTOCOL_ERRORS_TOTAL",
     "PULL_FAILURES_TOTAL",
@@ -63,6 +64,7 @@ APPLIED_TOTAL = "weightstream_versions_applied_total"
 PULL_FAILURES_TOTAL = "weightstream_pull_failures_total"
 LATEST_VERSION = "weightstream_latest_version"
 PENDING_VERSIONS = "weightstream_pending_versions"
+PENDING_MISSING_RANKS = "weightstream_pending_missing_ranks"
 UNREADABLE_VERSIONS = "weightstream_unreadable_versions"
 SUBSCRIBER_VERSION = "weightstream_subscriber_version"
 SUBSCRIBER_LAG = "weightstream_subscriber_lag_versions"
@@ -176,6 +178,11 @@ class RegistryCollector:
         pending = GaugeMetricFamily(
             PENDING_VERSIONS, "Versions waiting for ranks, per model.", labels=["model"]
         )
+        missing = GaugeMetricFamily(
+            PENDING_MISSING_RANKS,
+            "Ranks not yet in, over the versions waiting for ranks, per model.",
+            labels=["model"],
+        )
         unreadable = GaugeMetricFamily(
             UNREADABLE_VERSIONS,
             "Announced versions nobody can read (a publisher is gone), per model.",
@@ -185,10 +192,11 @@ class RegistryCollector:
             if model.latest is not None:
                 latest.add_metric([name], model.latest)
             pending.add_metric([name], len(model.pending))
+            missing.add_metric([name], sum(len(p.missing()) for p in model.pending.values()))
             unreadable.add_metric(
                 [name], sum(1 for r in model.versions.values() if r.unreadable is not None)
             )
-        yield from (latest, pending, unreadable)
+        yield from (latest, pending, missing, unreadable)
         version = GaugeMetricFamily(
             SUBSCRIBER_VERSION,
             "Version each subscriber has applied, per model.",

@@ -13,7 +13,8 @@ Version life cycle, per model::
       │    │                          │                                  Retire to publishers
       │    │                          └─ a publisher is gone ─> unreadable: Withdraw to
       │    │                                                    subscribers, then retiring
-      │    └─(pending_timeout_s, or a newer version announced, or over the pending cap)─>
+      │    └─(pending_timeout_s, a newer version announced, a publisher gone, or over
+      │       the pending cap)
       └─────────> expired: Retire(reason="ranks [..] never published") to those that did
 """
 
@@ -475,6 +476,18 @@ class Registry:
         rank's shard is needed. Restored versions give their publishers `peer_timeout_s`."""
         out: Outbox = []
         for name, model in self.models.items():
+            # A pending version that lost a publisher can never be read whole either.
+            for version, pending in list(model.pending.items()):
+                if (
+                    pending.restored_at is not None
+                    and now - pending.restored_at <= self.peer_timeout_s
+                ):
+                    continue
+                left = sorted(p for p in pending.publishers if not self.known(p))
+                if left:
+                    out += self._expire_pending(
+                        name, model, version, now, f"publisher {', '.join(left)} is gone"
+                    )
             for version, record in model.versions.items():
                 if record.unreadable is not None:
                     continue

@@ -167,7 +167,8 @@ def _big_shard(num_tensors: int) -> Shard:
 
 
 async def test_hostile_floods_cost_the_broker_bounded_cpu_and_memory(fleet: Fleet, ctx, faults):
-    broker = await start_broker(fleet)
+    # The raw peers never send heartbeats: keep them known for the whole test.
+    broker = await start_broker(fleet, "--peer-timeout-s", "300")
     config = ClientConfig(broker=broker.endpoint, request_timeout_s=10)
     async with contextlib.AsyncExitStack() as stack:
         publisher = await stack.enter_async_context(connect(config, role="publisher", context=ctx))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import zmq
 
@@ -29,6 +29,7 @@ from streamer.metrics import (
     MESSAGES_TOTAL,
     PAUSE_SECONDS,
     PEERS,
+    PENDING_MISSING_RANKS,
     PENDING_VERSIONS,
     PROTOCOL_ERRORS_TOTAL,
     PULL_FAILURES_TOTAL,
@@ -286,7 +287,8 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
     broker: RunningBroker, zmq_ctx
 ) -> None:
     await publish_versions(broker, zmq_ctx, 1, 2)
-    async with connect(broker.client_config(), role="subscriber", context=zmq_ctx) as client:
+    config = msgspec.structs.replace(broker.client_config(), name="node-7/engine-0")
+    async with connect(config, role="subscriber", context=zmq_ctx) as client:
         await client.subscribe(MODEL)
         await client.report_applied(MODEL, 1, pull_s=0.1, pause_s=0.01, nbytes=512)
         await client.report_failure(MODEL, 2, "ChecksumMismatch: bucket 0")
@@ -304,7 +306,7 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
             return (types, samples) if samples[(PULL_FAILURES_TOTAL, frozenset())] == 1 else None
 
         types, samples = await eventually(scrape)
-        name = f"{client.host}:{os.getpid()}"  # stable: no per-connection id in labels
+        name = "node-7/engine-0"  # stable: no per-connection id in labels
 
     assert types == {
         MESSAGES_TOTAL: "counter",
@@ -315,6 +317,7 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         STATE_WRITE_ERRORS_TOTAL: "counter",
         LATEST_VERSION: "gauge",
         PENDING_VERSIONS: "gauge",
+        PENDING_MISSING_RANKS: "gauge",
         UNREADABLE_VERSIONS: "gauge",
         SUBSCRIBER_VERSION: "gauge",
         SUBSCRIBER_LAG: "gauge",
@@ -337,6 +340,7 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
     assert samples[(PEERS, frozenset({("role", "subscriber")}))] == 1
     model = frozenset({("model", MODEL)})
     assert samples[(PENDING_VERSIONS, model)] == 0
+    assert samples[(PENDING_MISSING_RANKS, model)] == 0
     assert samples[(UNREADABLE_VERSIONS, model)] == 0
     # One Applied observed: pull 0.1 s, pause 0.01 s, both in their histograms per model.
     assert samples[(PULL_SECONDS + "_count", model)] == 1
@@ -412,3 +416,49 @@ async def test_garbage_http_requests_leave_the_endpoint_serving(
 
     status, body = await get(broker, "/healthz")
     assert (status, body["status"]) == (200, "ok")
+
+
+async def test_a_pending_version_shows_its_missing_ranks_in_the_model_page_and_metrics(
+    broker: RunningBroker, zmq_ctx
+) -> None:
+    publisher = await _PUBLISHERS[-1].enter_async_context(
+        connect(broker.client_config(), role="publisher", context=zmq_ctx)
+    )
+    await publisher.publish(MODEL, 1, 1, 3, shard())  # rank 1 of 3: ranks 0 and 2 missing
+
+    status, body = await get(broker, "/v1/models/org/model")
+    assert status == 200
+    [pending] = body["pending"]
+    assert (pending["version"], pending["ranks_in"], pending["missing_ranks"]) == (1, [1], [0, 2])
+    assert (body["unreadable"], body["expired"], body["withdrawn"]) == ([], [], [])
+    _, text = await get(broker, "/metrics")
+    _, samples = parse_prometheus(text)
+    model = frozenset({("model", MODEL)})
+    assert samples[(PENDING_VERSIONS, model)] == 1
+    assert samples[(PENDING_MISSING_RANKS, model)] == 2
+
+
+async def test_subscribers_come_in_pages_filtered_by_model_and_state(
+    broker: RunningBroker, zmq_ctx
+) -> None:
+    await publish_versions(broker, zmq_ctx, 1)
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(5):
+            client = await stack.enter_async_context(
+                connect(broker.client_config(), role="subscriber", context=zmq_ctx)
+            )
+            await client.subscribe(MODEL)
+        status, body = await get(broker, "/v1/subscribers?limit=2&offset=1")
+        assert status == 200
+        assert (body["total"], body["limit"], body["offset"]) == (5, 2, 1)
+        _, everyone = await get(broker, "/v1/subscribers")
+        ids = [r["peer_id"] for r in everyone["subscribers"]]
+        assert [r["peer_id"] for r in body["subscribers"]] == ids[1:3]
+        _, other = await get(broker, "/v1/subscribers?model=other")
+        assert other["total"] == 0
+        _, idle = await get(broker, "/v1/subscribers?state=idle")
+        assert idle["total"] == 5
+        for bad in ("limit=0", "limit=100000", "offset=-1", "state=asleep", "limit=x"):
+            status, body = await get(broker, f"/v1/subscribers?{bad}")
+            assert status == 400, bad
+            assert body["error"] == "bad_request"

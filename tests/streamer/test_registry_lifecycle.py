@@ -234,3 +234,28 @@ def test_a_staged_version_shows_as_staged_not_pulling() -> None:
     [row] = fleet(reg, 1.0)[1]
     assert (row["state"], row["pulling_version"], row["progress"]) == ("staged", 1, 1.0)
     assert fleet(reg, 1.0, state="pulling") == (0, [])
+
+
+def test_a_peer_is_named_by_hello_or_else_by_host_and_pid() -> None:
+    reg = Registry()
+    reg.hello("subscriber-h-12-abcdef", "subscriber", "h", 12, now=0.0, name="node-7")
+    reg.hello("subscriber-h-13-012345", "subscriber", "h", 13, now=0.0)
+    assert [p.name for p in reg.peers.values()] == ["node-7", "h:13"]
+
+
+def test_a_pending_version_whose_publisher_left_expires_at_once() -> None:
+    reg = Registry(peer_timeout_s=100.0)
+    for rank in (0, 1):
+        reg.hello(f"rank{rank}", "publisher", "host", rank, now=0.0)
+    for rank in (0, 1):
+        reg.publish(f"rank{rank}", MODEL, 1, rank, 3, shard(f"t{rank}", rank=rank), now=0.0)
+
+    out = reg.goodbye("rank1", now=1.0)
+
+    assert sorted((peer, version) for peer, version, _ in reasons(out)) == [
+        ("rank0", 1),
+        ("rank1", 1),
+    ]
+    [(_, _, reason)] = [r for r in reasons(out) if r[0] == "rank0"]
+    assert reason.startswith("publisher rank1 is gone: ranks [2] of 3 never published")
+    assert reg.models[MODEL].pending == {}
