@@ -3,24 +3,32 @@
 A send into a full queue (no broker, or a frozen one) times out with `BrokerTimeout` saying
 what to check, instead of blocking forever; a `Retire` that finds the queue full is kept (once
 per version, bounded) and queued again as room appears, instead of being dropped for good;
-the shm receiver keeps at most `max_mappings` segments mapped.
+the shm receiver keeps at most `max_mappings` segments mapped; leases are re-taken after a
+broker restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
+import socket
 import time
 import uuid
 
+import aiohttp
 import pytest
+import torch
 
+from publishers.publisher import open_publisher
 from schemas.manifest import ShmLocator
 from schemas.messages import Retire
 from streamer.client import BrokerClient, BrokerTimeout, connect
 from streamer.config import ClientConfig
 from streamer.transport.shm import SHM_DIR, ShmReceiver, host_id
+from streamer.transport.zmq_frames import ZmqFrameSender
+from tests.support import broker_config, eventually, run_broker
 
 
 async def test_a_send_to_no_broker_times_out_with_a_clear_error(zmq_ctx) -> None:
@@ -77,3 +85,38 @@ def test_the_shm_receiver_keeps_a_bounded_number_of_mappings() -> None:
         receiver.close()
         for name in names:
             (SHM_DIR / name).unlink(missing_ok=True)
+
+
+async def test_leases_held_are_taken_again_after_a_broker_restart(zmq_ctx, tmp_path) -> None:
+    """A restarted broker forgets leases; the client re-takes the ones it holds on re-hello,
+    so the version it still reads is not retired under it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = broker_config(endpoint=f"tcp://127.0.0.1:{port}", state_dir=str(tmp_path))
+
+    async def leases(url: str) -> int | None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{url}/v1/models/m/versions/1") as response,
+        ):
+            if response.status != 200:
+                return None
+            page: dict[str, int] = await response.json()
+            return page["leases"]
+
+    async with contextlib.AsyncExitStack() as stack:
+        async with run_broker(config) as first:
+            client = await stack.enter_async_context(
+                connect(first.client_config(), role="subscriber", context=zmq_ctx)
+            )
+            async with open_publisher(
+                first.client_config(), model="m", sender=ZmqFrameSender(), context=zmq_ctx
+            ) as publisher:
+                await publisher.publish(1, {"w": torch.ones(64)})
+                await client.acquire_lease("m", 1)
+                assert await eventually(lambda: leases(first.url)) == 1
+        async with run_broker(config) as second:
+            assert client.leases == [("m", 1)]
+            # The client's next heartbeat meets an unknown-peer error and says hello again.
+            assert await eventually(lambda: leases(second.url), timeout_s=10) == 1
