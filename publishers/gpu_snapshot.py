@@ -1,14 +1,16 @@
 """A version snapshotted on the GPU: the trainer stalls for device-to-device copies only.
 
 `snapshot` packs the trainer's CUDA tensors into one device buffer laid out like the host
-regions (a D2D copy per tensor, padding zeroed) and digests every bucket of it there; it returns
-once the copies are done (or, with ``wait="digested"``, once the digests are too), after which
-the trainer may change its tensors freely. `GpuSnapshot.copy_to` then moves the packed buckets
-to the host buffers (D2H on two streams) and returns the digests:
+regions (a D2D copy per tensor, padding zeroed) and returns once the copies are done, after
+which the trainer may change its tensors freely: its stall is the copies alone. The bucket
+digests are computed on the device from the packed buffer afterwards (enqueued by `copy_to`, or
+before returning with ``wait="digested"``). `GpuSnapshot.copy_to` moves the packed buckets to
+the host buffers (D2H on two streams) and returns the digests:
 
     trainer stream ──> snapshot stream: zero padding, D2D tensor k -> packed[region][offset]
-                                        ── event copied ──> wmix128(bucket b) ── event digested
+                                        ── event copied   (snapshot returns here)
     copy_to:  copy streams (2)  wait copied; D2H bucket b -> host[region][offset]
+              snapshot stream   wmix128(bucket b) of the packed buffer ── event digested
               host              wait digested, read sums once; wait for the copies
 
 Memory: one extra device buffer of the version's size (`Layout.total_bytes`), reusable through
@@ -45,10 +47,26 @@ class GpuSnapshot:
     packed: torch.Tensor
     """The device buffer: the regions back to back (each region's size is aligned)."""
     regions: list[torch.Tensor]
-    sums: torch.Tensor
-    """[buckets, 2] int64 lane sums on the device, valid once `digested` has happened."""
+    stream: torch.cuda.Stream | None
+    """The stream the copies ran on, and the digests run on."""
     copied: torch.cuda.Event | None
-    digested: torch.cuda.Event | None
+    sums: torch.Tensor | None = None
+    """[buckets, 2] int64 lane sums on the device, once `digest` enqueued them."""
+    digested: torch.cuda.Event | None = None
+
+    def digest(self) -> torch.Tensor:
+        """Enqueue the bucket digests of the packed buffer (once); their [buckets, 2] sums."""
+        if self.sums is None:
+            ranges = self.layout.bucket_ranges()
+            with _on(self.stream):
+                sums = torch.empty((len(ranges), 2), dtype=torch.int64, device=self.packed.device)
+                for index, (region, offset, nbytes) in enumerate(ranges):
+                    sums[index].copy_(
+                        wmix128_tensor(self.regions[region][offset : offset + nbytes])
+                    )
+                self.digested = _event_on(self.stream)
+            self.sums = sums
+        return self.sums
 
     def copy_to(
         self, buffers: Sequence[torch.Tensor], *, num_copy_streams: int = NUM_COPY_STREAMS
@@ -70,9 +88,10 @@ class GpuSnapshot:
                     self.regions[region][offset : offset + nbytes],
                     non_blocking=copy_stream is not None,
                 )
+        sums = self.digest()
         if self.digested is not None:
             self.digested.synchronize()
-        host_sums = self.sums.cpu()
+        host_sums = sums.cpu()
         for stream in streams:
             stream.synchronize()
         return [format_digest(int(a), int(b)) for a, b in host_sums.tolist()]
@@ -85,11 +104,12 @@ def snapshot(
     into: torch.Tensor | None = None,
     wait: Literal["copied", "digested"] = "copied",
 ) -> GpuSnapshot:
-    """Pack `named_tensors` into a device buffer and digest it there; blocks until `wait`.
+    """Pack `named_tensors` into a device buffer; blocks until `wait`.
 
     All tensors are on one device; `into` (a 1-D uint8 tensor on it, at least
     `layout.total_bytes`) is reused instead of allocating. Returns once the copies are done
-    (``wait="copied"``: the trainer may change its tensors) or the digests too.
+    (``wait="copied"``: the trainer may change its tensors; the digests come later, from the
+    packed buffer) or once the digests are done too.
     """
     devices = {tensor.device for tensor in named_tensors.values()}
     if len(devices) != 1:
@@ -114,15 +134,13 @@ def snapshot(
             source = named_tensors[spec.name].detach().contiguous().reshape(-1).view(torch.uint8)
             regions[spec.region][spec.offset : spec.offset + spec.nbytes].copy_(source)
         copied = _event_on(stream)
-        ranges = layout.bucket_ranges()
-        sums = torch.empty((len(ranges), 2), dtype=torch.int64, device=device)
-        for index, (region, offset, nbytes) in enumerate(ranges):
-            sums[index].copy_(wmix128_tensor(regions[region][offset : offset + nbytes]))
-        digested = _event_on(stream)
-    done = copied if wait == "copied" else digested
+    taken = GpuSnapshot(layout, into, regions, stream, copied)
+    if wait == "digested":
+        taken.digest()
+    done = taken.copied if wait == "copied" else taken.digested
     if done is not None:
         done.synchronize()
-    return GpuSnapshot(layout, into, regions, sums, copied, digested)
+    return taken
 
 
 def _new_stream(device: torch.device) -> torch.cuda.Stream:
