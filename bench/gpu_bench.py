@@ -13,8 +13,8 @@ after the cases below, once the bench publisher has freed its memory.
 
 One synthetic Llama-8B-like bf16 model (the shapes of ../shared/bench/gpu_probe.py, 16.75 GB)
 is generated once, on GPU 0, by a *publisher* process that packs it (`publishers.packing`) into
-POSIX shared memory regions it registered with CUDA, computes the bucket checksums (numpy
-reference) and per-tensor digests, writes a manifest and stays alive holding the regions, as a
+POSIX shared memory regions it registered with CUDA, computes the bucket digests (on the GPU,
+publishers.gpu_pack) and per-tensor digests, writes a manifest and stays alive holding the regions, as a
 colocated trainer would. Every other phase is its own process (or torchrun job) reading that:
 
     orchestrator ── publish (holds /dev/shm regions) ─────────────────────────────┐

@@ -6,6 +6,8 @@
     ours     publishers.gpu_pack.pack_on_device: per-tensor D2H on 2 streams, wmix128 of every
              bucket on the GPU from the tensors' bytes (what `pack` does for CUDA tensors)
     digests  the digest part alone (GPU time)
+    snapshot publishers.gpu_snapshot: the trainer's stall (D2D into one device buffer, then also
+             its digests), beside one D2D pass of the version; then snapshot + copy_to the host
     old      what `pack` did before: per-tensor D2H, sync, then numpy digests on the host (4 threads)
 
 Medians of --runs after a warm-up. The bytes are checked: the old path's numpy digests of the host
@@ -36,6 +38,7 @@ from bench.gpu_bench import synthetic_model
 from gpu.digest import digest_of, wmix128_pieces, wmix128_tensor
 from gpu.host import HostRegistration
 from publishers.gpu_pack import bucket_pieces, pack_on_device, zero_padding
+from publishers.gpu_snapshot import snapshot
 from publishers.packing import plan
 from streamer.checksum import wmix128_words
 
@@ -43,7 +46,7 @@ GB = 1e9
 MiB = 1 << 20
 
 
-def timed(run: Callable[[], None], runs: int) -> list[float]:
+def timed(run: Callable[[], object], runs: int) -> list[float]:
     run()  # warm-up (kernels compiled, streams made)
     torch.cuda.synchronize()
     times = []
@@ -107,11 +110,30 @@ def main() -> None:
     times = {"floor_s": timed(floor, args.runs), "ours_s": timed(ours, args.runs)}
     ours_digests = list(digests)
     times["digests_only_s"] = timed(digests_only, args.runs)
-    results.update(times)
 
     # Check the host bytes ours left: each region back on the GPU, digested bucket by bucket.
     back = [digest_of(wmix128_tensor(hosts[r][o : o + n].to(device))) for r, o, n in ranges]
     results["host_bytes_match_gpu_digests"] = back == ours_digests
+
+    # The GPU snapshot: the trainer's stall, then the host copy behind it.
+    into = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
+    times["d2d_floor_s"] = timed(lambda: into.copy_(flat), args.runs)
+    times["stall_copied_s"] = timed(lambda: snapshot(layout, named, into=into), args.runs)
+    times["stall_digested_s"] = timed(
+        lambda: snapshot(layout, named, into=into, wait="digested"), args.runs
+    )
+    snap_digests: list[str] = []
+
+    def snapshot_then_host() -> None:
+        snap_digests[:] = snapshot(layout, named, into=into).copy_to(hosts)
+
+    for host in hosts:
+        host.fill_(0xA5)  # so the check below sees what the snapshot wrote
+    times["snapshot_to_host_s"] = timed(snapshot_then_host, args.runs)
+    results["snapshot_digests_equal_ours"] = snap_digests == ours_digests
+    back = [digest_of(wmix128_tensor(hosts[r][o : o + n].to(device))) for r, o, n in ranges]
+    results["snapshot_host_bytes_match"] = back == ours_digests
+    results.update(times)
 
     # The old path, once: per-tensor D2H on one stream, sync, numpy digests in 4 threads.
     for host in hosts:
@@ -144,7 +166,9 @@ def main() -> None:
     )
     print(
         f"bytes checked: host bytes == GPU digests {results['host_bytes_match_gpu_digests']}, "
-        f"old numpy digests == ours {results['old_numpy_digests_equal_ours']}"
+        f"old numpy digests == ours {results['old_numpy_digests_equal_ours']}, snapshot digests "
+        f"== ours {results['snapshot_digests_equal_ours']}, snapshot host bytes "
+        f"{results['snapshot_host_bytes_match']}"
     )
     for name, runs in times.items():
         med = statistics.median(runs)

@@ -2,7 +2,7 @@
 
 `CudaSwapper` is the `Swapper` for an engine whose parameters live on one GPU. The host only
 fetches (or, on the publisher's node, maps) the bytes; the GPU copies them in, checks every
-bucket's wsum64 itself and, at the version boundary, copies the staged version into the
+bucket's wmix128 digest itself and, at the version boundary, copies the staged version into the
 parameters device to device:
 
     Subscriber.apply:  pull(verify=False) ──> stage() ──> [boundary] swap_in() ──> release lease
@@ -10,7 +10,7 @@ parameters device to device:
 
     stage, staged mode (in a thread):
       host region tensors ── cudaHostRegister'ed once (HostPins; cached, the buffers are reused)
-        │  copy stream: H2D bucket 0, 1, ...        verify stream: wsum64(bucket i) on the GPU
+        │  copy stream: H2D bucket 0, 1, ...        verify stream: wmix128(bucket i) on the GPU
         ▼                                            (one host sync: which buckets failed)
       GPU staging (CudaStager, allocated once) ── plan the D2D copies (SwapPlan)
     swap_in: with gate.exclusive(): apply the plan (9.2 ms for 16.75 GB, 325 tensors, one H200)
