@@ -107,7 +107,9 @@ async def test_node_with_link_down_stays_on_its_version_and_catches_up(
 
     async def pulling_v2():
         row = row_of(await subscriber_rows(broker), node)
-        return row is not None and row["pulling_version"] == 2 and 0 < row["progress"] < 0.8
+        if row is None or row["pulling_version"] != 2 or row["progress"] is None:
+            return False
+        return 0 < row["progress"] < 0.8
 
     await wait_for(pulling_v2, timeout_s=60, what="node0 pulling v2", fleet=fleet)
     nodes.link(0, up=False)  # the cable is pulled
