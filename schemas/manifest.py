@@ -28,6 +28,7 @@ __all__ = [
     "MooncakeLocator",
     "RegionSpec",
     "Shard",
+    "ShardSignature",
     "ShmLocator",
     "TensorSpec",
     "Version",
@@ -107,6 +108,8 @@ class BucketSpec(msgspec.Struct, frozen=True, gc=False):
     offset: NonNegative
     nbytes: NonNegative
     checksum: str
+    digest: Digest = ""
+    """A cryptographic digest of the bucket (`blake3:<hex>`) in the secure mode, else empty."""
 
 
 class Shard(msgspec.Struct, frozen=True):
@@ -116,6 +119,8 @@ class Shard(msgspec.Struct, frozen=True):
     tensors: tuple[TensorSpec, ...]
     buckets: tuple[BucketSpec, ...]
     checksum_algorithm: str = "wsum64"
+    signature: ShardSignature | None = None
+    """The publishing rank's signature over the shard (`streamer.signing`), if it signs."""
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -129,6 +134,8 @@ class Manifest(msgspec.Struct, frozen=True):
     checksum_algorithm: str = "wsum64"
     world_size: int = 1
     published_at: float = 0.0
+    signatures: Annotated[tuple[ShardSignature, ...], msgspec.Meta(max_length=MAX_SIGNATURES)] = ()
+    """Each signing rank's signature over its part (`streamer.signing.verify_manifest`)."""
 
     @property
     def total_bytes(self) -> int:
@@ -178,6 +185,7 @@ class Manifest(msgspec.Struct, frozen=True):
             checksum_algorithm=algorithms.pop() if algorithms else "wsum64",
             world_size=len(shards),
             published_at=published_at,
+            signatures=tuple(shard.signature for shard in shards if shard.signature is not None),
         )
 
 
@@ -197,3 +205,25 @@ def _check_range(shard: Shard, region: int, offset: int, nbytes: int, what: str)
             f"{what} ends at byte {offset + nbytes}, past the end of region {region} "
             f"({shard.regions[region].nbytes} bytes)"
         )
+
+
+# Signed versions (streamer/signing.py signs and verifies; these are the wire shapes).
+
+MAX_SIGNATURES = 1 << 16
+"""At most one signature per trainer rank."""
+
+JobName = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[A-Za-z0-9._/-]*$")]
+Digest = Annotated[str, msgspec.Meta(max_length=80, pattern=r"^([a-z0-9]+:[0-9a-f]+)?$")]
+
+
+class ShardSignature(msgspec.Struct, frozen=True, gc=False):
+    """One trainer rank's Ed25519 signature over its shard, locators left out.
+
+    `key_id` names the signing key (`ed25519:` and 16 bytes of its SHA-256, in hex); `job` is
+    the trainer job the signer claims, inside the signed bytes.
+    """
+
+    rank: NonNegative
+    key_id: Annotated[str, msgspec.Meta(min_length=1, max_length=80)]
+    signature: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
+    job: JobName = ""

@@ -28,12 +28,14 @@ import msgspec
 
 from schemas.manifest import Manifest
 from streamer.errors import BrokerError, ChecksumMismatch, TransportError
+from streamer.signing import UntrustedVersion
 from subscribers.pull import PullReport, pull
 from subscribers.staging import Staging
 from subscribers.swap import SwapError, Swapper, SwapReport
 
 if TYPE_CHECKING:
     from streamer.client import BrokerClient
+    from streamer.signing import TrustedKeys
     from streamer.transport.base import BulkReceiver
 
 __all__ = ["PullConfig", "Subscriber"]
@@ -55,6 +57,9 @@ class PullConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 3
     retry_backoff_s: Positive = 0.5
     progress_interval_s: Positive = 0.5
+    require_digests: bool = False
+    """Refuse versions whose buckets carry no BLAKE3 digest (untrusted networks); needs
+    `trusted_keys`, since only a signature makes the digests the trainer's."""
 
 
 class Subscriber:
@@ -76,9 +81,13 @@ class Subscriber:
         staging: Staging | None = None,
         applied: int | None = None,
         on_applied: AppliedCallback | None = None,
+        trusted_keys: TrustedKeys | None = None,
     ) -> None:
+        """`trusted_keys`: apply only versions signed by these publisher keys (`streamer.signing`)."""
         if not receivers:
             raise ValueError("a subscriber needs at least one receiver")
+        if config is not None and config.require_digests and trusted_keys is None:
+            raise ValueError("require_digests needs trusted_keys: unsigned digests prove nothing")
         self.client = client
         self.receivers = list(receivers)
         self.swapper = swapper
@@ -88,6 +97,7 @@ class Subscriber:
         self.applied = applied
         """The version the engine runs now; None before the first one."""
         self.on_applied = on_applied
+        self.trusted_keys = trusted_keys
         self.failures = 0
         self._lock = asyncio.Lock()
 
@@ -121,7 +131,7 @@ class Subscriber:
                 return True  # not a failure; the loop picks the newer one
             try:
                 await self.apply(manifest)
-            except SwapError as exc:
+            except (SwapError, UntrustedVersion) as exc:
                 await self._report_failure(manifest, exc)
                 return False
             except (TransportError, ChecksumMismatch, BrokerError, TimeoutError) as exc:
@@ -156,6 +166,10 @@ class Subscriber:
         async with self._lock:
             if self.applied is not None and manifest.version <= self.applied:
                 return
+            if self.trusted_keys is not None:  # before a byte is pulled; large manifests: a thread
+                await asyncio.to_thread(
+                    self.trusted_keys.verify, manifest, require_digests=self.config.require_digests
+                )
             self.swapper.check(manifest)
             started = time.perf_counter()
             # The lease holds until the swap is done: staging may map the publisher's memory.

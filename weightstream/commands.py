@@ -16,6 +16,7 @@ import zmq.asyncio
 from publishers.publisher import open_publisher
 from publishers.sources import load_checkpoint, synthetic_llama
 from streamer.client import connect
+from streamer.signing import UntrustedVersion
 from streamer.transport.choice import make_receivers, make_senders
 from subscribers.dtypes import torch_dtype
 from subscribers.subscriber import PullConfig, Subscriber
@@ -23,7 +24,9 @@ from subscribers.swap import SwapReport, TorchSwapper
 
 if TYPE_CHECKING:
     from schemas.manifest import Manifest
+    from streamer.client import BrokerClient
     from streamer.config import ClientConfig
+    from streamer.signing import SigningKey, TrustedKeys
     from subscribers.pull import PullReport
 
 __all__ = ["PublishJob", "SubscribeJob", "run_publish", "run_subscribe", "shard_of"]
@@ -57,6 +60,8 @@ class PublishJob:
     wait_timeout_s: float
     interval_s: float
     serve_after: bool
+    signing_key: SigningKey | None = None
+    secure_digests: bool = False
 
 
 async def run_publish(job: PublishJob) -> None:
@@ -72,6 +77,8 @@ async def run_publish(job: PublishJob) -> None:
             bucket_bytes=job.bucket_bytes,
             node_local=node_local,
             context=ctx,
+            signing_key=job.signing_key,
+            secure_digests=job.secure_digests,
         ) as publisher:
             for index, version in enumerate(job.versions):
                 if index and job.interval_s:
@@ -114,6 +121,7 @@ class SubscribeJob:
     dump_dir: str | None
     dump_all: bool
     exit_after_version: int | None
+    trusted_keys: TrustedKeys | None = None
 
 
 def _tensors_for(manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -135,6 +143,21 @@ def _dump(directory: Path, version: int, tensors: dict[str, torch.Tensor], keep_
                 old.unlink(missing_ok=True)
 
 
+async def _first_trusted(client: BrokerClient, job: SubscribeJob) -> Manifest:
+    """The first version whose shapes the engine may take: with `--trust`, a signed one."""
+    first = await client.next_manifest(job.model, after=-1)
+    while job.trusted_keys is not None:
+        try:
+            job.trusted_keys.verify(first, require_digests=job.pull.require_digests)
+        except UntrustedVersion as exc:
+            logger.warning("refused model=%s version=%d reason=%s", job.model, first.version, exc)
+            await client.report_failure(job.model, first.version, f"UntrustedVersion: {exc}")
+            first = await client.next_manifest(job.model, after=first.version)
+        else:
+            break
+    return first
+
+
 async def run_subscribe(job: SubscribeJob) -> None:
     ctx = zmq.asyncio.Context()
     receivers = make_receivers(job.transport, host=job.host)
@@ -146,7 +169,7 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 tensors = await asyncio.to_thread(load_checkpoint, job.init_checkpoint)
             else:
                 logger.info("waiting for the first version of model=%s", job.model)
-                first = await client.next_manifest(job.model, after=-1)
+                first = await _first_trusted(client, job)
                 tensors = _tensors_for(first)
             swapper = TorchSwapper(tensors)
 
@@ -168,6 +191,7 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 model=job.model,
                 config=job.pull,
                 on_applied=on_applied,
+                trusted_keys=job.trusted_keys,
             )
             runner = asyncio.create_task(subscriber.run(), name="subscriber")
             waiter = asyncio.create_task(done.wait(), name="exit-after")

@@ -1,0 +1,448 @@
+"""Signed versions and cryptographic bucket digests: the broker is not trusted with weights.
+
+    trainer rank r                         broker (carries, never signs)       subscriber
+      pack ── [add_digests: blake3 per bucket, secure mode]
+      sign_shard(key) ──> Shard.signature ──> Manifest.signatures[r] ──> verify_manifest(trusted)
+                                                                          before a byte is pulled
+      bucket bytes ────────────── any path (relays, mooncake, zmq) ────> blake3 check per bucket
+                                                                          before the swap
+
+What a rank signs (Ed25519) is a canonical msgpack encoding of `(model, version, rank,
+world_size, job, checksum algorithm, regions' sizes and ranks, tensors, buckets with their
+checksums and digests)`. Locators are left out: the broker and relays may say where bytes can
+be read, not what they are. The encoding is an explicit tuple layout, not the structs' own
+encoding, so that a field added to a struct later does not change what old signatures cover;
+a field that must be signed gets a new `_DOMAIN`.
+
+A version verifies when every rank's part verifies under a trusted key and all ranks claim
+the same trainer job (a key pinned to a job may sign only for it). Key files are PEM, with an
+optional `# ... job=NAME` comment line before each block, or raw 32-byte Ed25519 keys.
+
+>>> key = SigningKey.generate(job="run-7")
+>>> shard = sign_shard(Shard(regions=(), tensors=(), buckets=()), model="m", version=1,
+...                    rank=0, world_size=1, key=key)
+>>> TrustedKeys.of(key.public()).verify(Manifest.assemble("m", 1, [shard]))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import blake3
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from schemas.manifest import BucketSpec, Manifest, RegionSpec, Shard, ShardSignature, TensorSpec
+from streamer.errors import StreamerError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+__all__ = [
+    "DIGEST_ALGORITHM",
+    "PublicKey",
+    "SigningKey",
+    "TrustedKeys",
+    "UntrustedVersion",
+    "add_digests",
+    "bucket_digest",
+    "digest_matches",
+    "key_id",
+    "load_signing_key",
+    "load_trusted_keys",
+    "new_signing_key",
+    "sign_shard",
+    "verify_manifest",
+]
+
+logger = logging.getLogger(__name__)
+
+DIGEST_ALGORITHM = "blake3"
+_DOMAIN = "weightstream.shard.v1"
+_ENCODER = msgspec.msgpack.Encoder()
+_RAW_KEY_BYTES = 32
+_JOB = re.compile(r"[A-Za-z0-9._/-]*")
+
+
+class UntrustedVersion(StreamerError):
+    """A version is unsigned, signed by a key this subscriber does not trust, or tampered with.
+
+    `key_id` names the key that signed the refused part ("" when unsigned).
+    """
+
+    def __init__(self, message: str, *, key_id: str = "") -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """`ed25519:` and the first 16 bytes of the SHA-256 of the raw public key, in hex."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A publisher's public key; `job` pins it to one trainer job (None: any job it claims)."""
+
+    key: Ed25519PublicKey
+    job: str | None = None
+    source: str = ""
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.key)
+
+    def pem(self) -> str:
+        """The key as a PEM block, headed by its job if pinned (the format `load_trusted_keys` reads)."""
+        block = self.key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        job = f"; job={self.job}" if self.job is not None else ""
+        return f"# weightstream publisher key {self.key_id}{job}\n{block}"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A trainer's Ed25519 private key and the job it signs for."""
+
+    private: Ed25519PrivateKey
+    job: str = ""
+
+    def __post_init__(self) -> None:
+        if not _JOB.fullmatch(self.job) or len(self.job) > 200:
+            raise ValueError(f"job {self.job!r}: use at most 200 of A-Z a-z 0-9 . _ / -")
+
+    @classmethod
+    def generate(cls, *, job: str = "") -> SigningKey:
+        return cls(Ed25519PrivateKey.generate(), job)
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.private.public_key())
+
+    def public(self) -> PublicKey:
+        return PublicKey(self.private.public_key(), job=self.job)
+
+    def pem(self) -> str:
+        block = self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        return f"# weightstream signing key {self.key_id}; job={self.job}; keep it secret\n{block}"
+
+
+def new_signing_key(path: str | os.PathLike[str], *, job: str) -> SigningKey:
+    """Make a key pair: `path` (private, mode 0600) and `path.pub` (give that to subscribers).
+
+    What `weightstream keys sign-new` does. Refuses to overwrite an existing key.
+    """
+    key = SigningKey.generate(job=job)
+    private = Path(path)
+    public = private.with_name(private.name + ".pub")
+    for target in (private, public):
+        if target.exists():
+            raise ValueError(f"{target} exists; remove it first or choose another path")
+    descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(key.pem())
+    public.write_text(key.public().pem())
+    logger.info("signing key made key_id=%s job=%s public=%s", key.key_id, job, public)
+    return key
+
+
+def _blocks(text: str) -> list[tuple[str | None, bytes]]:
+    """PEM blocks of a file, each with the `job=` of the comment line before it, if any."""
+    blocks: list[tuple[str | None, bytes]] = []
+    job: str | None = None
+    current: list[str] | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if current is None and stripped.startswith("#"):
+            fields = dict(
+                part.strip().split("=", 1) for part in stripped[1:].split(";") if "=" in part
+            )
+            job = fields.get("job", job)
+        elif stripped.startswith("-----BEGIN "):
+            current = [stripped]
+        elif current is not None:
+            current.append(stripped)
+            if stripped.startswith("-----END "):
+                blocks.append((job, "\n".join(current).encode()))
+                current, job = None, None
+    return blocks
+
+
+def load_signing_key(path: str | os.PathLike[str], *, job: str | None = None) -> SigningKey:
+    """Read a private key (PEM PKCS8, or a raw 32-byte seed); `job` overrides the file's."""
+    data = Path(path).read_bytes()
+    if len(data) == _RAW_KEY_BYTES:
+        return SigningKey(Ed25519PrivateKey.from_private_bytes(data), job or "")
+    blocks = _blocks(data.decode(errors="replace"))
+    if len(blocks) != 1:
+        raise ValueError(f"{path}: expected one PEM private key block, found {len(blocks)}")
+    file_job, pem = blocks[0]
+    try:
+        private = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a readable unencrypted PEM private key ({exc})") from exc
+    if not isinstance(private, Ed25519PrivateKey):
+        raise ValueError(f"{path}: holds a {type(private).__name__}, not an Ed25519 key")  # noqa: TRY004 (a bad file, not a bad argument)
+    return SigningKey(private, job if job is not None else (file_job or ""))
+
+
+def _public_keys(path: Path) -> list[PublicKey]:
+    data = path.read_bytes()
+    if len(data) == _RAW_KEY_BYTES:
+        return [PublicKey(Ed25519PublicKey.from_public_bytes(data), source=str(path))]
+    keys: list[PublicKey] = []
+    for job, pem in _blocks(data.decode(errors="replace")):
+        try:
+            public = serialization.load_pem_public_key(pem)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: a block is not a readable PEM public key ({exc})") from exc
+        if not isinstance(public, Ed25519PublicKey):
+            raise ValueError(f"{path}: holds a {type(public).__name__}, not an Ed25519 key")  # noqa: TRY004
+        keys.append(PublicKey(public, job=job, source=str(path)))
+    if not keys:
+        raise ValueError(f"{path}: no public key found (PEM, or 32 raw bytes)")
+    return keys
+
+
+class TrustedKeys:
+    """The publisher keys a subscriber trusts, by key id.
+
+    >>> trusted = load_trusted_keys(["trainer.key.pub"])  # doctest: +SKIP
+    >>> trusted.verify(manifest, require_digests=True)  # doctest: +SKIP
+    """
+
+    def __init__(self, keys: Iterable[PublicKey]) -> None:
+        self.keys: dict[str, PublicKey] = {key.key_id: key for key in keys}
+        if not self.keys:
+            raise ValueError("no trusted keys given: a subscriber that verifies needs at least one")
+
+    @classmethod
+    def of(cls, *keys: PublicKey) -> TrustedKeys:
+        return cls(keys)
+
+    def verify(self, manifest: Manifest, *, require_digests: bool = False) -> None:
+        verify_manifest(manifest, self.keys, require_digests=require_digests)
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{k}" + (f" ({v.source})" if v.source else "") for k, v in self.keys.items()
+        )
+
+
+def load_trusted_keys(paths: Iterable[str | os.PathLike[str]]) -> TrustedKeys:
+    """Read publisher public keys from files (PEM blocks, several per file allowed, or raw)."""
+    return TrustedKeys(key for path in paths for key in _public_keys(Path(path)))
+
+
+# what is signed
+
+
+def _canonical(
+    *,
+    model: str,
+    version: int,
+    rank: int,
+    world_size: int,
+    job: str,
+    algorithm: str,
+    regions: Sequence[RegionSpec],
+    tensors: Sequence[TensorSpec],
+    buckets: Sequence[BucketSpec],
+    base: int,
+) -> bytes:
+    """The bytes a rank signs; region indices are the shard's own (`base` is subtracted)."""
+    return _ENCODER.encode(
+        (
+            _DOMAIN,
+            model,
+            version,
+            rank,
+            world_size,
+            job,
+            algorithm,
+            [(r.nbytes, r.rank) for r in regions],
+            [(t.name, t.dtype, t.shape, t.region - base, t.offset, t.nbytes) for t in tensors],
+            [(b.region - base, b.offset, b.nbytes, b.checksum, b.digest) for b in buckets],
+        )
+    )
+
+
+def sign_shard(
+    shard: Shard, *, model: str, version: int, rank: int, world_size: int, key: SigningKey
+) -> Shard:
+    """`shard` with this rank's signature over it (replacing any earlier one)."""
+    message = _canonical(
+        model=model,
+        version=version,
+        rank=rank,
+        world_size=world_size,
+        job=key.job,
+        algorithm=shard.checksum_algorithm,
+        regions=shard.regions,
+        tensors=shard.tensors,
+        buckets=shard.buckets,
+        base=0,
+    )
+    signature = ShardSignature(
+        rank=rank, key_id=key.key_id, signature=key.private.sign(message), job=key.job
+    )
+    return msgspec.structs.replace(shard, signature=signature)
+
+
+def _parts(manifest: Manifest) -> dict[int, tuple[int, list[int]]]:
+    """Each rank's first region index and its region indices; refuses interleaved ranks."""
+    parts: dict[int, tuple[int, list[int]]] = {}
+    previous = -1
+    for index, region in enumerate(manifest.regions):
+        if region.rank != previous and region.rank in parts:
+            raise UntrustedVersion(
+                f"{_name(manifest)}: the regions of rank {region.rank} are not contiguous; "
+                "the manifest was rearranged after it was signed"
+            )
+        parts.setdefault(region.rank, (index, []))[1].append(index)
+        previous = region.rank
+    return parts
+
+
+def _name(manifest: Manifest) -> str:
+    return f"{manifest.model} version {manifest.version}"
+
+
+def verify_manifest(
+    manifest: Manifest, trusted: Mapping[str, PublicKey], *, require_digests: bool = False
+) -> None:
+    """Raise `UntrustedVersion` unless every rank's part is signed by a trusted key of one job.
+
+    `require_digests` also refuses a version whose buckets do not all carry a BLAKE3 digest.
+    Cost: one canonical encoding and one Ed25519 check per rank (bench/signing_bench.py).
+    """
+    name = _name(manifest)
+    how = (
+        "if that trainer is yours, add its public key file to the subscriber "
+        "(weightstream subscribe --trust FILE, or Subscriber(trusted_keys=load_trusted_keys([FILE])))"
+    )
+    if not manifest.signatures:
+        raise UntrustedVersion(
+            f"{name} is not signed, and this subscriber applies only versions signed by a "
+            "trusted key; sign on the trainer (weightstream publish --signing-key FILE, or "
+            "Publisher(signing_key=load_signing_key(FILE)))"
+        )
+    by_rank = {signature.rank: signature for signature in manifest.signatures}
+    if len(by_rank) != len(manifest.signatures) or set(by_rank) != set(range(manifest.world_size)):
+        unsigned = sorted(set(range(manifest.world_size)) - set(by_rank))
+        raise UntrustedVersion(
+            f"{name} has {manifest.world_size} ranks but signatures for ranks "
+            f"{sorted(s.rank for s in manifest.signatures)}"
+            + (f" (ranks {unsigned} unsigned)" if unsigned else "")
+            + "; every rank's shard must be signed once"
+        )
+    parts = _parts(manifest)
+    if not set(parts) <= set(by_rank):
+        raise UntrustedVersion(
+            f"{name} has regions of ranks {sorted(set(parts) - set(by_rank))} that no signature covers"
+        )
+    rank_of = [region.rank for region in manifest.regions]
+    tensors: dict[int, list[TensorSpec]] = {rank: [] for rank in by_rank}
+    buckets: dict[int, list[BucketSpec]] = {rank: [] for rank in by_rank}
+    try:
+        for tensor in manifest.tensors:
+            tensors[rank_of[tensor.region]].append(tensor)
+        for bucket in manifest.buckets:
+            buckets[rank_of[bucket.region]].append(bucket)
+    except IndexError:
+        raise UntrustedVersion(f"{name} names a region it does not have") from None
+    jobs = {signature.job for signature in by_rank.values()}
+    if len(jobs) > 1:
+        raise UntrustedVersion(
+            f"{name} mixes shards signed for trainer jobs {sorted(jobs)}; all ranks of a version "
+            "must come from one job"
+        )
+    for rank, signature in sorted(by_rank.items()):
+        key = trusted.get(signature.key_id)
+        if key is None:
+            raise UntrustedVersion(
+                f"{name}: rank {rank} is signed by key {signature.key_id} (job {signature.job!r}), "
+                f"which is not one of the {len(trusted)} trusted keys; {how}",
+                key_id=signature.key_id,
+            )
+        if key.job is not None and key.job != signature.job:
+            raise UntrustedVersion(
+                f"{name}: rank {rank} is signed by key {signature.key_id}, trusted for job "
+                f"{key.job!r} only, but claims job {signature.job!r}",
+                key_id=signature.key_id,
+            )
+        base, indices = parts.get(rank, (0, []))
+        message = _canonical(
+            model=manifest.model,
+            version=manifest.version,
+            rank=rank,
+            world_size=manifest.world_size,
+            job=signature.job,
+            algorithm=manifest.checksum_algorithm,
+            regions=[manifest.regions[i] for i in indices],
+            tensors=tensors[rank],
+            buckets=buckets[rank],
+            base=base,
+        )
+        try:
+            key.key.verify(signature.signature, message)
+        except InvalidSignature:
+            raise UntrustedVersion(
+                f"{name}: rank {rank}'s signature by trusted key {signature.key_id} does not match "
+                "the manifest: it was changed after signing (or the signature is another version's)",
+                key_id=signature.key_id,
+            ) from None
+    if require_digests:
+        missing = sum(
+            1 for b in manifest.buckets if not b.digest.startswith(DIGEST_ALGORITHM + ":")
+        )
+        if missing:
+            raise UntrustedVersion(
+                f"{name}: {missing} of {len(manifest.buckets)} buckets carry no {DIGEST_ALGORITHM} "
+                "digest, and this subscriber requires them (untrusted network); publish with "
+                "--secure-digests (Publisher(secure_digests=True))"
+            )
+
+
+# cryptographic bucket digests
+
+
+def bucket_digest(data: memoryview | bytes) -> str:
+    """`blake3:` and the BLAKE3 digest of `data` in hex (the GIL is released for large data)."""
+    return f"{DIGEST_ALGORITHM}:{blake3.blake3(data).hexdigest()}"
+
+
+def digest_matches(data: memoryview | bytes, digest: str) -> bool:
+    """True if `data` has `digest`; an algorithm other than BLAKE3 never matches."""
+    return digest.startswith(DIGEST_ALGORITHM + ":") and bucket_digest(data) == digest
+
+
+def add_digests(shard: Shard, regions: Sequence[memoryview]) -> Shard:
+    """`shard` with every bucket's BLAKE3 digest, read from `regions` (one buffer per region)."""
+    buckets = tuple(
+        msgspec.structs.replace(
+            bucket,
+            digest=bucket_digest(
+                regions[bucket.region][bucket.offset : bucket.offset + bucket.nbytes]
+            ),
+        )
+        for bucket in shard.buckets
+    )
+    return msgspec.structs.replace(shard, buckets=buckets)
