@@ -46,7 +46,7 @@ class Faults:
     """The per-test handle on the ledger (the `faults` fixture)."""
 
     test: str
-    ledger: FaultLedger = LEDGER
+    ledger: FaultLedger = field(default_factory=lambda: LEDGER)
 
     def inject(self, what: str) -> None:
         """Record one fault or hostile input, as it is injected."""

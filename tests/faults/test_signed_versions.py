@@ -1,0 +1,249 @@
+"""Signed versions against a broker that announces anything: impostors and forged buckets.
+
+A real broker process (no broker auth here: the broker is the party not trusted), trainers in
+this test process, and a `weightstream subscribe --trust KEY` process that trusts only the real
+trainer's key. What the broker announces is not what the engine applies: only versions that
+verify under the trusted key, with buckets whose bytes match what the trainer signed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+import zmq.asyncio
+from safetensors.torch import load_file
+
+from publishers.publisher import open_publisher
+from publishers.sources import synthetic_llama
+from streamer.config import ClientConfig
+from streamer.signing import new_signing_key
+from streamer.transport import MooncakeSender, ZmqFrameSender
+from tests.e2e.procs import Fleet, expected, file_exists, get_json, start_broker, wait_for
+from weightstream.commands import shard_of
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.faults.ledger import Faults
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+SIZE = 2_000_000
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path):
+    fleet = Fleet(tmp_path)
+    yield fleet
+    await fleet.stop_all()
+
+
+def dump_matches(path: Path, version: int) -> bool:
+    live = load_file(str(path))
+    want = expected(SIZE, version)
+    return set(live) == set(want) and all(torch.equal(live[n], t) for n, t in want.items())
+
+
+async def last_error(http: str) -> str | None:
+    rows = (await get_json(f"{http}/v1/subscribers"))["subscribers"]
+    return rows[0]["last_error"] if rows and rows[0]["last_error"] else None
+
+
+async def applied_version(http: str) -> int | None:
+    rows = (await get_json(f"{http}/v1/subscribers"))["subscribers"]
+    return rows[0]["applied_version"]
+
+
+async def start_subscriber(fleet: Fleet, endpoint: str, dump: Path, *extra: str) -> None:
+    await fleet.start(
+        "sub",
+        "subscribe",
+        "--broker",
+        endpoint,
+        "--model",
+        "llama",
+        "--dump-dir",
+        str(dump),
+        "--dump-all",
+        "--max-attempts",
+        "2",
+        *extra,
+    )
+
+
+async def wait_applied(fleet: Fleet, dump: Path, version: int) -> None:
+    await wait_for(
+        partial(file_exists, dump / f"v{version}.safetensors"),
+        timeout_s=60,
+        what=f"v{version} applied",
+        fleet=fleet,
+    )
+
+
+async def test_an_impostors_versions_announced_by_the_broker_are_never_applied(
+    fleet: Fleet, tmp_path: Path, faults: Faults
+):
+    real = new_signing_key(tmp_path / "trainer.key", job="run-7")
+    impostor = new_signing_key(tmp_path / "impostor.key", job="run-7")  # claims the same job
+    broker = await start_broker(fleet)
+    dump = tmp_path / "sub"
+    await start_subscriber(
+        fleet,
+        broker.endpoint,
+        dump,
+        "--transport",
+        "mooncake",
+        "--trust",
+        str(tmp_path / "trainer.key.pub"),
+    )
+    config = ClientConfig(broker=broker.endpoint)
+    ctx = zmq.asyncio.Context()
+    try:
+        async with (
+            open_publisher(
+                config, model="llama", sender=MooncakeSender(), signing_key=real, context=ctx
+            ) as trainer,
+            open_publisher(
+                config, model="llama", sender=MooncakeSender(), signing_key=impostor, context=ctx
+            ) as attacker,
+            open_publisher(config, model="llama", sender=MooncakeSender(), context=ctx) as unsigned,
+        ):
+            await trainer.publish(1, synthetic_llama(SIZE, version=1))
+            await wait_applied(fleet, dump, 1)
+            faults.applied(version=1, ok=dump_matches(dump / "v1.safetensors", 1))
+
+            faults.inject("an impostor's version 2, signed by an untrusted key, announced")
+            await attacker.publish(2, synthetic_llama(SIZE, version=2, seed=666))
+            error = await wait_for(
+                partial(last_error, broker.http), timeout_s=60, what="v2 refused", fleet=fleet
+            )
+            assert "UntrustedVersion" in error
+            assert "llama version 2" in error
+            assert impostor.key_id in error
+            assert "--trust" in error
+            # Refused before a byte was pulled, and never retried: the state is final now.
+            assert await applied_version(broker.http) == 1
+            assert not (dump / "v2.safetensors").exists()
+            faults.applied(version=1, ok=dump_matches(dump / "v1.safetensors", 1))
+
+            faults.inject("an unsigned version 3 announced")
+            await unsigned.publish(3, synthetic_llama(SIZE, version=3, seed=667))
+
+            async def refused_v3() -> str | None:
+                error = await last_error(broker.http)
+                return error if error and "version 3" in error else None
+
+            error = await wait_for(refused_v3, timeout_s=60, what="v3 refused", fleet=fleet)
+            assert "is not signed" in error
+            assert await applied_version(broker.http) == 1
+
+            await trainer.publish(4, synthetic_llama(SIZE, version=4))
+            await wait_applied(fleet, dump, 4)
+            faults.applied(version=4, ok=dump_matches(dump / "v4.safetensors", 4))
+            assert sorted(p.name for p in dump.glob("v*.safetensors")) == [
+                "v1.safetensors",
+                "v4.safetensors",
+            ]
+    finally:
+        ctx.destroy(linger=0)
+
+
+def forge_bucket(
+    buffer: torch.Tensor, offset: int, nbytes: int, checksum: str, algorithm: str
+) -> None:
+    """Change bytes of the bucket at `offset` as an attacker on the path would.
+
+    For wsum64 (s1 = sum w_i, s2 = sum (i + 1) w_i) the change +1, -2, +1 on three
+    consecutive words keeps both sums, so the forged bucket passes the fast checksum.
+    """
+    words = buffer[offset + 4096 : offset + 4096 + 24].view(torch.int64)
+    if algorithm != "wsum64":
+        words[0] += (
+            1  # no collision of this fast digest at hand: the BLAKE3 check runs first anyway
+        )
+        return
+    from streamer.checksum import wsum64
+
+    words[0] += 1
+    words[1] -= 2
+    words[2] += 1
+    bucket = buffer[offset : offset + nbytes].numpy()
+    assert wsum64(bucket.data) == checksum, "the forgery must pass the fast checksum"
+
+
+async def test_a_forged_bucket_matching_the_fast_checksum_is_refused_by_blake3(
+    fleet: Fleet, tmp_path: Path, faults: Faults
+):
+    key = new_signing_key(tmp_path / "trainer.key", job="run-7")
+    broker = await start_broker(fleet)
+    dump = tmp_path / "sub"
+    await start_subscriber(
+        fleet,
+        broker.endpoint,
+        dump,
+        "--transport",
+        "zmq",
+        "--trust",
+        str(tmp_path / "trainer.key.pub"),
+        "--require-digests",
+    )
+    config = ClientConfig(broker=broker.endpoint)
+    ctx = zmq.asyncio.Context()
+    ranks = [
+        open_publisher(
+            config,
+            model="llama",
+            sender=ZmqFrameSender(host="127.0.0.1"),
+            rank=rank,
+            world_size=2,
+            bucket_bytes=256 << 10,
+            signing_key=key,
+            secure_digests=True,
+            context=ctx,
+        )
+        for rank in range(2)
+    ]
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            rank0, rank1 = [await stack.enter_async_context(rank) for rank in ranks]
+
+            async def publish(version: int, *, forge: bool) -> None:
+                tensors = synthetic_llama(SIZE, version=version)
+                result = await rank0.publish(version, shard_of(tensors, 0, 2))
+                if forge:
+                    # After signing, before the announce (rank 1 is not in yet).
+                    bucket = result.shard.buckets[0]
+                    forge_bucket(
+                        rank0.live[version].buffers[bucket.region],
+                        bucket.offset,
+                        bucket.nbytes,
+                        bucket.checksum,
+                        result.shard.checksum_algorithm,
+                    )
+                await rank1.publish(version, shard_of(tensors, 1, 2))
+
+            await publish(1, forge=False)
+            await wait_applied(fleet, dump, 1)
+            faults.applied(version=1, ok=dump_matches(dump / "v1.safetensors", 1))
+
+            faults.inject("a bucket of version 2 forged on the path, fast checksum kept")
+            await publish(2, forge=True)
+            error = await wait_for(
+                partial(last_error, broker.http), timeout_s=60, what="v2 refused", fleet=fleet
+            )
+            assert "ChecksumMismatch" in error
+            assert "version 2" in error
+            assert "fails its blake3 digest twice" in error
+            assert await applied_version(broker.http) == 1
+            assert not (dump / "v2.safetensors").exists()
+
+            await publish(3, forge=False)
+            await wait_applied(fleet, dump, 3)
+            faults.applied(version=3, ok=dump_matches(dump / "v3.safetensors", 3))
+            assert not (dump / "v2.safetensors").exists()
+    finally:
+        ctx.destroy(linger=0)
