@@ -55,7 +55,8 @@ async def last_error(http: str) -> str | None:
 
 async def applied_version(http: str) -> int | None:
     rows = (await get_json(f"{http}/v1/subscribers"))["subscribers"]
-    return rows[0]["applied_version"]
+    version: int | None = rows[0]["applied_version"]
+    return version
 
 
 async def start_subscriber(fleet: Fleet, endpoint: str, dump: Path, *extra: str) -> None:
