@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from schemas.manifest import Shard
     from streamer.config import ClientConfig
-    from streamer.signing import SigningKey
+    from streamer.signing_keys import SigningKey
     from streamer.transport.base import BulkSender
 
 __all__ = ["PublishResult", "Publisher", "SyncPublisher", "open_publisher"]

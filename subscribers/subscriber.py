@@ -35,7 +35,7 @@ from subscribers.swap import SwapError, Swapper, SwapReport
 
 if TYPE_CHECKING:
     from streamer.client import BrokerClient
-    from streamer.signing import TrustedKeys
+    from streamer.signing_keys import TrustedKeys
     from streamer.transport.base import BulkReceiver
 
 __all__ = ["PullConfig", "Subscriber"]

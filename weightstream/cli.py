@@ -24,7 +24,7 @@ from streamer.__main__ import add_broker_arguments, broker_config, run_broker
 from streamer.config import ClientConfig
 from streamer.errors import StreamerError
 from streamer.server import run_until_signal
-from streamer.signing import load_signing_key, load_trusted_keys
+from streamer.signing_keys import load_signing_key, load_trusted_keys
 from streamer.transport.choice import parse_transports
 from subscribers.subscriber import PullConfig
 from weightstream.commands import PublishJob, SubscribeJob, run_publish, run_subscribe

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from schemas.manifest import Manifest
     from streamer.client import BrokerClient
     from streamer.config import ClientConfig
-    from streamer.signing import SigningKey, TrustedKeys
+    from streamer.signing_keys import SigningKey, TrustedKeys
     from subscribers.pull import PullReport
 
 __all__ = ["PublishJob", "SubscribeJob", "run_publish", "run_subscribe", "shard_of"]

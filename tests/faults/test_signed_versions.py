@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
 from streamer.config import ClientConfig
-from streamer.signing import new_signing_key
+from streamer.signing_keys import new_signing_key
 from streamer.transport import MooncakeSender, ZmqFrameSender
 from tests.e2e.procs import Fleet, expected, file_exists, get_json, start_broker, wait_for
 from weightstream.commands import shard_of

@@ -20,17 +20,19 @@ from schemas.manifest import (
 )
 from schemas.messages import Announce
 from streamer.signing import (
-    PublicKey,
-    SigningKey,
-    TrustedKeys,
     UntrustedVersion,
     add_digests,
     bucket_digest,
     digest_matches,
+    sign_shard,
+)
+from streamer.signing_keys import (
+    PublicKey,
+    SigningKey,
+    TrustedKeys,
     load_signing_key,
     load_trusted_keys,
     new_signing_key,
-    sign_shard,
 )
 
 if TYPE_CHECKING:
