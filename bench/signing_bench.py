@@ -118,7 +118,7 @@ def main() -> None:
             f"{row['verify_s'] * 1e3:.1f} ms | {row['decode_s'] * 1e3:.1f} ms |"
         )
     print()
-    print("| digest, one core | GB/s |")
+    print("| digest (one core unless said) | GB/s |")
     print("|---|---:|")
     for name, rate in digests().items():
         print(f"| {name} | {rate:.2f} |")
