@@ -113,41 +113,52 @@ async def test_an_impostors_versions_announced_by_the_broker_are_never_applied(
             ) as attacker,
             open_publisher(config, model="llama", sender=MooncakeSender(), context=ctx) as unsigned,
         ):
-            await trainer.publish(1, synthetic_llama(SIZE, version=1))
-            await wait_applied(fleet, dump, 1)
-            faults.applied(version=1, ok=dump_matches(dump / "v1.safetensors", 1))
-
-            faults.inject("an impostor's version 2, signed by an untrusted key, announced")
-            await attacker.publish(2, synthetic_llama(SIZE, version=2, seed=666))
+            # The impostor comes first, with another model's shapes: the engine must not even
+            # take its shapes (the subscriber shapes its tensors after the first trusted version).
+            faults.inject("an impostor's version 1, signed by an untrusted key, announced first")
+            await attacker.publish(1, synthetic_llama(2 * SIZE, version=1, seed=666))
             error = await wait_for(
-                partial(last_error, broker.http), timeout_s=60, what="v2 refused", fleet=fleet
+                partial(last_error, broker.http), timeout_s=60, what="v1 refused", fleet=fleet
             )
             assert "UntrustedVersion" in error
-            assert "llama version 2" in error
+            assert "llama version 1" in error
             assert impostor.key_id in error
             assert "--trust" in error
-            # Refused before a byte was pulled, and never retried: the state is final now.
-            assert await applied_version(broker.http) == 1
-            assert not (dump / "v2.safetensors").exists()
-            faults.applied(version=1, ok=dump_matches(dump / "v1.safetensors", 1))
+            assert await applied_version(broker.http) is None
 
-            faults.inject("an unsigned version 3 announced")
-            await unsigned.publish(3, synthetic_llama(SIZE, version=3, seed=667))
+            await trainer.publish(2, synthetic_llama(SIZE, version=2))
+            await wait_applied(fleet, dump, 2)
+            faults.applied(version=2, ok=dump_matches(dump / "v2.safetensors", 2))
 
-            async def refused_v3() -> str | None:
+            faults.inject("an impostor's version 3 announced while the engine runs version 2")
+            await attacker.publish(3, synthetic_llama(SIZE, version=3, seed=666))
+
+            async def refused(version: int) -> str | None:
                 error = await last_error(broker.http)
-                return error if error and "version 3" in error else None
+                return error if error and f"llama version {version}" in error else None
 
-            error = await wait_for(refused_v3, timeout_s=60, what="v3 refused", fleet=fleet)
+            error = await wait_for(
+                partial(refused, 3), timeout_s=60, what="v3 refused", fleet=fleet
+            )
+            assert impostor.key_id in error
+            # Refused before a byte was pulled, and never retried: the state is final now.
+            assert await applied_version(broker.http) == 2
+            faults.applied(version=2, ok=dump_matches(dump / "v2.safetensors", 2))
+
+            faults.inject("an unsigned version 4 announced")
+            await unsigned.publish(4, synthetic_llama(SIZE, version=4, seed=667))
+            error = await wait_for(
+                partial(refused, 4), timeout_s=60, what="v4 refused", fleet=fleet
+            )
             assert "is not signed" in error
-            assert await applied_version(broker.http) == 1
+            assert await applied_version(broker.http) == 2
 
-            await trainer.publish(4, synthetic_llama(SIZE, version=4))
-            await wait_applied(fleet, dump, 4)
-            faults.applied(version=4, ok=dump_matches(dump / "v4.safetensors", 4))
+            await trainer.publish(5, synthetic_llama(SIZE, version=5))
+            await wait_applied(fleet, dump, 5)
+            faults.applied(version=5, ok=dump_matches(dump / "v5.safetensors", 5))
             assert sorted(p.name for p in dump.glob("v*.safetensors")) == [
-                "v1.safetensors",
-                "v4.safetensors",
+                "v2.safetensors",
+                "v5.safetensors",
             ]
     finally:
         ctx.destroy(linger=0)
