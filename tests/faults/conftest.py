@@ -5,28 +5,24 @@ Each test records into the ledger (`tests.faults.ledger`); the session prints it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pytest
 
 from tests.faults.ledger import LEDGER, Faults
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
 
 @pytest.fixture
-def faults(request: pytest.FixtureRequest) -> Iterator[Faults]:
+def faults(request: pytest.FixtureRequest) -> Faults:
     LEDGER.tests += 1
-    yield Faults(test=request.node.name)
+    return Faults(test=request.node.name)
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     report = yield
-    if report.failed and call.excinfo is not None and "Timeout" in call.excinfo.typename:
-        LEDGER.hangs.append(item.name)
-    elif report.failed and "Timeout >" in str(report.longrepr):
+    timed_out = (call.excinfo is not None and "Timeout" in call.excinfo.typename) or (
+        "Timeout >" in str(report.longrepr)
+    )
+    if report.failed and timed_out:
         LEDGER.hangs.append(item.name)
     return report
 
