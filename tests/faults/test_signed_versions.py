@@ -12,6 +12,7 @@ import contextlib
 from functools import partial
 from typing import TYPE_CHECKING
 
+import aiohttp
 import pytest
 import torch
 import zmq.asyncio
@@ -57,6 +58,17 @@ async def applied_version(http: str) -> int | None:
     rows = (await get_json(f"{http}/v1/subscribers"))["subscribers"]
     version: int | None = rows[0]["applied_version"]
     return version
+
+
+async def pull_failures(http: str) -> int:
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"{http}/metrics") as response,
+    ):
+        text = await response.text()
+    line = next(x for x in text.splitlines() if x.startswith("weightstream_pull_failures_total "))
+    return int(line.split()[1])
 
 
 async def start_subscriber(fleet: Fleet, endpoint: str, dump: Path, *extra: str) -> None:
@@ -152,6 +164,8 @@ async def test_an_impostors_versions_announced_by_the_broker_are_never_applied(
             )
             assert "is not signed" in error
             assert await applied_version(broker.http) == 2
+            # One report per refused version: a signature does not get better on a retry.
+            assert await pull_failures(broker.http) == 3
 
             await trainer.publish(5, synthetic_llama(SIZE, version=5))
             await wait_applied(fleet, dump, 5)
