@@ -183,12 +183,6 @@ def verify_manifest(
             buckets[rank_of[bucket.region]].append(bucket)
     except IndexError:
         raise UntrustedVersion(f"{name} names a region it does not have") from None
-    jobs = {signature.job for signature in by_rank.values()}
-    if len(jobs) > 1:
-        raise UntrustedVersion(
-            f"{name} mixes shards signed for trainer jobs {sorted(jobs)}; all ranks of a version "
-            "must come from one job"
-        )
     for rank, signature in sorted(by_rank.items()):
         key = trusted.get(signature.key_id)
         if key is None:
@@ -224,6 +218,13 @@ def verify_manifest(
                 "the manifest: it was changed after signing (or the signature is another version's)",
                 key_id=signature.key_id,
             ) from None
+    # Checked once every claim is known to be signed: a job claim is worth nothing before.
+    jobs = {signature.job for signature in by_rank.values()}
+    if len(jobs) > 1:
+        raise UntrustedVersion(
+            f"{name} mixes shards signed for trainer jobs {sorted(jobs)}; all ranks of a version "
+            "must come from one job"
+        )
     if require_digests:
         missing = sum(
             1 for b in manifest.buckets if not b.digest.startswith(DIGEST_ALGORITHM + ":")
