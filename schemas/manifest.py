@@ -108,7 +108,7 @@ class BucketSpec(msgspec.Struct, frozen=True, gc=False):
     offset: NonNegative
     nbytes: NonNegative
     checksum: str
-    digest: Digest = ""
+    digest: CryptoDigest = ""
     """A cryptographic digest of the bucket (`blake3:<hex>`) in the secure mode, else empty."""
 
 
@@ -213,7 +213,7 @@ MAX_SIGNATURES = 1 << 16
 """At most one signature per trainer rank."""
 
 JobName = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[A-Za-z0-9._/-]*$")]
-Digest = Annotated[str, msgspec.Meta(max_length=80, pattern=r"^([a-z0-9]+:[0-9a-f]+)?$")]
+CryptoDigest = Annotated[str, msgspec.Meta(max_length=80, pattern=r"^([a-z0-9]+:[0-9a-f]+)?$")]
 
 
 class ShardSignature(msgspec.Struct, frozen=True, gc=False):
