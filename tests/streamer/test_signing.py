@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings, strategies as st
 
 from schemas.codec import decode_message, encode
 from schemas.manifest import (
@@ -225,3 +226,35 @@ def test_key_files_round_trip_with_their_job(tmp_path: Path) -> None:
     not_a_key.write_text("hello\n")
     with pytest.raises(ValueError, match="no public key found"):
         load_trusted_keys([not_a_key])
+
+
+_INT_FIELDS = [
+    ("regions", "nbytes"),
+    ("regions", "rank"),
+    ("tensors", "region"),
+    ("tensors", "offset"),
+    ("tensors", "nbytes"),
+    ("buckets", "region"),
+    ("buckets", "offset"),
+    ("buckets", "nbytes"),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    field=st.sampled_from(_INT_FIELDS),
+    index=st.integers(0, 3),
+    value=st.integers(0, 5000),
+)
+def test_any_changed_number_is_refused_with_untrusted_version_only(
+    field: tuple[str, str], index: int, value: int
+) -> None:
+    manifest = signed(3, [TRAINER, TRAINER_2], digests=True)
+    group, name = field
+    items = list(getattr(manifest, group))
+    if getattr(items[index], name) == value:
+        return  # not a change
+    items[index] = msgspec.structs.replace(items[index], **{name: value})
+    changed = msgspec.structs.replace(manifest, **{group: tuple(items)})
+    with pytest.raises(UntrustedVersion):  # never an IndexError, KeyError...
+        TRUSTED.verify(changed, require_digests=True)
