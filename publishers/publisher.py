@@ -134,7 +134,8 @@ class Publisher:
             per_sender = [sender.expose(regions) for sender in self.senders]
             locators = [list(offers) for offers in zip(*per_sender, strict=True)]
             shard = layout.shard(locators, checksums, self.rank)
-            shard = await asyncio.to_thread(self._seal, version, shard, buffer_set)
+            if self.secure_digests or self.signing_key is not None:
+                shard = await asyncio.to_thread(self._seal, version, shard, buffer_set)
         except BaseException:
             self.pool.give_back(buffer_set)
             raise

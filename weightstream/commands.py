@@ -148,7 +148,9 @@ async def _first_trusted(client: BrokerClient, job: SubscribeJob) -> Manifest:
     first = await client.next_manifest(job.model, after=-1)
     while job.trusted_keys is not None:
         try:
-            job.trusted_keys.verify(first, require_digests=job.pull.require_digests)
+            await asyncio.to_thread(
+                job.trusted_keys.verify, first, require_digests=job.pull.require_digests
+            )
         except UntrustedVersion as exc:
             logger.warning("refused model=%s version=%d reason=%s", job.model, first.version, exc)
             await client.report_failure(job.model, first.version, f"UntrustedVersion: {exc}")
