@@ -34,6 +34,7 @@ import zmq.asyncio
 from streamer.client import connect
 from streamer.config import ClientConfig
 from streamer.errors import StreamerError
+from streamer.signing_keys import load_trusted_keys
 from streamer.transport.choice import make_receivers, parse_transports, receiver_names
 from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from schemas.manifest import Manifest
+    from streamer.signing_keys import TrustedKeys
     from streamer.transport.base import BulkReceiver
     from subscribers.pull import PullReport
     from subscribers.swap import SwapReport
@@ -82,14 +84,20 @@ class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     applied: int | None = None
     """The version the engine's checkpoint already is, if it is a published one."""
     pull: PullConfig = msgspec.field(default_factory=PullConfig)
+    trust: str = ""
+    """Comma-separated publisher public key files: apply only versions they signed."""
 
     def __post_init__(self) -> None:
         transport_names(self.transport)  # raises ValueError on a bad list
 
+    def trusted_keys(self) -> TrustedKeys | None:
+        """The keys `trust` names, read now (ValueError or OSError for a bad file)."""
+        return load_trusted_keys(self.trust.split(",")) if self.trust else None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FollowConfig:
         """WEIGHTSTREAM_MODEL (required), _BROKER, _TRANSPORT, _HOST, _MODEL_PATH, _PAUSE_MODE,
-        _SHM_NAME, _APPLIED; raises ValueError naming the bad variable."""
+        _SHM_NAME, _APPLIED, _TRUST; raises ValueError naming the bad variable."""
         fields: dict[str, Any] = {}
         for name in cls.__struct_fields__:
             value = environ.get(ENV_PREFIX + name.upper())
@@ -186,6 +194,7 @@ async def follow(
             swapper.changed.notify_all()
 
     try:
+        trusted_keys = config.trusted_keys()
         receivers = make_receivers(parse_transports(config.transport), host=config.host)
         staging = Staging(receivers=receivers, shm_name=config.shm_name or _shm_name(config.model))
         async with connect(
@@ -202,6 +211,7 @@ async def follow(
                 staging=staging,
                 applied=config.applied,
                 on_applied=on_applied,
+                trusted_keys=trusted_keys,
             )
             status.connected = True
             logger.info(
@@ -237,6 +247,7 @@ class WeightStream:
     """
 
     def __init__(self, llm: Any, config: FollowConfig) -> None:
+        config.trusted_keys()  # a bad key file fails here, in the caller's thread
         self.llm = llm
         self.config = config
         self.swapper = VllmSwapper(llm, model_path=config.model_path)
@@ -262,6 +273,7 @@ class WeightStream:
         applied: int | None = None,
         pull: PullConfig | None = None,
         connect_timeout_s: float = 30.0,
+        trust: str = "",
     ) -> WeightStream:
         """Start following; returns once the broker has answered (raises if it does not)."""
         config = FollowConfig(
@@ -272,6 +284,7 @@ class WeightStream:
             model_path=model_path,
             applied=applied,
             pull=pull or PullConfig(),
+            trust=trust,
         )
         stream = cls(llm, config)
         stream.start(connect_timeout_s)
