@@ -35,6 +35,7 @@ from publishers.memory import BufferPool, BufferSet
 from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
 from streamer.client import BrokerClient, connect
 from streamer.errors import BrokerError, StreamerError
+from streamer.signing import add_digests, sign_shard
 from streamer.transport.shm import ShmSender
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
     from schemas.manifest import Shard
     from streamer.config import ClientConfig
+    from streamer.signing_keys import SigningKey
     from streamer.transport.base import BulkSender
 
 __all__ = [
@@ -101,12 +103,16 @@ class Publisher:
         node_local: bool = False,
         job: str | None = None,
         max_buffer_sets: int = DEFAULT_MAX_BUFFER_SETS,
+        signing_key: SigningKey | None = None,
+        secure_digests: bool = False,
     ) -> None:
         """`node_local=True` puts the buffers in POSIX shared memory and offers them to
         same-host subscribers, who map them instead of fetching them. `job` names the
         trainer job, the same on every rank (a single rank may leave it to a random id).
         `max_buffer_sets` bounds the versions whose buffers this rank keeps (see the module
-        docstring)."""
+        docstring). `signing_key` signs every shard (subscribers that trust its public key
+        verify it); `secure_digests` adds a BLAKE3 digest to every bucket, for untrusted
+        networks (docs/security.md)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, {world_size})")
         if job is None:
@@ -141,6 +147,8 @@ class Publisher:
         self.bucket_bytes = bucket_bytes
         self.region_bytes = region_bytes
         self.pool = pool or BufferPool()
+        self.signing_key = signing_key
+        self.secure_digests = secure_digests
         self.live: dict[int, BufferSet] = {}
         """Versions whose bytes are still readable, by version."""
 
@@ -173,6 +181,8 @@ class Publisher:
             per_sender = [sender.expose(regions) for sender in self.senders]
             locators = [list(offers) for offers in zip(*per_sender, strict=True)]
             shard = layout.shard(locators, checksums, self.rank)
+            if self.secure_digests or self.signing_key is not None:
+                shard = await asyncio.to_thread(self._seal, version, shard, buffer_set)
         except BaseException:
             self.pool.give_back(buffer_set)
             raise
@@ -206,6 +216,21 @@ class Publisher:
             reply.complete,
         )
         return PublishResult(version, shard, reply.complete, seconds)
+
+    def _seal(self, version: int, shard: Shard, buffer_set: BufferSet) -> Shard:
+        """Add the BLAKE3 digests and the signature, as configured. Blocking."""
+        if self.secure_digests:
+            shard = add_digests(shard, [b.numpy().data for b in buffer_set.buffers])
+        if self.signing_key is None:
+            return shard
+        return sign_shard(
+            shard,
+            model=self.model,
+            version=version,
+            rank=self.rank,
+            world_size=self.world_size,
+            key=self.signing_key,
+        )
 
     async def wait_applied(self, version: int, num_subscribers: int) -> int:
         """Wait until `num_subscribers` have applied `version` (on-policy RL); no own timeout."""
@@ -258,6 +283,8 @@ async def open_publisher(
     max_buffer_sets: int = DEFAULT_MAX_BUFFER_SETS,
     context: zmq.asyncio.Context | None = None,
     job: str | None = None,
+    signing_key: SigningKey | None = None,
+    secure_digests: bool = False,
 ) -> AsyncIterator[Publisher]:
     """Connect to the broker and run the retire loop while the publisher is in use."""
     ctx = context or zmq.asyncio.Context()
@@ -273,6 +300,8 @@ async def open_publisher(
                 node_local=node_local,
                 job=job,
                 max_buffer_sets=max_buffer_sets,
+                signing_key=signing_key,
+                secure_digests=secure_digests,
             )
             retire = asyncio.create_task(publisher.retire_loop(), name="retire")
             try:

@@ -32,6 +32,7 @@ __all__ = [
     "MooncakeLocator",
     "RegionSpec",
     "Shard",
+    "ShardSignature",
     "ShmLocator",
     "TensorSpec",
     "Version",
@@ -139,6 +140,8 @@ class BucketSpec(msgspec.Struct, frozen=True, gc=False):
     offset: NonNegative
     nbytes: NonNegative
     checksum: Digest
+    digest: CryptoDigest = ""
+    """A cryptographic digest of the bucket (`blake3:<hex>`) in the secure mode, else empty."""
 
 
 Regions = Annotated[tuple[RegionSpec, ...], msgspec.Meta(max_length=MAX_REGIONS)]
@@ -153,6 +156,8 @@ class Shard(msgspec.Struct, frozen=True):
     tensors: Tensors
     buckets: Buckets
     checksum_algorithm: AlgorithmName = "wmix128"
+    signature: ShardSignature | None = None
+    """The publishing rank's signature over the shard (`streamer.signing`), if it signs."""
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -166,6 +171,8 @@ class Manifest(msgspec.Struct, frozen=True):
     checksum_algorithm: AlgorithmName = "wmix128"
     world_size: WorldSize = 1
     published_at: Timestamp = 0.0
+    signatures: Annotated[tuple[ShardSignature, ...], msgspec.Meta(max_length=MAX_SIGNATURES)] = ()
+    """Each signing rank's signature over its part (`streamer.signing.verify_manifest`)."""
 
     @property
     def total_bytes(self) -> int:
@@ -215,4 +222,27 @@ class Manifest(msgspec.Struct, frozen=True):
             checksum_algorithm=algorithms.pop() if algorithms else "wmix128",
             world_size=len(shards),
             published_at=published_at,
+            signatures=tuple(shard.signature for shard in shards if shard.signature is not None),
         )
+
+
+# Signed versions (streamer/signing.py signs and verifies; these are the wire shapes).
+
+MAX_SIGNATURES = 1 << 16
+"""At most one signature per trainer rank."""
+
+JobName = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[A-Za-z0-9._/-]*$")]
+CryptoDigest = Annotated[str, msgspec.Meta(max_length=80, pattern=r"^([a-z0-9]+:[0-9a-f]+)?$")]
+
+
+class ShardSignature(msgspec.Struct, frozen=True, gc=False):
+    """One trainer rank's Ed25519 signature over its shard, locators left out.
+
+    `key_id` names the signing key (`ed25519:` and 16 bytes of its SHA-256, in hex); `job` is
+    the trainer job the signer claims, inside the signed bytes.
+    """
+
+    rank: NonNegative
+    key_id: Annotated[str, msgspec.Meta(min_length=1, max_length=80)]
+    signature: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
+    job: JobName = ""

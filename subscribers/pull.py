@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from schemas.manifest import ShmLocator
 from streamer.checksum import ALGORITHM, SUPPORTED_ALGORITHMS, bucket_digest
 from streamer.errors import ChecksumMismatch, StreamerError, TransportError
+from streamer.signing import digest_matches
 from streamer.transport.base import BulkReceiver, Fetch
 from streamer.transport.shm import ShmReceiver
 
@@ -77,9 +78,13 @@ class _Throttle:
             await asyncio.sleep(start - now)
 
 
-def _verify(staging: Staging, bucket: BucketSpec) -> bool:
+def _verify(staging: Staging, bucket: BucketSpec, fast: bool) -> str | None:
+    """What the bucket's bytes fail ("checksum", "blake3 digest"), or None if nothing."""
     raw = staging.bytes_of(bucket.region, bucket.offset, bucket.nbytes).numpy()
-    return bucket_digest(raw.data) == bucket.checksum
+    # The digest first: in the secure mode a forged bucket may match the fast checksum.
+    if bucket.digest and not digest_matches(raw.data, bucket.digest):
+        return "blake3 digest"
+    return "checksum" if fast and bucket_digest(raw.data) != bucket.checksum else None
 
 
 def _receiver_for(
@@ -115,8 +120,9 @@ async def pull(
     Regions a same-host publisher offers in shared memory (and a `ShmReceiver` accepts) are
     copied into staging, or with `map_shared=True` mapped, not copied: only for a swapper
     that reads each byte once into its own memory and verifies it there. `verify=False` skips
-    the host checksums, for such a swapper (it must then raise `ChecksumMismatch` itself).
-    `deadline` (a `time.monotonic()` value) bounds every fetch (`FetchTimeout`).
+    the host checksums, for such a swapper (it must then raise `ChecksumMismatch` itself);
+    BLAKE3 digests (the secure mode) are always verified here, on the host, before any copy to
+    a device. `deadline` (a `time.monotonic()` value) bounds every fetch (`FetchTimeout`).
     """
     if manifest.checksum_algorithm not in SUPPORTED_ALGORITHMS:
         raise TransportError(
@@ -155,7 +161,10 @@ async def pull(
                 await throttle.wait(bucket.nbytes)
                 await fetch(bucket)
         # Verify outside the slot: the next bucket's fetch runs meanwhile.
-        if verify and not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
+        failed = None
+        if verify or bucket.digest:
+            failed = await asyncio.wrap_future(pool.submit(_verify, staging, bucket, verify))
+        if failed:
             refetched += 1
             logger.warning(
                 "bucket checksum mismatch, fetching again model=%s version=%d region=%d offset=%d",
@@ -167,10 +176,11 @@ async def pull(
             if not staging.is_mapped(bucket.region):
                 async with slots:
                     await fetch(bucket)
-            if not await asyncio.wrap_future(pool.submit(_verify, staging, bucket)):
+            failed = await asyncio.wrap_future(pool.submit(_verify, staging, bucket, verify))
+            if failed:
                 raise ChecksumMismatch(
                     f"{manifest.model} version {manifest.version}: bucket at region {bucket.region} "
-                    f"offset {bucket.offset} ({bucket.nbytes} bytes) fails its checksum twice; "
+                    f"offset {bucket.offset} ({bucket.nbytes} bytes) fails its {failed} twice; "
                     "the publisher's memory changed after publishing, or the transport corrupts data"
                 )
         done += bucket.nbytes

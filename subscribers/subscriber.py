@@ -37,12 +37,14 @@ import msgspec
 from schemas.manifest import Manifest
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest
 from streamer.errors import StreamerError
+from streamer.signing import UntrustedVersion
 from subscribers.pull import PullReport, PullTimeout, pull
 from subscribers.staging import Staging
 from subscribers.swap import SwapError, Swapper, SwapReport
 
 if TYPE_CHECKING:
     from streamer.client import BrokerClient
+    from streamer.signing_keys import TrustedKeys
     from streamer.transport.base import BulkReceiver
 
 __all__ = ["FollowerStopped", "PullConfig", "Subscriber"]
@@ -70,6 +72,9 @@ class PullConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     progress_interval_s: Positive = 0.5
     manifest_limits: ManifestLimits = ManifestLimits()
     """Caps a manifest must meet (checked with every other rule before anything is allocated)."""
+    require_digests: bool = False
+    """Refuse versions whose buckets carry no BLAKE3 digest (untrusted networks); needs
+    `trusted_keys`, since only a signature makes the digests the trainer's."""
 
 
 class Subscriber:
@@ -92,9 +97,13 @@ class Subscriber:
         spare_staging: Staging | None = None,
         applied: int | None = None,
         on_applied: AppliedCallback | None = None,
+        trusted_keys: TrustedKeys | None = None,
     ) -> None:
+        """`trusted_keys`: apply only versions signed by these publisher keys (`streamer.signing`)."""
         if not receivers:
             raise ValueError("a subscriber needs at least one receiver")
+        if config is not None and config.require_digests and trusted_keys is None:
+            raise ValueError("require_digests needs trusted_keys: unsigned digests prove nothing")
         self.client = client
         self.receivers = list(receivers)
         self.swapper = swapper
@@ -108,6 +117,7 @@ class Subscriber:
         self.applied = applied
         """The version the engine runs now; None before the first one."""
         self.on_applied = on_applied
+        self.trusted_keys = trusted_keys
         self.failures = 0
         self.last_error: BaseException | None = None
         """The last failure (reported to the broker as well)."""
@@ -149,7 +159,7 @@ class Subscriber:
                 return True  # not a failure; the loop picks the newer one
             try:
                 await self.apply(manifest)
-            except (InvalidManifest, SwapError) as exc:
+            except (InvalidManifest, SwapError, UntrustedVersion) as exc:
                 await self._report_failure(manifest, exc)
                 return False
             except StreamerError as exc:  # transport, checksum, broker, timeout, staging...
@@ -198,6 +208,10 @@ class Subscriber:
             if self.applied is not None and manifest.version <= self.applied:
                 return
             validate_manifest(manifest, self.config.manifest_limits)
+            if self.trusted_keys is not None:  # before a byte is pulled; large manifests: a thread
+                await asyncio.to_thread(
+                    self.trusted_keys.verify, manifest, require_digests=self.config.require_digests
+                )
             self.swapper.check(manifest)
             started = time.perf_counter()
             # The lease holds until the swap is done: staging may map the publisher's memory.

@@ -33,6 +33,7 @@ import zmq.asyncio
 
 from streamer.client import connect
 from streamer.config import ClientConfig
+from streamer.signing_keys import load_trusted_keys
 from streamer.transport.choice import make_receivers, parse_transports, receiver_names
 from subscribers.staging import Staging
 from subscribers.subscriber import FollowerStopped, PullConfig, Subscriber
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from schemas.manifest import Manifest
+    from streamer.signing_keys import TrustedKeys
     from streamer.transport.base import BulkReceiver
     from subscribers.pull import PullReport
     from subscribers.swap import SwapReport
@@ -85,15 +87,21 @@ class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """This engine's CURVE key pair (WEIGHTSTREAM_KEY_FILE; docs/security.md)."""
     broker_key_file: str | None = None
     """The broker's public key (WEIGHTSTREAM_BROKER_KEY_FILE)."""
+    trust: str = ""
+    """Comma-separated publisher public key files: apply only versions they signed."""
 
     def __post_init__(self) -> None:
         transport_names(self.transport)  # raises ValueError on a bad list
 
+    def trusted_keys(self) -> TrustedKeys | None:
+        """The keys `trust` names, read now (ValueError or OSError for a bad file)."""
+        return load_trusted_keys(self.trust.split(",")) if self.trust else None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FollowConfig:
         """WEIGHTSTREAM_MODEL (required), _BROKER, _TRANSPORT, _HOST, _MODEL_PATH, _PAUSE_MODE,
-        _SHM_NAME, _APPLIED, _KEY_FILE, _BROKER_KEY_FILE; raises ValueError naming the bad
-        variable."""
+        _SHM_NAME, _APPLIED, _KEY_FILE, _BROKER_KEY_FILE, _TRUST; raises ValueError naming
+        the bad variable."""
         fields: dict[str, Any] = {}
         for name in cls.__struct_fields__:
             value = environ.get(ENV_PREFIX + name.upper())
@@ -195,6 +203,7 @@ async def follow(
             swapper.changed.notify_all()
 
     try:
+        trusted_keys = config.trusted_keys()
         receivers = make_receivers(parse_transports(config.transport), host=config.host)
         shm_name = config.shm_name or _shm_name(config.model)
         staging = Staging(receivers=receivers, shm_name=shm_name)
@@ -222,6 +231,7 @@ async def follow(
                 spare_staging=spare,
                 applied=config.applied,
                 on_applied=on_applied,
+                trusted_keys=trusted_keys,
             )
             status.connected = True
             logger.info(
@@ -258,6 +268,7 @@ class WeightStream:
     """
 
     def __init__(self, llm: Any, config: FollowConfig) -> None:
+        config.trusted_keys()  # a bad key file fails here, in the caller's thread
         self.llm = llm
         self.config = config
         self.swapper = VllmSwapper(llm, model_path=config.model_path)
@@ -285,6 +296,7 @@ class WeightStream:
         connect_timeout_s: float = 30.0,
         key_file: str | None = None,
         broker_key_file: str | None = None,
+        trust: str = "",
     ) -> WeightStream:
         """Start following; returns once the broker has answered (raises if it does not)."""
         config = FollowConfig(
@@ -297,6 +309,7 @@ class WeightStream:
             pull=pull or PullConfig(),
             key_file=key_file,
             broker_key_file=broker_key_file,
+            trust=trust,
         )
         stream = cls(llm, config)
         stream.start(connect_timeout_s)

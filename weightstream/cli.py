@@ -27,6 +27,7 @@ from streamer.__main__ import add_broker_arguments, broker_config, run_broker
 from streamer.config import ClientConfig
 from streamer.errors import StreamerError
 from streamer.server import run_until_signal
+from streamer.signing_keys import load_signing_key, load_trusted_keys
 from streamer.transport.choice import parse_transports
 from subscribers.subscriber import PullConfig
 from weightstream.commands import PublishJob, SubscribeJob, run_publish, run_subscribe
@@ -229,6 +230,14 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--exit", action="store_true", help="exit after publishing (the bytes stop being readable!)"
     )
+    publish.add_argument(
+        "--signing-key", metavar="KEYFILE", help="sign every shard with this Ed25519 key"
+    )
+    publish.add_argument(
+        "--secure-digests",
+        action="store_true",
+        help="add a BLAKE3 digest to every bucket (untrusted networks; docs/security.md)",
+    )
 
     subscribe = commands.add_parser("subscribe", help="keep a local model on the newest version")
     _client_args(subscribe)
@@ -256,6 +265,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     subscribe.add_argument("--pull-timeout-s", type=float, default=600.0)
     subscribe.add_argument("--max-attempts", type=int, default=3)
+    subscribe.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="KEYFILE",
+        help="apply only versions signed by this publisher key (repeatable)",
+    )
+    subscribe.add_argument(
+        "--require-digests",
+        action="store_true",
+        help="refuse versions without BLAKE3 bucket digests (needs --trust)",
+    )
 
     status = commands.add_parser("status", help="show models and subscribers")
     status.add_argument(
@@ -348,6 +369,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             interval_s=args.interval_s,
             serve_after=not args.exit,
             job=args.job,
+            signing_key=load_signing_key(args.signing_key) if args.signing_key else None,
+            secure_digests=args.secure_digests,
         )
         return _run(run_publish(job))
     try:
@@ -357,11 +380,14 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 "max_bytes_per_s": args.max_rate,
                 "pull_timeout_s": args.pull_timeout_s,
                 "max_attempts": args.max_attempts,
+                "require_digests": args.require_digests,
             },
             PullConfig,
         )
     except msgspec.ValidationError as exc:
         parser.error(str(exc))
+    if args.require_digests and not args.trust:
+        parser.error("--require-digests needs --trust KEYFILE: unsigned digests prove nothing")
     job_s = SubscribeJob(
         client=client,
         model=args.model,
@@ -372,6 +398,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         dump_dir=args.dump_dir,
         dump_all=args.dump_all,
         exit_after_version=args.exit_after_version,
+        trusted_keys=load_trusted_keys(args.trust) if args.trust else None,
     )
     return _run(run_subscribe(job_s))
 

@@ -17,6 +17,7 @@ from publishers.publisher import open_publisher
 from publishers.sources import load_checkpoint, synthetic_llama
 from schemas.validate import InvalidManifest, validate_manifest
 from streamer.client import connect
+from streamer.signing import UntrustedVersion
 from streamer.transport.choice import make_receivers, make_senders
 from subscribers.dtypes import torch_dtype
 from subscribers.subscriber import PullConfig, Subscriber
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from schemas.manifest import Manifest
     from streamer.client import BrokerClient
     from streamer.config import ClientConfig
+    from streamer.signing_keys import SigningKey, TrustedKeys
     from subscribers.pull import PullReport
 
 __all__ = ["PublishJob", "SubscribeJob", "run_publish", "run_subscribe", "shard_of"]
@@ -61,6 +63,8 @@ class PublishJob:
     serve_after: bool
     job: str | None = None
     """The trainer job every rank shares (None: a random one, for a single rank)."""
+    signing_key: SigningKey | None = None
+    secure_digests: bool = False
 
 
 async def run_publish(job: PublishJob) -> None:
@@ -77,6 +81,8 @@ async def run_publish(job: PublishJob) -> None:
             node_local=node_local,
             context=ctx,
             job=job.job,
+            signing_key=job.signing_key,
+            secure_digests=job.secure_digests,
         ) as publisher:
             for index, version in enumerate(job.versions):
                 if index and job.interval_s:
@@ -119,6 +125,7 @@ class SubscribeJob:
     dump_dir: str | None
     dump_all: bool
     exit_after_version: int | None
+    trusted_keys: TrustedKeys | None = None
 
 
 def _tensors_for(manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -140,14 +147,19 @@ def _dump(directory: Path, version: int, tensors: dict[str, torch.Tensor], keep_
                 old.unlink(missing_ok=True)
 
 
-async def _first_valid_manifest(client: BrokerClient, job: SubscribeJob) -> Manifest:
-    """The first announced manifest that passes the validator: its shapes are allocated."""
+async def _first_usable_manifest(client: BrokerClient, job: SubscribeJob) -> Manifest:
+    """The first announced manifest whose shapes the engine may take: one that passes the
+    validator and, with `--trust`, is signed by a trusted key. Others are reported, skipped."""
     after = -1
     while True:
         manifest = await client.next_manifest(job.model, after=after)
         try:
             validate_manifest(manifest, job.pull.manifest_limits)
-        except InvalidManifest as exc:
+            if job.trusted_keys is not None:
+                await asyncio.to_thread(
+                    job.trusted_keys.verify, manifest, require_digests=job.pull.require_digests
+                )
+        except (InvalidManifest, UntrustedVersion) as exc:
             logger.warning(
                 "refused model=%s version=%d reason=%s", job.model, manifest.version, exc
             )
@@ -168,7 +180,7 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 tensors = await asyncio.to_thread(load_checkpoint, job.init_checkpoint)
             else:
                 logger.info("waiting for the first version of model=%s", job.model)
-                first = await _first_valid_manifest(client, job)
+                first = await _first_usable_manifest(client, job)
                 tensors = _tensors_for(first)
             swapper = TorchSwapper(tensors)
 
@@ -190,6 +202,7 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 model=job.model,
                 config=job.pull,
                 on_applied=on_applied,
+                trusted_keys=job.trusted_keys,
             )
             runner = asyncio.create_task(subscriber.run(), name="subscriber")
             waiter = asyncio.create_task(done.wait(), name="exit-after")

@@ -19,9 +19,9 @@ def faults(request: pytest.FixtureRequest) -> Faults:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     report = yield
-    if report.failed and call.excinfo is not None and "Timeout" in call.excinfo.typename:
-        LEDGER.hangs.append(item.name)
-    elif report.failed and "Timeout >" in str(report.longrepr):
+    if (report.failed and call.excinfo is not None and "Timeout" in call.excinfo.typename) or (
+        report.failed and "Timeout >" in str(report.longrepr)
+    ):
         LEDGER.hangs.append(item.name)
     return report
 

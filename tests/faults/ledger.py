@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["FaultLedger", "LEDGER"]
+__all__ = ["LEDGER", "FaultLedger"]
 
 
 @dataclass
