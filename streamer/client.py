@@ -363,12 +363,17 @@ async def connect(
     """Connect, say hello, and keep the receive and heartbeat tasks running while in use."""
     client = BrokerClient(config, role=role, context=context, peer_id=peer_id)
     tasks = [asyncio.create_task(client.receive(), name=f"{client.peer_id}-receive")]
+    said_hello = False
     try:
         await client.hello()
+        said_hello = True
         tasks.append(asyncio.create_task(client.heartbeat(), name=f"{client.peer_id}-heartbeat"))
         yield client
-        await client.goodbye()
     finally:
+        if said_hello:
+            # Also on an error or a cancel (SIGTERM): the broker then logs "peer left" at INFO
+            # instead of "peer gone" at WARNING after the peer timeout.
+            await client.goodbye()
         if client._rehello is not None:
             tasks.append(client._rehello)
         for task in tasks:

@@ -2,8 +2,9 @@
 
 Names: `mooncake` (one-sided reads, tcp here, rdma on clusters), `zmq` (the fallback), `shm`
 (same host: a publisher puts its buffers in /dev/shm, a subscriber maps them instead of
-fetching). `auto` is mooncake (zmq where mooncake is missing), plus shm first on the
-subscriber side. The CLI and the vLLM follower both build their transports here.
+fetching). `auto` is mooncake (zmq where mooncake is missing) plus shm on both sides: a
+publisher offers its buffers in shared memory too, and a subscriber on the same host maps them
+(zero copy) before it tries the network. The CLI and the vLLM follower both build their transports here.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def make_senders(
 ) -> tuple[list[BulkSender], bool]:
     """The network senders, and whether to also offer the buffers in shared memory."""
     if names == ["auto"]:
-        names = [_network_default()]
+        names = [_network_default(), "shm"]
     senders: list[BulkSender] = []
     for name in names:
         if name == "mooncake":

@@ -91,7 +91,14 @@ async def test_two_rank_trainer_three_subscribers_bit_exact_at_every_version(
         await fleet.start(
             f"rank{rank}",
             *_publisher_args(
-                broker.endpoint, rank, "1-3", "--wait-subscribers", "3", "--interval-s", "1.5"
+                broker.endpoint,
+                rank,
+                "1-3",
+                "--wait-subscribers",
+                "3",
+                "--interval-s",
+                "1.5",
+                "--serve",  # a late joiner reads version 3 after the wait
             ),
         )
 
