@@ -228,7 +228,8 @@ class BrokerClient:
         except TimeoutError:
             raise TimeoutError(
                 f"no broker answered at {self.config.broker} within {self.config.request_timeout_s} s: "
-                "start one with `weightstream broker`, or pass --broker"
+                "start one with `weightstream broker`, or point at it (`weightstream` "
+                "commands: --broker; the vLLM server: WEIGHTSTREAM_BROKER; WeightStream: broker=)"
             ) from None
         if self.broker_id is not None and welcome.broker_id != self.broker_id:
             logger.warning(
