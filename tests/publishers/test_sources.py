@@ -98,7 +98,8 @@ def test_loaded_tensors_map_the_file_and_equal_safetensors_own_loader(tmp_path: 
     got = load_checkpoint(tmp_path / "m.safetensors")
     reference = load_file(str(tmp_path / "m.safetensors"))
     for name, tensor in reference.items():
-        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape
+        assert got[name].dtype == tensor.dtype
+        assert got[name].shape == tensor.shape
         assert torch.equal(got[name], tensor)
 
 
