@@ -1,5 +1,5 @@
 # Two images from one file, both non-root:
-#   --target broker   the broker and `weightstream status`: no torch (~200 MB)
+#   --target broker   the broker and `weightstream status`: no torch, a small image
 #   --target node     trainers and subscribers: torch (CPU build, pinned) and mooncake
 # The base image is pinned to a patch release; pin it by digest (python:3.11.7-slim-bookworm@sha256:...)
 # where builds must be reproducible.

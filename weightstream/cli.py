@@ -280,6 +280,14 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--interval-s", type=float, default=0.0, help="pause between versions (default 0)"
     )
+    publish.add_argument(
+        "--zmq-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="fixed port of the zmq transport's sender (default 0: a free one); mooncake picks "
+        "its own ports (its P2P handshake has no setting for them)",
+    )
     lifecycle = publish.add_mutually_exclusive_group()
     lifecycle.add_argument(
         "--serve",
@@ -473,6 +481,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             world_size=args.world_size,
             transport=args.transport,
             protocol=args.protocol,
+            zmq_port=args.zmq_port,
             host=args.host,
             bucket_bytes=args.bucket,
             wait_subscribers=args.wait_subscribers,

@@ -75,6 +75,8 @@ class PublishJob:
     next_versions: int = 0
     """Publish this many versions after the broker's latest of `model` (`--versions next:N`)."""
     protocol: str = "tcp"
+    zmq_port: int = 0
+    """Fixed port of the zmq sender (0: a free one)."""
 
 
 async def _versions_of(job: PublishJob, publisher: Publisher) -> list[int]:
@@ -106,7 +108,9 @@ async def _wait_applied(publisher: Publisher, version: int, job: PublishJob) -> 
 async def run_publish(job: PublishJob) -> None:
     ctx = zmq.asyncio.Context()
     try:
-        senders, node_local = make_senders(job.transport, host=job.host, protocol=job.protocol)
+        senders, node_local = make_senders(
+            job.transport, host=job.host, protocol=job.protocol, zmq_port=job.zmq_port
+        )
         async with open_publisher(
             job.client,
             model=job.model,

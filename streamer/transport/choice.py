@@ -56,9 +56,13 @@ def receiver_names(names: list[str]) -> list[str]:
 
 
 def make_senders(
-    names: list[str], *, host: str, protocol: str = "tcp"
+    names: list[str], *, host: str, protocol: str = "tcp", zmq_port: int = 0
 ) -> tuple[list[BulkSender], bool]:
-    """The network senders, and whether to also offer the buffers in shared memory."""
+    """The network senders, and whether to also offer the buffers in shared memory.
+
+    `zmq_port` fixes the ZeroMQ sender's port (0: a free one). mooncake's ports cannot be
+    chosen: with its P2P handshake the engine picks its RPC and data ports itself.
+    """
     if names == ["auto"]:
         names = [_network_default(), "shm"]
     senders: list[BulkSender] = []
@@ -66,7 +70,7 @@ def make_senders(
         if name == "mooncake":
             senders.append(MooncakeSender(host=host, protocol=protocol))
         elif name == "zmq":
-            senders.append(ZmqFrameSender(host=host))
+            senders.append(ZmqFrameSender(host=host, port=zmq_port))
     return senders, "shm" in names
 
 

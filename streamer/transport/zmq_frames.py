@@ -48,13 +48,21 @@ def _view(address: int, nbytes: int) -> memoryview:
 class ZmqFrameSender:
     """Serves reads of exposed regions from a background thread."""
 
-    def __init__(self, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        """`port` 0 picks a free one (the default); a fixed one suits firewalls."""
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.SNDHWM, _HWM)
         self._socket.setsockopt(zmq.RCVHWM, _HWM)
         self._socket.setsockopt(zmq.LINGER, 0)
-        port = self._socket.bind_to_random_port(f"tcp://{host}")
+        if port:
+            try:
+                self._socket.bind(f"tcp://{host}:{port}")
+            except zmq.ZMQError:
+                self._ctx.destroy(linger=0)
+                raise
+        else:
+            port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self._regions: dict[str, Region] = {}
         self._keys: dict[Region, str] = {}

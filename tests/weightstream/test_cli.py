@@ -176,3 +176,55 @@ def test_parse_versions_refuses_an_empty_range():
     with pytest.raises(argparse.ArgumentTypeError, match="empty version range"):
         parse_versions("3-1")
     assert parse_versions("1-3,7") == [1, 2, 3, 7]
+
+
+def test_zmq_sender_port_is_configurable_and_a_taken_one_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli(
+            "publish",
+            "--version",
+            "1",
+            "--transport",
+            "zmq",
+            "--zmq-port",
+            str(port),
+            "--broker",
+            f"tcp://127.0.0.1:{_closed_port()}",
+        )
+    _one_line_error(result, 1, "already in use", "pick another port")
+    from streamer.transport.zmq_frames import ZmqFrameSender
+
+    free = _closed_port()
+    sender = ZmqFrameSender(host="127.0.0.1", port=free)
+    try:
+        assert sender.endpoint == f"tcp://127.0.0.1:{free}"
+    finally:
+        sender.close()
+
+
+@pytest.mark.parametrize(("level", "quiet"), [("ERROR", True), ("WARNING", False)])
+def test_a_healthy_mooncake_start_is_silent_at_the_default_log_level(level: str, quiet: bool):
+    from streamer.transport.mooncake import mooncake_available
+
+    if not mooncake_available():
+        pytest.skip("mooncake-transfer-engine is not importable")
+    code = (
+        "from streamer.transport.mooncake import MooncakeSender\n"
+        "MooncakeSender(host='127.0.0.1').close()\nprint('started')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**ENV, "MC_LOG_LEVEL": level},
+        check=False,
+    )
+    assert result.stdout.strip() == "started", result.stderr
+    if quiet:
+        assert result.stderr == ""
+    else:
+        assert "Local segment descriptor not found" in result.stderr

@@ -109,3 +109,25 @@ def test_our_own_tree_passes_the_check():
         path=[REPO],
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize(
+    "call", ["p.register_backend()", "p.WeightstreamEndpoint"], ids=["general", "endpoint"]
+)
+def test_vllm_entry_points_name_the_foreign_package_before_importing_ours(
+    tmp_path: Path, call: str
+):
+    # What vLLM's plugin loader runs for our `vllm.general_plugins` / `vllm.endpoint_plugins`.
+    _foreign_package(tmp_path, "streamer", "streamer")
+    code = f"""
+import weightstream.vllm_plugins as p
+from weightstream.names import ForeignPackage
+try:
+    {call}
+except ForeignPackage as exc:
+    print("REFUSED", exc)
+"""
+    result = _python(code, path=[tmp_path, REPO])
+    assert result.stdout.startswith("REFUSED"), result.stdout + result.stderr
+    assert "belongs to the distribution streamer" in result.stdout
+    assert "pip uninstall streamer" in result.stdout

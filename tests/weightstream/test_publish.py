@@ -91,3 +91,22 @@ async def test_publish_exits_once_its_versions_are_retired(fleet: Fleet, tmp_pat
     assert await _exit_code(first, 30) == 0, first.tail()
     assert "every version this process published is retired" in first.log.read_text()
     assert_dump_equals(dump / "v2.safetensors", SIZE, 2)
+
+
+async def test_a_stopped_subscriber_says_goodbye_and_is_not_reported_gone(
+    fleet: Fleet, tmp_path: Path
+):
+    broker = await start_broker(fleet)  # --peer-timeout-s 3: "gone" would follow quickly
+    sub = await fleet.start("sub", *_subscribe(broker.endpoint, tmp_path / "sub"))
+
+    async def joined():
+        return (await get_json(f"{broker.http}/v1/subscribers"))["subscribers"]
+
+    await wait_for(joined, timeout_s=60, what="the subscriber's hello", fleet=fleet)
+    assert await fleet.stop(sub) == 0, sub.tail()  # SIGTERM, as `docker compose down` sends
+
+    async def left() -> bool:
+        return "peer left peer=subscriber" in broker.proc.log.read_text()
+
+    await wait_for(left, timeout_s=10, what="the broker logging the goodbye", fleet=fleet)
+    assert "peer gone" not in broker.proc.log.read_text()
