@@ -407,9 +407,9 @@ def _expected_failure(args: argparse.Namespace, exc: BaseException) -> str | Non
 
     from streamer.errors import StreamerError
 
-    if isinstance(exc, BaseExceptionGroup):  # a TaskGroup (the broker's): its first leaf
+    if isinstance(exc, BaseExceptionGroup):  # a TaskGroup's (the broker's): all leaves expected
         leaves = [_expected_failure(args, inner) for inner in exc.exceptions]
-        return next((leaf for leaf in leaves if leaf is not None), None)
+        return None if None in leaves else "; ".join(dict.fromkeys(str(leaf) for leaf in leaves))
     if isinstance(exc, ModuleNotFoundError) and exc.name in ("torch", "safetensors"):
         return (
             f"`weightstream {args.command}` needs {exc.name}, which this install lacks: "
