@@ -15,6 +15,10 @@ from __future__ import annotations
 import importlib.util
 from importlib.metadata import packages_distributions
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = ["DISTRIBUTION", "TOP_LEVEL", "ForeignPackage", "check_top_level_names", "foreign_owner"]
 
@@ -31,8 +35,13 @@ def _root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def foreign_owner(name: str) -> str | None:
-    """What `import name` would give instead of our package, or None when it gives ours."""
+def foreign_owner(name: str, distributions: Mapping[str, list[str]] | None = None) -> str | None:
+    """What `import name` would give instead of our package, or None when it gives ours.
+
+    `distributions` is `packages_distributions()` (slow in a large environment: pass it once).
+    """
+    if distributions is None:
+        distributions = packages_distributions()
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):  # a broken package under that name: report its owners
@@ -42,7 +51,7 @@ def foreign_owner(name: str) -> str | None:
     location = Path(next(iter(locations))).resolve() if locations else None
     if not ours.is_dir() and location != ours:
         return None  # a package we do not ship in this installation (e.g. `gpu`): not ours to judge
-    owners = sorted(set(packages_distributions().get(name, [])) - {DISTRIBUTION})
+    owners = sorted(set(distributions.get(name, [])) - {DISTRIBUTION})
     if owners:
         return f"{name!r} at {location or ours} belongs to the distribution {' and '.join(owners)}"
     if location != ours:
@@ -52,12 +61,11 @@ def foreign_owner(name: str) -> str | None:
 
 def check_top_level_names() -> None:
     """Raise ForeignPackage naming the owner and the fix, if any name of ours is taken."""
-    problems = [p for p in map(foreign_owner, TOP_LEVEL) if p is not None]
+    distributions = packages_distributions()
+    problems = [p for n in TOP_LEVEL if (p := foreign_owner(n, distributions)) is not None]
     if not problems:
         return
-    owners = sorted(
-        {d for n in TOP_LEVEL for d in packages_distributions().get(n, []) if d != DISTRIBUTION}
-    )
+    owners = sorted({d for n in TOP_LEVEL for d in distributions.get(n, []) if d != DISTRIBUTION})
     fix = (
         f"`pip uninstall {' '.join(owners)}` then `pip install --force-reinstall weightstream`"
         if owners
