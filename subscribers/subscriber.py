@@ -235,7 +235,7 @@ class Subscriber:
                 self.staging, self.spare_staging = self.spare_staging, self.staging
             total_s = time.perf_counter() - started
             logger.info(
-                "applied model=%s version=%d bytes=%d pull_s=%.3f rate_gbps=%.2f pause_ms=%.1f total_s=%.3f",
+                "applied model=%s version=%d bytes=%d pull_s=%.3f rate_gb_per_s=%.2f pause_ms=%.1f total_s=%.3f",
                 self.model,
                 manifest.version,
                 report.nbytes,

@@ -1,4 +1,10 @@
-"""What `weightstream publish` and `weightstream subscribe` do, as plain async functions."""
+"""What `weightstream publish` and `weightstream subscribe` do, as plain async functions.
+
+A publish job's lifecycle (`PublishJob.lifecycle`), once its versions are published:
+`until-retired` (the default) keeps their bytes readable until the broker retires them all (or,
+with `wait_subscribers`, until that many subscribers applied the last one); `serve` until
+stopped; `exit` at once (subscribers can no longer read the bytes).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import zmq.asyncio
@@ -22,8 +28,12 @@ from streamer.transport.choice import make_receivers, make_senders
 from subscribers.dtypes import torch_dtype
 from subscribers.subscriber import PullConfig, Subscriber
 from subscribers.swap import SwapReport, TorchSwapper
+from weightstream.progress import Progress, format_bytes, format_rate
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from publishers.publisher import Publisher
     from schemas.manifest import Manifest
     from streamer.client import BrokerClient
     from streamer.config import ClientConfig
@@ -44,11 +54,16 @@ def shard_of(
     }
 
 
+Lifecycle = Literal["until-retired", "serve", "exit"]
+RETIRE_POLL_S = 0.2
+
+
 @dataclass(frozen=True)
 class PublishJob:
     client: ClientConfig
     model: str
     versions: list[int]
+    """Versions to publish; empty with `next_versions`."""
     checkpoint: str | None
     synthetic_bytes: int
     seed: int
@@ -60,17 +75,50 @@ class PublishJob:
     wait_subscribers: int
     wait_timeout_s: float
     interval_s: float
-    serve_after: bool
+    lifecycle: Lifecycle = "until-retired"
+    next_versions: int = 0
+    """Publish this many versions after the broker's latest of `model` (`--versions next:N`)."""
+    protocol: str = "tcp"
+    zmq_port: int = 0
+    """Fixed port of the zmq sender (0: a free one)."""
     job: str | None = None
     """The trainer job every rank shares (None: a random one, for a single rank)."""
     signing_key: SigningKey | None = None
     secure_digests: bool = False
 
 
+async def _versions_of(job: PublishJob, publisher: Publisher) -> list[int]:
+    if not job.next_versions:
+        return job.versions
+    # Subscribed's reply carries the broker's latest version of the model.
+    latest = await publisher.client.subscribe(job.model)
+    first = (latest or 0) + 1
+    logger.info("continuing model=%s after version=%s", job.model, latest)
+    return list(range(first, first + job.next_versions))
+
+
+async def _wait_applied(publisher: Publisher, version: int, job: PublishJob) -> int:
+    """Wait for `job.wait_subscribers` to apply `version`, on one updating line on a TTY."""
+    progress = Progress(f"v{version}: waiting for {job.wait_subscribers} subscribers")
+    wait = asyncio.create_task(publisher.wait_applied(version, job.wait_subscribers))
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(job.wait_timeout_s):
+            while not wait.done():
+                await asyncio.wait({wait}, timeout=0.5)
+                progress.update(f"{time.perf_counter() - started:.0f} s")
+            return await wait
+    finally:
+        wait.cancel()
+        progress.close()
+
+
 async def run_publish(job: PublishJob) -> None:
     ctx = zmq.asyncio.Context()
     try:
-        senders, node_local = make_senders(job.transport, host=job.host)
+        senders, node_local = make_senders(
+            job.transport, host=job.host, protocol=job.protocol, zmq_port=job.zmq_port
+        )
         async with open_publisher(
             job.client,
             model=job.model,
@@ -84,7 +132,7 @@ async def run_publish(job: PublishJob) -> None:
             signing_key=job.signing_key,
             secure_digests=job.secure_digests,
         ) as publisher:
-            for index, version in enumerate(job.versions):
+            for index, version in enumerate(await _versions_of(job, publisher)):
                 if index and job.interval_s:
                     await asyncio.sleep(job.interval_s)
                 if job.checkpoint:
@@ -93,25 +141,68 @@ async def run_publish(job: PublishJob) -> None:
                     tensors = await asyncio.to_thread(
                         synthetic_llama, job.synthetic_bytes, version=version, seed=job.seed
                     )
-                result = await publisher.publish(
-                    version, shard_of(tensors, job.rank, job.world_size)
+                shard = shard_of(tensors, job.rank, job.world_size)
+                nbytes = sum(t.nbytes for t in shard.values())
+                result = await publisher.publish(version, shard)
+                logger.info(
+                    "version=%d size=%s tensors=%d published in %.2f s",
+                    version,
+                    format_bytes(nbytes).replace(" ", ""),
+                    len(shard),
+                    result.seconds,
                 )
+                del tensors, shard  # a mapped checkpoint's pages can go
                 if job.wait_subscribers:
                     started = time.perf_counter()
-                    async with asyncio.timeout(job.wait_timeout_s):
-                        count = await publisher.wait_applied(version, job.wait_subscribers)
+                    count = await _wait_applied(publisher, version, job)
                     logger.info(
-                        "version=%d applied by %d subscribers in %.2f s (published in %.2f s)",
+                        "version=%d applied by %d subscribers in %.2f s",
                         version,
                         count,
                         time.perf_counter() - started,
-                        result.seconds,
                     )
-            if job.serve_after:
-                logger.info("serving the published bytes until stopped (Ctrl-C)")
-                await asyncio.Event().wait()
+            await _serve(publisher, job)
     finally:
         ctx.destroy(linger=0)
+
+
+async def _serve(publisher: Publisher, job: PublishJob) -> None:
+    """Keep the published bytes readable for as long as `job.lifecycle` says."""
+    if job.lifecycle == "exit":
+        logger.info("exiting after publishing (--exit): the bytes are no longer readable")
+        return
+    if job.lifecycle == "serve":
+        logger.info("serving the published bytes until stopped (SIGTERM, Ctrl-C)")
+        await asyncio.Event().wait()
+    if job.wait_subscribers:
+        logger.info("exiting: the last version was applied by %d subscribers", job.wait_subscribers)
+        return
+    logger.info(
+        "serving the published bytes until the broker retires them (a newer version), or stopped"
+    )
+    # The publisher's retire loop empties `publisher.live` (it has no event to wait on); no
+    # deadline: serving is this process's job until then.
+    while publisher.live:  # noqa: ASYNC110
+        await asyncio.sleep(RETIRE_POLL_S)
+    logger.info("exiting: every version this process published is retired")
+
+
+class _ShownSubscriber(Subscriber):
+    """A Subscriber whose pulls also show on one updating line on a TTY."""
+
+    def _progress(self, version: int) -> Callable[[int, int, float], Awaitable[None]]:
+        report = super()._progress(version)
+        line = Progress(f"pulling model={self.model} version={version}:")
+
+        async def on_progress(done: int, total: int, rate: float) -> None:
+            line.update(
+                f"{done / max(total, 1) * 100:3.0f}% of {format_bytes(total)}, {format_rate(rate)}"
+            )
+            if done >= total:
+                line.close()
+            await report(done, total, rate)
+
+        return on_progress
 
 
 @dataclass(frozen=True)
@@ -126,6 +217,7 @@ class SubscribeJob:
     dump_all: bool
     exit_after_version: int | None
     trusted_keys: TrustedKeys | None = None
+    protocol: str = "tcp"
 
 
 def _tensors_for(manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -171,7 +263,7 @@ async def _first_usable_manifest(client: BrokerClient, job: SubscribeJob) -> Man
 
 async def run_subscribe(job: SubscribeJob) -> None:
     ctx = zmq.asyncio.Context()
-    receivers = make_receivers(job.transport, host=job.host)
+    receivers = make_receivers(job.transport, host=job.host, protocol=job.protocol)
     done = asyncio.Event()
     try:
         async with connect(job.client, role="subscriber", context=ctx) as client:
@@ -195,7 +287,7 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 ):
                     done.set()
 
-            subscriber = Subscriber(
+            subscriber = _ShownSubscriber(
                 client=client,
                 receivers=receivers,
                 swapper=swapper,

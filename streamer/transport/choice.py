@@ -2,8 +2,9 @@
 
 Names: `mooncake` (one-sided reads, tcp here, rdma on clusters), `zmq` (the fallback), `shm`
 (same host: a publisher puts its buffers in /dev/shm, a subscriber maps them instead of
-fetching). `auto` is mooncake (zmq where mooncake is missing), plus shm first on the
-subscriber side. The CLI and the vLLM follower both build their transports here.
+fetching). `auto` is mooncake (zmq where mooncake is missing) plus shm on both sides: a
+publisher offers its buffers in shared memory too, and a subscriber on the same host maps them
+(zero copy) before it tries the network. The CLI and the vLLM follower both build their transports here.
 """
 
 from __future__ import annotations
@@ -55,17 +56,21 @@ def receiver_names(names: list[str]) -> list[str]:
 
 
 def make_senders(
-    names: list[str], *, host: str, protocol: str = "tcp"
+    names: list[str], *, host: str, protocol: str = "tcp", zmq_port: int = 0
 ) -> tuple[list[BulkSender], bool]:
-    """The network senders, and whether to also offer the buffers in shared memory."""
+    """The network senders, and whether to also offer the buffers in shared memory.
+
+    `zmq_port` fixes the ZeroMQ sender's port (0: a free one). mooncake's ports cannot be
+    chosen: with its P2P handshake the engine picks its RPC and data ports itself.
+    """
     if names == ["auto"]:
-        names = [_network_default()]
+        names = [_network_default(), "shm"]
     senders: list[BulkSender] = []
     for name in names:
         if name == "mooncake":
             senders.append(MooncakeSender(host=host, protocol=protocol))
         elif name == "zmq":
-            senders.append(ZmqFrameSender(host=host))
+            senders.append(ZmqFrameSender(host=host, port=zmq_port))
     return senders, "shm" in names
 
 

@@ -17,7 +17,9 @@ Mooncake reports failures as return codes; they become `TransportError` here, on
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -28,7 +30,7 @@ from streamer.errors import TransportError
 from streamer.transport.base import FetchTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from streamer.transport.base import Fetch, Region
 
@@ -52,6 +54,36 @@ def mooncake_available() -> bool:
     return True
 
 
+_START_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_start() -> Iterator[None]:
+    """At MC_LOG_LEVEL=ERROR (the CLI's default), hide what a healthy start writes to stderr.
+
+    Even at ERROR, mooncake's glog prints "Logging before InitGoogleLogging()" and an E-level
+    "Local segment descriptor not found" on every healthy start (the engine has no segment
+    before its first registration). fd 2 points at /dev/null for the initialize call only; a
+    failed start still raises TransportError with mooncake's return code. Any other level
+    (TRACE, INFO, WARNING) shows everything.
+    """
+    if os.environ.get("MC_LOG_LEVEL", "").upper() != "ERROR":
+        yield
+        return
+    with _START_LOCK:
+        saved = os.dup(2)
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, 2)
+            finally:
+                os.close(null)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _start_engine(host: str, protocol: str, device: str) -> Any:
     try:
         from mooncake.engine import TransferEngine
@@ -61,7 +93,8 @@ def _start_engine(host: str, protocol: str, device: str) -> Any:
             f"libibverbs1), or choose the zmq transport ({exc})"
         ) from exc
     engine = TransferEngine()
-    rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device)
+    with _quiet_start():
+        rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device)
     if rc != 0:
         raise TransportError(
             f"mooncake TransferEngine.initialize({host!r}, protocol={protocol!r}) returned {rc}"

@@ -60,7 +60,9 @@ def _view(address: int, nbytes: int) -> memoryview:
 class ZmqFrameSender:
     """Serves reads of exposed regions from a background thread."""
 
-    def __init__(self, *, host: str = "127.0.0.1", encrypt: bool = False) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, encrypt: bool = False) -> None:
+        """`port` 0 picks a free one (the default); a fixed one suits firewalls. `encrypt`
+        serves reads over CURVE (the server key travels in the locator)."""
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.SNDHWM, _HWM)
@@ -75,7 +77,14 @@ class ZmqFrameSender:
             self._socket.curve_publickey = public
             self._socket.curve_server = True
             self.server_key = public.decode("ascii")
-        port = self._socket.bind_to_random_port(f"tcp://{host}")
+        if port:
+            try:
+                self._socket.bind(f"tcp://{host}:{port}")
+            except zmq.ZMQError:
+                self._ctx.destroy(linger=0)
+                raise
+        else:
+            port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self._regions: dict[str, Region] = {}
         self._keys: dict[Region, str] = {}

@@ -46,7 +46,8 @@ async def test_two_rank_trainer_three_subscribers_bit_exact_at_every_version(
         await fleet.start(f"sub{index}", *subscribe_args(broker.endpoint, dump))
     for rank in (0, 1):
         args = publish_args(broker.endpoint, size=SIZE, versions="1-3", rank=rank, world_size=2)
-        await fleet.start(f"rank{rank}", *args, "--wait-subscribers", "3")
+        # --serve: a late joiner reads version 3 after the trainer's wait.
+        await fleet.start(f"rank{rank}", *args, "--wait-subscribers", "3", "--serve")
 
     # The trainer publishes each next version as soon as all three run this one: the dumps
     # (every version each subscriber applied) show each version, where a poll may miss one.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,64 @@ def test_synthetic_versions_are_reproducible_and_distinct():
     assert not any(torch.equal(a1[n], a2[n]) for n in a1 if a1[n].numel() > 16)
 
 
-@pytest.mark.parametrize("size", [1 << 20, 64 << 20, 1 << 30])
-def test_synthetic_shapes_come_close_to_the_budget(size: int):
+@pytest.mark.parametrize(
+    "size", [1 << 20, 16_000_000, 64 << 20, 600_000_000, 1 << 30, 16_750_000_000]
+)
+def test_synthetic_shapes_hit_the_budget_within_one_percent(size: int):
+    # `--synthetic 600MB` once gave 499 MB: the size asked for is the size published.
     shapes = synthetic_shapes(size)
     total = sum(torch.Size(s).numel() for s in shapes.values()) * 2
-    assert 0.5 * size <= total <= 1.5 * size or size < (8 << 20)
+    assert 0.99 * size <= total <= size
     assert any(".layers.3." in name for name in shapes), "at least four layers"
+
+
+def _index(root: Path, weight_map: dict[str, str]) -> None:
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+
+
+def test_the_index_decides_what_a_checkpoint_directory_publishes(tmp_path: Path):
+    save_file({"a": torch.ones(2), "b": torch.arange(3.0)}, str(tmp_path / "m-1.safetensors"))
+    save_file({"c": torch.full((2, 2), 7.0)}, str(tmp_path / "m-2.safetensors"))
+    save_file({"stray": torch.zeros(5)}, str(tmp_path / "consolidated.safetensors"))
+    _index(tmp_path, {"a": "m-1.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"})
+    tensors = load_checkpoint(tmp_path)
+    assert list(tensors) == ["a", "b", "c"]  # not the stray file's tensor
+    assert torch.equal(tensors["b"], torch.arange(3.0))
+    assert torch.equal(tensors["c"], torch.full((2, 2), 7.0))
+
+
+def test_an_index_naming_a_missing_file_or_tensor_is_refused(tmp_path: Path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "m-1.safetensors"))
+    _index(tmp_path, {"a": "m-1.safetensors", "b": "m-9.safetensors"})
+    with pytest.raises(FileNotFoundError, match="names files that are not there"):
+        load_checkpoint(tmp_path)
+    _index(tmp_path, {"a": "m-1.safetensors", "b": "m-1.safetensors"})
+    with pytest.raises(ValueError, match="lacks tensors its index lists"):
+        load_checkpoint(tmp_path)
+
+
+def test_loaded_tensors_map_the_file_and_equal_safetensors_own_loader(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    want = {
+        "bf16": torch.randn(64, 33).to(torch.bfloat16),
+        "f32": torch.randn(7),
+        "i64": torch.arange(5),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(want, str(tmp_path / "m.safetensors"))
+    got = load_checkpoint(tmp_path / "m.safetensors")
+    reference = load_file(str(tmp_path / "m.safetensors"))
+    for name, tensor in reference.items():
+        assert got[name].dtype == tensor.dtype
+        assert got[name].shape == tensor.shape
+        assert torch.equal(got[name], tensor)
+
+
+def test_a_file_that_is_not_safetensors_says_so(tmp_path: Path):
+    (tmp_path / "m.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        load_checkpoint(tmp_path)
