@@ -162,6 +162,9 @@ class Subscribed(Wire, frozen=True, tag="subscribed"):
     request_id: RequestId
     model: ModelName
     latest: Version | None = None
+    """The newest readable version (its manifest follows as an Announce)."""
+    newest: Version | None = None
+    """The newest version ever announced, readable or not: a next version must exceed it."""
 
 
 class Announce(Wire, frozen=True, tag="announce"):

@@ -358,6 +358,8 @@ class Guard:
         match message:
             case PublishShard(model=model, version=version):
                 self._publish(principal, model, version, latest)
+            case Subscribe(model=model) if principal.may_publish(model):
+                pass  # a trainer may follow its own model (`publish --versions next:N`)
             case (
                 Subscribe(model=model)
                 | AcquireLease(model=model)

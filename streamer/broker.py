@@ -349,7 +349,8 @@ class Broker:
                 current = registry.subscribe(peer_id, model)
                 readable = registry.readable_latest(model)
                 latest = readable.manifest.version if readable is not None else None
-                subscribed = Subscribed(request_id=rid, model=model, latest=latest)
+                newest = model_state.latest if model_state is not None else None
+                subscribed = Subscribed(request_id=rid, model=model, latest=latest, newest=newest)
                 if current is None:
                     return [(peer_id, subscribed)]
                 return [(peer_id, subscribed), (peer_id, Announce(manifest=current))]

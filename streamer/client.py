@@ -132,6 +132,8 @@ class BrokerClient:
         self._pending: dict[int, tuple[Message, asyncio.Future[Message]]] = {}
         self._welcome: asyncio.Future[Welcome] | None = None
         self._subscriptions: set[str] = set()
+        self._newest: dict[str, int | None] = {}
+        """model -> the newest version announced, from our last Subscribed (one per model)."""
         self._manifests: dict[str, Manifest] = {}
         self._manifest_changed = asyncio.Condition()
         self.retired: asyncio.Queue[Retire] = asyncio.Queue(maxsize=config.queue_size)
@@ -163,11 +165,18 @@ class BrokerClient:
         return reply
 
     async def subscribe(self, model: str) -> int | None:
-        """Follow a model; returns the latest version (its manifest arrives as an announcement)."""
+        """Follow a model; returns the latest readable version (its manifest arrives as an
+        announcement). `newest_version(model)` then says the newest ever announced."""
         self._subscriptions.add(model)
         reply = await self._request(Subscribe(request_id=next(self._ids), model=model))
         assert isinstance(reply, Subscribed)
+        self._newest[model] = reply.newest
         return reply.latest
+
+    def newest_version(self, model: str) -> int | None:
+        """The newest version of `model` the broker ever announced (as of our Subscribe):
+        what a trainer's next version must exceed, even when that one is no longer readable."""
+        return self._newest.get(model)
 
     async def acquire_lease(self, model: str, version: int) -> float:
         """Keep `version` readable while we pull it; raises `VersionUnavailable` if retired."""

@@ -91,7 +91,8 @@ async def _versions_of(job: PublishJob, publisher: Publisher) -> list[int]:
     if not job.next_versions:
         return job.versions
     # Subscribed's reply carries the broker's latest version of the model.
-    latest = await publisher.client.subscribe(job.model)
+    await publisher.client.subscribe(job.model)
+    latest = publisher.client.newest_version(job.model)
     first = (latest or 0) + 1
     logger.info("continuing model=%s after version=%s", job.model, latest)
     return list(range(first, first + job.next_versions))

@@ -28,6 +28,7 @@ from schemas.messages import Applied, Error, Hello, Subscribe, Welcome
 from streamer.auth import AuthError, Forbidden
 from streamer.client import connect
 from streamer.config import ClientConfig
+from streamer.errors import BrokerError
 from streamer.transport.zmq_frames import ZmqFrameSender
 from tests.e2e.procs import Fleet, assert_dump_equals, file_exists, get_json, start_broker, wait_for
 from tests.support import test_keys
@@ -161,8 +162,11 @@ async def test_foreign_keys_neither_publish_nor_pull_policy_and_the_engine_keeps
             with pytest.raises(Forbidden, match="belongs to key 'trainer'"):
                 await rival.publish(MODEL, 2, 0, 3, first.shard)
         faults.inject("the trainer's key publishes version 2^64-1")
-        with pytest.raises(Forbidden, match="more than 1000000 past the latest"):
+        with pytest.raises(BrokerError, match=r"protocol: .*at `\$\.version`"):
             await trainer.publish(2**64 - 1, synthetic_llama(SIZE, version=1))
+        faults.inject("the trainer's key jumps a million and one versions ahead")
+        with pytest.raises(Forbidden, match="more than 1000000 past the latest"):
+            await trainer.publish(1 + 1_000_001, synthetic_llama(SIZE, version=1))
 
         # The real trainer's next version goes through and the engine runs its bytes.
         await trainer.publish(2, synthetic_llama(SIZE, version=2))

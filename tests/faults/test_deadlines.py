@@ -22,7 +22,6 @@ import zmq.asyncio
 
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
-from streamer.config import ClientConfig
 from streamer.transport.mooncake import MooncakeSender, mooncake_available
 from tests.e2e.procs import Fleet, assert_dump_equals, file_exists, get_json, start_broker, wait_for
 
@@ -65,7 +64,7 @@ async def test_a_frozen_publisher_costs_the_pull_deadline_and_a_clear_error(tmp_
 
         trainer = await stack.enter_async_context(
             open_publisher(
-                ClientConfig(broker=broker.endpoint),
+                broker.client_config(),
                 model=model,
                 sender=MooncakeSender(),
                 bucket_bytes=BUCKET,

@@ -29,6 +29,7 @@ from schemas.messages import (
     Subscribed,
     Welcome,
 )
+from streamer.auth import load_keys
 from tests.e2e.procs import (
     Fleet,
     assert_dump_equals,
@@ -38,6 +39,7 @@ from tests.e2e.procs import (
     wait_for,
 )
 from tests.faults.hostile import RawPeer
+from tests.support import test_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -167,6 +169,11 @@ async def test_deep_frames_from_the_broker_do_not_stop_a_clients_receive_loop(
     last two, and its hello again is what the test waits for."""
     router = zmq_ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
+    # The processes here speak CURVE to the test broker's key: the stand-in has that key.
+    broker_keys = load_keys(test_keys().broker_key_file)
+    router.curve_secretkey = broker_keys.secret
+    router.curve_publickey = broker_keys.public
+    router.curve_server = True
     port = router.bind_to_random_port("tcp://127.0.0.1")
     try:
         sub = await fleet.start(

@@ -50,6 +50,8 @@ def _rank(broker: str, rank: int, versions: str, *extra: str) -> list[str]:
         str(rank),
         "--world-size",
         "2",
+        "--job",
+        "pending-trainer",
         *extra,
     ]
 

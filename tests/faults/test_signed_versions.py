@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
 from streamer.checksum import C1, C2, GAMMA, bucket_digest
-from streamer.config import ClientConfig
 from streamer.signing_keys import new_signing_key
 from streamer.transport import MooncakeSender, ZmqFrameSender
 from tests.e2e.procs import Fleet, expected, file_exists, get_json, start_broker, wait_for
@@ -114,7 +113,7 @@ async def test_an_impostors_versions_announced_by_the_broker_are_never_applied(
         "--trust",
         str(tmp_path / "trainer.key.pub"),
     )
-    config = ClientConfig(broker=broker.endpoint)
+    config = broker.client_config()
     ctx = zmq.asyncio.Context()
     try:
         async with (
@@ -243,7 +242,7 @@ async def test_a_forged_bucket_matching_the_fast_checksum_is_refused_by_blake3(
         str(tmp_path / "trainer.key.pub"),
         "--require-digests",
     )
-    config = ClientConfig(broker=broker.endpoint)
+    config = broker.client_config()
     ctx = zmq.asyncio.Context()
     ranks = [
         open_publisher(

@@ -36,7 +36,6 @@ from schemas.messages import (
     Welcome,
 )
 from streamer.client import connect
-from streamer.config import ClientConfig
 from streamer.transport import ZmqFrameSender
 from tests.e2e.procs import Fleet, file_exists, get_json, start_broker, wait_for
 from tests.faults.measure import cpu_s, rss_bytes
@@ -81,7 +80,7 @@ async def test_join_leave_and_publish_cycles_leave_broker_and_publisher_flat(
     fleet: Fleet, ctx, faults
 ):
     broker = await start_broker(fleet, "--gone-peer-ttl-s", "1")
-    config = ClientConfig(broker=broker.endpoint, request_timeout_s=10, heartbeat_interval_s=0.5)
+    config = broker.client_config(request_timeout_s=10, heartbeat_interval_s=0.5)
     cycles, warm_up = 150, 30
     faults.inject(f"{cycles} subscriber join/leave cycles, one published version each")
     async with open_publisher(config, model=MODEL, sender=ZmqFrameSender(), context=ctx) as pub:
@@ -125,12 +124,15 @@ async def test_join_leave_and_publish_cycles_leave_broker_and_publisher_flat(
         )
 
 
-async def _raw_peer(ctx: zmq.asyncio.Context, endpoint: str, peer_id: str, role: str):
+async def _raw_peer(
+    ctx: zmq.asyncio.Context, endpoint: str, peer_id: str, role: str, *, secure: bool = True
+):
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.ROUTING_ID, peer_id.encode())
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, 0)
-    test_keys().apply(socket)
+    if secure:  # a broker with the test keys
+        test_keys().apply(socket)
     socket.connect(endpoint)
     await socket.send(encode(Hello(peer_id=peer_id, role=role)))  # type: ignore[arg-type]
     return socket
@@ -169,7 +171,7 @@ def _big_shard(num_tensors: int) -> Shard:
 async def test_hostile_floods_cost_the_broker_bounded_cpu_and_memory(fleet: Fleet, ctx, faults):
     # The raw peers never send heartbeats: keep them known for the whole test.
     broker = await start_broker(fleet, "--peer-timeout-s", "300")
-    config = ClientConfig(broker=broker.endpoint, request_timeout_s=10)
+    config = broker.client_config(request_timeout_s=10)
     async with contextlib.AsyncExitStack() as stack:
         publisher = await stack.enter_async_context(connect(config, role="publisher", context=ctx))
         await publisher.publish(MODEL, 1, 0, 1, _big_shard(2000))
@@ -257,7 +259,8 @@ async def test_a_low_open_file_limit_is_raised_and_every_peer_connects(fleet: Fl
     )
     await wait_for(partial(file_exists, ready), timeout_s=30, what="broker ready", fleet=fleet)
     endpoint = json.loads(ready.read_text())["endpoint"]
-    peers = [await _raw_peer(ctx, endpoint, f"p{i}", "observer") for i in range(100)]
+    # A broker without keys (loopback only): bare peers.
+    peers = [await _raw_peer(ctx, endpoint, f"p{i}", "observer", secure=False) for i in range(100)]
     # All connected at once (none closed before the last Welcome): 100 fds past the 64.
     welcomes = await asyncio.gather(*(_recv(socket) for socket in peers))
     assert all(isinstance(w, Welcome) for w in welcomes)

@@ -13,7 +13,6 @@ import pytest
 import zmq.asyncio
 
 from streamer.client import connect
-from streamer.config import ClientConfig
 from tests.e2e.procs import Fleet, get_json, start_broker, wait_for
 from tests.streamer.test_registry import shard
 
@@ -61,7 +60,7 @@ async def test_a_truncated_state_file_names_the_file_and_the_way_out(
     broker = await start_broker(fleet, "--state-dir", str(state))
     ctx = zmq.asyncio.Context()
     try:
-        config = ClientConfig(broker=broker.endpoint, request_timeout_s=5)
+        config = broker.client_config(request_timeout_s=5)
         async with connect(config, role="publisher", context=ctx) as client:
             await client.publish("m", 1, 0, 1, shard("w"))
     finally:
@@ -119,7 +118,7 @@ async def test_a_full_disk_is_reported_and_the_broker_keeps_serving(
         faults.inject("state dir's disk full")
         ctx = zmq.asyncio.Context()
         try:
-            config = ClientConfig(broker=broker.endpoint, request_timeout_s=5)
+            config = broker.client_config(request_timeout_s=5)
             async with connect(config, role="publisher", context=ctx) as client:
                 for version in range(1, 6):
                     reply = await client.publish("m", version, 0, 1, shard("w" * 200))

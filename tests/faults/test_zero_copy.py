@@ -25,7 +25,6 @@ import zmq.asyncio
 
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
-from streamer.config import ClientConfig
 from streamer.transport.zmq_frames import ZmqFrameSender
 from tests.e2e.procs import (
     ENV,
@@ -36,6 +35,7 @@ from tests.e2e.procs import (
     start_broker,
     wait_for,
 )
+from tests.support import test_keys
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -83,7 +83,7 @@ async def _start_engine(fleet: Fleet, broker: str, model: str, tmp_path: Path) -
             str(tmp_path / "hold"),
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
-            env={**ENV, "PYTHONPATH": str(REPO)},
+            env={**ENV, **test_keys().env(), "PYTHONPATH": str(REPO)},
             cwd=REPO,
         )
     proc = Proc("engine", process, log)
@@ -152,7 +152,7 @@ async def _scene(tmp_path: Path, *broker_args: str) -> AsyncIterator[Scene]:
         broker = await start_broker(fleet, "--retention", "1", *broker_args, endpoint=endpoint)
         try:
             async with open_publisher(
-                ClientConfig(broker=endpoint, request_timeout_s=20),
+                broker.client_config(request_timeout_s=20),
                 model=model,
                 sender=ZmqFrameSender(),
                 node_local=True,

@@ -57,7 +57,13 @@ async def main(args: argparse.Namespace) -> None:
     dump_dir = Path(args.dump_dir)
     try:
         async with connect(
-            ClientConfig(broker=args.broker), role="subscriber", context=ctx
+            ClientConfig(
+                broker=args.broker,
+                key_file=os.environ.get("WEIGHTSTREAM_KEY_FILE"),
+                broker_key_file=os.environ.get("WEIGHTSTREAM_BROKER_KEY_FILE"),
+            ),
+            role="subscriber",
+            context=ctx,
         ) as client:
             await client.subscribe(args.model)
             first = await client.next_manifest(args.model, after=-1)

@@ -138,6 +138,10 @@ async def test_subscribe_and_leases_need_subscriber_rights(broker: RunningBroker
         async with client(broker, zmq_ctx, "engine", role="subscriber") as engine:
             assert await engine.subscribe(POLICY) == 1
             assert await engine.acquire_lease(POLICY, 1) > 0
+        # The model's own trainer may follow it (to continue after the latest), not lease it.
+        assert await trainer.subscribe(POLICY) == 1
+        with pytest.raises(Forbidden, match="not a subscriber of 'policy'"):
+            await trainer.acquire_lease(POLICY, 1)
 
 
 async def test_only_the_owner_claims_the_next_version(broker: RunningBroker, zmq_ctx):

@@ -25,7 +25,7 @@ from streamer.transport import BulkReceiver, BulkSender, ZmqFrameReceiver, ZmqFr
 from subscribers.pull import PullReport
 from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
-from subscribers.swap import SwapReport, TorchSwapper
+from subscribers.swap import SwapError, SwapReport, TorchSwapper
 from tests.support import MooncakeEngines, RunningBroker, eventually, until
 
 MODEL = "org/model"
@@ -263,7 +263,10 @@ async def test_a_manifest_that_does_not_fit_is_never_applied_nor_retried(
         misfit["model.norm.weight"] = torch.zeros(3, dtype=torch.bfloat16)
         await publisher.publish(2, misfit)
         await until(lambda: _announced(subscriber, 2))
-        assert await subscriber.apply_latest() == 1
+        # apply_latest raises the refusal (the engine stays on 1) rather than return quietly.
+        with pytest.raises(SwapError, match=r"model.norm.weight: shape \(3,\)"):
+            await subscriber.apply_latest()
+        assert subscriber.applied == 1
         assert subscriber.failures == 1  # FAST allows 2 attempts: a retry would make it 2
         error = await eventually(lambda: last_error(broker, "SwapError"))
         assert "model.norm.weight: shape (3,)" in error

@@ -57,7 +57,8 @@ async def _run(code: str, env: dict[str, str], log: Path) -> asyncio.subprocess.
 
 
 async def test_readme_snippets_run_as_pasted_against_a_local_broker(fleet: Fleet, tmp_path: Path):
-    broker = await start_broker(fleet)
+    # As a newcomer runs them: a loopback broker without keys (the README's first steps).
+    broker = await start_broker(fleet, secure=False)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
