@@ -68,7 +68,7 @@ async def pull_failures(http: str) -> int:
     ):
         text = await response.text()
     line = next(x for x in text.splitlines() if x.startswith("weightstream_pull_failures_total "))
-    return int(line.split()[1])
+    return int(float(line.split()[1]))  # prometheus-client prints counters as floats
 
 
 async def start_subscriber(fleet: Fleet, endpoint: str, dump: Path, *extra: str) -> None:
@@ -251,6 +251,7 @@ async def test_a_forged_bucket_matching_the_fast_checksum_is_refused_by_blake3(
             sender=ZmqFrameSender(host="127.0.0.1"),
             rank=rank,
             world_size=2,
+            job="run-7",  # the job the signing key is for
             bucket_bytes=256 << 10,
             signing_key=key,
             secure_digests=True,

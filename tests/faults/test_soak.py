@@ -148,7 +148,7 @@ def _big_shard(num_tensors: int) -> Shard:
     return Shard(
         regions=(
             RegionSpec(
-                nbytes=16 * num_tensors,
+                nbytes=256 * num_tensors,
                 locators=(FrameLocator(endpoint="tcp://127.0.0.1:1", key="r0"),),
                 rank=0,
             ),
@@ -159,12 +159,12 @@ def _big_shard(num_tensors: int) -> Shard:
                 dtype="float32",
                 shape=(4,),
                 region=0,
-                offset=16 * i,
+                offset=256 * i,  # ALIGNMENT
                 nbytes=16,
             )
             for i in range(num_tensors)
         ),
-        buckets=(BucketSpec(region=0, offset=0, nbytes=16 * num_tensors, checksum="00"),),
+        buckets=(BucketSpec(region=0, offset=0, nbytes=256 * num_tensors, checksum="0" * 32),),
     )
 
 
