@@ -55,8 +55,7 @@ def _check_endpoint_named(environ: Mapping[str, str]) -> None:
     """
     if not environ.get("WEIGHTSTREAM_MODEL"):
         return
-    named = [name.strip() for name in environ.get("VLLM_PLUGINS", "").split(",")]
-    if PLUGIN not in named:
+    if PLUGIN not in environ.get("VLLM_PLUGINS", "").split(","):  # as vLLM splits it
         logger.warning(
             "WEIGHTSTREAM_MODEL is set but VLLM_PLUGINS does not name %r: a vLLM server will "
             "not follow the model; start it with VLLM_PLUGINS=%s (an offline "
