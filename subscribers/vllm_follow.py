@@ -172,6 +172,8 @@ class _Following(Subscriber):
             self._update(pulling=None, staged=None)
 
     async def _pull_and_stage(self, manifest: Manifest) -> PullReport:
+        # The pull is over once the bytes are staged; an offline engine may then wait long
+        # for its thread (the next ws.generate): status says "staged", not "pulling".
         report = await super()._pull_and_stage(manifest)
         self._update(pulling=None, staged=manifest.version)
         return report
