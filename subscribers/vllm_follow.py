@@ -122,9 +122,12 @@ class FollowStatus:
     model: str
     applied: int | None = None
     pulling: int | None = None
+    staged: int | None = None
+    """Pulled and verified, waiting for the engine (offline: the next `ws.generate`)."""
     failed: int | None = None
     """The last version that failed (pull, checksum, or a manifest that does not fit)."""
     last_error: str | None = None
+    """Why the last version failed; cleared once a later version applies."""
     failures: int = 0
     last_pull_s: float | None = None
     last_pause_s: float | None = None
@@ -166,7 +169,14 @@ class _Following(Subscriber):
             )
             raise
         finally:
-            self._update(pulling=None)
+            self._update(pulling=None, staged=None)
+
+    async def _pull_and_stage(self, manifest: Manifest) -> PullReport:
+        # The pull is over once the bytes are staged; an offline engine may then wait long
+        # for its thread (the next ws.generate): status says "staged", not "pulling".
+        report = await super()._pull_and_stage(manifest)
+        self._update(pulling=None, staged=manifest.version)
+        return report
 
 
 def transport_names(transport: str) -> list[str]:
@@ -198,6 +208,7 @@ async def follow(
     async def on_applied(manifest: Manifest, pull: PullReport, swap: SwapReport) -> None:
         with swapper.changed:
             status.applied = manifest.version
+            status.last_error = None  # the failure it named is behind the engine now
             status.last_pull_s = round(pull.seconds, 4)
             status.last_pause_s = round(swap.pause_s, 4)
             swapper.changed.notify_all()
@@ -275,6 +286,12 @@ class WeightStream:
         self.status = FollowStatus(model=config.model, applied=config.applied)
         self.version: int | None = config.applied
         """The version the engine runs now (None: its start-up checkpoint)."""
+        if config.applied is not None:
+            self.swapper.label(config.applied)
+        self._warned_direct = False
+        # `llm.generate` itself, kept so that a direct call can warn while a version waits.
+        self._generate = llm.generate
+        llm.generate = self._direct_generate
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -344,7 +361,20 @@ class WeightStream:
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """`llm.generate(...)`, on the newest version pulled so far."""
         self.apply_latest()
-        return self.llm.generate(*args, **kwargs)
+        return self._generate(*args, **kwargs)
+
+    def _direct_generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`llm.generate` while following: as before, but says once that staged versions wait."""
+        staged = self.swapper.staged
+        if staged is not None and not self._warned_direct:
+            self._warned_direct = True
+            logger.warning(
+                "llm.generate called while version=%d is staged: it runs on version=%s; staged "
+                "versions apply only in ws.generate(...) or ws.apply_latest()",
+                staged,
+                self.version,
+            )
+        return self._generate(*args, **kwargs)
 
     def apply_latest(
         self,
@@ -390,7 +420,8 @@ class WeightStream:
                 return True
             if not self._thread.is_alive():
                 return False
-            if (wait or min_version is not None) and self.status.pulling is not None:
+            pending = self.status.pulling is not None or self.status.staged is not None
+            if (wait or min_version is not None) and pending:
                 return True
             if min_version is None:
                 return False
@@ -400,6 +431,8 @@ class WeightStream:
 
     def close(self) -> None:
         """Stop following (the engine stays on its version); call it on the engine's thread."""
+        if self.llm.__dict__.get("generate") == self._direct_generate:
+            del self.llm.generate  # back to the class's own method
         if self._loop is not None and self._task is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
                 self._loop.call_soon_threadsafe(self._task.cancel)

@@ -67,6 +67,8 @@ class WeightstreamEndpoint:
             engine_client, model_path=self.config.model_path, pause_mode=self.config.pause_mode
         )
         self.status = FollowStatus(model=self.config.model, applied=self.config.applied)
+        if self.config.applied is not None:
+            await self.swapper.label_async(self.config.applied)
         self.task = asyncio.get_running_loop().create_task(self._run(), name="weightstream-follow")
         self.task.add_done_callback(self._stopped)
 
@@ -117,12 +119,18 @@ class WeightstreamEndpoint:
         body.update(
             enabled=True,
             broker=self.config.broker,
-            state="pulling" if self.status.pulling is not None else "idle",
+            state=_state(self.status),
             engine_weight_version=await self.engine.get_weight_version(),
             last_drain_s=self.swapper.last_drain_s if self.swapper else None,
             following=self.task is not None and not self.task.done(),
         )
         return body
+
+
+def _state(status: FollowStatus) -> str:
+    if status.pulling is not None:
+        return "pulling"
+    return "staged" if status.staged is not None else "idle"
 
 
 def _log_like_vllm() -> None:

@@ -142,6 +142,7 @@ class WeightstreamTransferEngine(
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        _quiet_rotary_warning()  # a worker started without our general plugin loaded
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
@@ -180,6 +181,7 @@ class WeightstreamWorkerExtension:
     """
 
     def weightstream_reload(self, info_json: str) -> None:
+        _quiet_rotary_warning()
         runner: Any = self.model_runner  # type: ignore[attr-defined]
         with _mapped_weights(WeightstreamUpdateInfo(**json.loads(info_json))) as weights:
             runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
@@ -247,10 +249,30 @@ def register_backend() -> None:
     vLLM loads general plugins in every process (API server, engine core, workers), possibly
     more than once, so this is idempotent.
     """
+    _quiet_rotary_warning()
     try:
         WeightTransferEngineFactory.register_engine(BACKEND, WeightstreamTransferEngine)
     except ValueError:  # "already registered": this process loaded the plugin before
         logger.debug("weight-transfer backend %r already registered", BACKEND)
+
+
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def _drop_rotary_warning(record: logging.LogRecord) -> bool:
+    return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+def _quiet_rotary_warning() -> None:
+    """Drop vLLM's `RotaryEmbedding: Failed to load weights` warning, logged on every swap.
+
+    A rotary embedding has no weights in any checkpoint, only its computed cos/sin cache
+    buffer, which layerwise reload counts as loadable and then puts back unchanged: the
+    warning is a false alarm. Other layers' warnings still show (they are real).
+    """
+    reload_logger = logging.getLogger(_RELOAD_LOGGER)
+    if _drop_rotary_warning not in reload_logger.filters:
+        reload_logger.addFilter(_drop_rotary_warning)
 
 
 # --- front end: what a checkpoint holds, and the update info of a staged version -----------
@@ -396,6 +418,17 @@ class VllmSwapper:
         self._step = ""
         self.last_drain_s = 0.0
         """How long the last pause waited for requests in flight (AsyncLLM, mode "wait")."""
+
+    def label(self, version: int) -> None:
+        """Label an offline engine with `version` without updating it (WEIGHTSTREAM_APPLIED):
+        vLLM's weight version and its outputs' `weight_versions` say it, not `default`."""
+        if self.route == "native":
+            self.engine.update_weight_version(str(version))
+
+    async def label_async(self, version: int) -> None:
+        """`label` for an `AsyncLLM`."""
+        if self.route == "native":
+            await self.engine.update_weight_version(str(version))
 
     def check(self, manifest: Manifest) -> None:
         problems: list[str] = []

@@ -33,7 +33,7 @@ from weightstream.progress import Progress, format_bytes, format_rate
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from publishers.publisher import Publisher
+    from publishers.publisher import Publisher, PublishResult
     from schemas.manifest import Manifest
     from streamer.client import BrokerClient
     from streamer.config import ClientConfig
@@ -114,6 +114,26 @@ async def _wait_applied(publisher: Publisher, version: int, job: PublishJob) -> 
         progress.close()
 
 
+async def _publish_shown(
+    publisher: Publisher, version: int, shard: dict[str, torch.Tensor], nbytes: int
+) -> PublishResult:
+    """`publisher.publish`, with packing (the long part for a checkpoint) on one updating
+    line on a TTY: its size, then the seconds it has taken."""
+    progress = Progress(f"v{version}: packing {len(shard)} tensors, {format_bytes(nbytes)}:")
+    publish = asyncio.create_task(publisher.publish(version, shard))
+    started = time.perf_counter()
+    try:
+        while not publish.done():
+            progress.update(f"{time.perf_counter() - started:.0f} s")
+            await asyncio.wait({publish}, timeout=0.5)
+        result = await publish
+        progress.update(f"published in {result.seconds:.2f} s")
+        return result
+    finally:
+        publish.cancel()
+        progress.close()
+
+
 async def run_publish(job: PublishJob) -> None:
     ctx = zmq.asyncio.Context()
     try:
@@ -144,7 +164,7 @@ async def run_publish(job: PublishJob) -> None:
                     )
                 shard = shard_of(tensors, job.rank, job.world_size)
                 nbytes = sum(t.nbytes for t in shard.values())
-                result = await publisher.publish(version, shard)
+                result = await _publish_shown(publisher, version, shard, nbytes)
                 logger.info(
                     "version=%d size=%s tensors=%d published in %.2f s",
                     version,

@@ -93,6 +93,7 @@ def server(
         "WEIGHTSTREAM_BROKER": broker.endpoint,
         "WEIGHTSTREAM_MODEL": MODEL,
         "WEIGHTSTREAM_TRANSPORT": "auto",
+        "WEIGHTSTREAM_APPLIED": "1",  # its checkpoint is the trainer's version 1
     }
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     with log.open("wb") as out:
@@ -130,7 +131,10 @@ def test_server_follows_versions_while_serving(
     references: dict[str, list[list[int]]],
 ) -> None:
     assert [server.complete(i) for i in range(len(PROMPTS))] == references["v1"]
-    assert server.status()["connected"]
+    status = server.status()
+    assert status["connected"]
+    # Labelled with the version its checkpoint is, before any swap, and idle.
+    assert (status["engine_weight_version"], status["applied"], status["state"]) == ("1", 1, "idle")
 
     stop_load = threading.Event()
     done: list[tuple[int, list[int]]] = []
