@@ -113,10 +113,31 @@ def raw_reads(nodes: Nodes, nbytes: int, count: int) -> tuple[float, float]:
         server.wait(timeout=30)
 
 
+def make_keys(directory: Path) -> dict[str, str]:
+    """CURVE keys for broker, trainer and subscribers of `bench`, and their allowlist: a broker
+    on the bridge (off loopback) runs with keys, as in production."""
+    from streamer.auth import Grant, create_keys, load_public_key, render_grants
+
+    rights = {"trainer": (["bench"], []), "subscriber": ([], ["bench"])}
+    paths: dict[str, str] = {}
+    grants: list[Grant] = []
+    for name in ("broker", "trainer", "subscriber"):
+        public, secret = create_keys(name, directory)
+        paths[name], paths[f"{name}.public"] = str(secret), str(public)
+        if name in rights:
+            publish, subscribe = rights[name]
+            key = load_public_key(public).decode()
+            grants.append(Grant(name=name, public_key=key, publish=publish, subscribe=subscribe))
+    paths["allowlist"] = str(directory / "allowlist.toml")
+    Path(paths["allowlist"]).write_text(render_grants(grants))
+    return paths
+
+
 async def ours(
     nodes: Nodes, size: int, count: int, versions: int, workdir: Path
 ) -> dict[str, float]:
     ready = workdir / "broker.json"
+    keys = make_keys(workdir / "keys")
     broker = subprocess.Popen(
         [
             sys.executable,
@@ -131,6 +152,10 @@ async def ours(
             "0",
             "--ready-file",
             str(ready),
+            "--key-file",
+            keys["broker"],
+            "--allowlist-file",
+            keys["allowlist"],
         ],
         env=ENV,
         cwd=ROOT,
@@ -161,13 +186,22 @@ async def ours(
                         "mooncake",
                         "--host",
                         nodes.address(node),
+                        "--key-file",
+                        keys["subscriber"],
+                        "--broker-key-file",
+                        keys["broker.public"],
                     ],
                     env=ENV,
                     cwd=ROOT,
                 )
             )
         rows: list[dict[str, float]] = []
-        config = ClientConfig(broker=info["endpoint"], request_timeout_s=60)
+        config = ClientConfig(
+            broker=info["endpoint"],
+            request_timeout_s=60,
+            key_file=keys["trainer"],
+            broker_key_file=keys["broker.public"],
+        )
         async with open_publisher(
             config, model="bench", sender=MooncakeSender(host=nodes.host), context=ctx
         ) as pub:
