@@ -32,20 +32,23 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 import torch
 import zmq.asyncio
 
+from gpu.ipc import export_buffer
 from publishers import gpu_snapshot
 from publishers.memory import BufferPool, BufferSet
 from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
+from schemas.manifest import CudaIpcLocator
 from streamer.client import BrokerClient, connect
 from streamer.errors import BrokerError, StreamerError
 from streamer.signing import add_digests, sign_shard
-from streamer.transport.shm import ShmSender
+from streamer.transport.shm import ShmSender, host_id
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from publishers.gpu_snapshot import GpuSnapshot
     from publishers.packing import Layout
-    from schemas.manifest import Shard
+    from schemas.ipc import CudaIpcBuffer
+    from schemas.manifest import Locator, Shard
     from streamer.config import ClientConfig
     from streamer.signing_keys import SigningKey
     from streamer.transport.base import BulkSender
@@ -159,6 +162,7 @@ class Publisher:
         signing_key: SigningKey | None = None,
         secure_digests: bool = False,
         background_timeout_s: float = DEFAULT_BACKGROUND_TIMEOUT_S,
+        offer_gpu: bool = False,
     ) -> None:
         """`node_local=True` puts the buffers in POSIX shared memory and offers them to
         same-host subscribers, who map them instead of fetching them. `job` names the
@@ -167,7 +171,10 @@ class Publisher:
         docstring). `signing_key` signs every shard (subscribers that trust its public key
         verify it); `secure_digests` adds a BLAKE3 digest to every bucket, for untrusted
         networks (docs/security.md). `background_timeout_s` bounds how long a publish waits
-        for the previous snapshot publish's background part."""
+        for the previous snapshot publish's background part. `offer_gpu=True` also offers each
+        snapshot publish's GPU copy over CUDA IPC (a `CudaIpcLocator` per region, first) to
+        subscribers on the same GPU; each such version then keeps its own GPU copy until the
+        broker retires it (see docs/design.md, memory)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, {world_size})")
         if job is None:
@@ -213,6 +220,13 @@ class Publisher:
         """The last snapshot publish, until a later publish (or `flush`) saw it finish."""
         self._device_buffer: torch.Tensor | None = None
         """The GPU snapshot buffer (one version's bytes), reused by every snapshot publish."""
+        self.offer_gpu = offer_gpu
+        self.gpu_live: dict[int, torch.Tensor] = {}
+        """With `offer_gpu`: the GPU copy of each version offered over CUDA IPC, until retired."""
+        self._gpu_free: list[torch.Tensor] = []
+        """Retired versions' GPU copies, reused (at most `max_buffer_sets`)."""
+        self._exported: dict[int, CudaIpcBuffer] = {}
+        """The IPC handle of each GPU copy (by data pointer), exported once."""
 
     @overload
     async def publish(
@@ -262,7 +276,7 @@ class Publisher:
         started = time.perf_counter()
         layout = plan(named_tensors, bucket_bytes=self.bucket_bytes, region_bytes=self.region_bytes)
         if snapshot:
-            taken = await asyncio.to_thread(self._snapshot, layout, named_tensors)
+            taken = await self._snapshot(layout, named_tensors)
             stall = time.perf_counter() - started
             task = asyncio.create_task(
                 self._publish_snapshot(version, layout, taken, started, stall),
@@ -278,30 +292,114 @@ class Publisher:
             raise
         return await self._announce(version, layout, buffer_set, checksums, started, None)
 
-    def _snapshot(self, layout: Layout, named_tensors: Mapping[str, torch.Tensor]) -> GpuSnapshot:
-        """Copy the tensors into the (reused) device snapshot buffer. Blocking: the stall."""
+    async def _snapshot(
+        self, layout: Layout, named_tensors: Mapping[str, torch.Tensor]
+    ) -> GpuSnapshot:
+        """Copy the tensors into a device snapshot buffer: the trainer's stall."""
         device = next(iter(named_tensors.values())).device
-        into = self._device_buffer
-        if into is None or into.device != device or into.numel() < layout.total_bytes:
-            self._device_buffer = None  # free the old one before allocating its successor
-            into = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
-            self._device_buffer = into
-        return gpu_snapshot.snapshot(layout, named_tensors, into=into)
+        if not self.offer_gpu:
+            into = self._device_buffer  # one, reused: the previous version's copy is done
+            if into is None or into.device != device or into.numel() < layout.total_bytes:
+                self._device_buffer = None  # free the old one before allocating its successor
+                into = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
+                self._device_buffer = into
+            return await asyncio.to_thread(gpu_snapshot.snapshot, layout, named_tensors, into=into)
+        if device.type != "cuda":
+            raise ValueError(f"offer_gpu needs CUDA tensors, not tensors on {device}")
+        into = self._take_gpu_copy(device, layout.total_bytes)
+        try:
+            return await asyncio.to_thread(gpu_snapshot.snapshot, layout, named_tensors, into=into)
+        except BaseException:
+            self._give_back_gpu_copy(into)
+            raise
+
+    def _take_gpu_copy(self, device: torch.device, nbytes: int) -> torch.Tensor:
+        """A free GPU copy of at least `nbytes` (a retired version's), else a new one."""
+        for index, free in enumerate(self._gpu_free):
+            if free.device == device and free.numel() >= nbytes:
+                return self._gpu_free.pop(index)
+        if len(self.gpu_live) >= self.max_buffer_sets:
+            raise PublishRefused(
+                f"{self.model} rank {self.rank} holds GPU copies of versions {sorted(self.gpu_live)}"
+                " that the broker has not retired; wait for subscribers or raise max_buffer_sets"
+            )
+        self._gpu_free.clear()  # too small or elsewhere: free them before allocating
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def _give_back_gpu_copy(self, packed: torch.Tensor) -> None:
+        if len(self._gpu_free) < self.max_buffer_sets:
+            self._gpu_free.append(packed)
+        else:
+            self._exported.pop(packed.data_ptr(), None)
+
+    def _gpu_offers(self, taken: GpuSnapshot) -> list[list[Locator]]:
+        """One `CudaIpcLocator` per region of the snapshot's packed buffer."""
+        key = taken.packed.data_ptr()
+        exported = self._exported.get(key)
+        if exported is None:
+            exported = self._exported[key] = export_buffer(taken.packed)
+        host = host_id()
+        offers: list[list[Locator]] = []
+        start = 0
+        for nbytes in taken.layout.region_bytes:
+            offers.append(
+                [
+                    CudaIpcLocator(
+                        host=host,
+                        device_uuid=exported.device_uuid,
+                        device=exported.device,
+                        handle=exported.handle,
+                        size_bytes=exported.size_bytes,
+                        region_offset=start,
+                        nbytes=nbytes,
+                        offset_bytes=exported.offset_bytes,
+                        ref_counter_handle=exported.ref_counter_handle,
+                        ref_counter_offset=exported.ref_counter_offset,
+                        event_handle=exported.event_handle,
+                        event_sync_required=exported.event_sync_required,
+                    )
+                ]
+            )
+            start += nbytes
+        return offers
 
     async def _publish_snapshot(
         self, version: int, layout: Layout, taken: GpuSnapshot, started: float, stall: float
     ) -> PublishResult:
         """The background part of a snapshot publish: D2H + digests, then the PublishShard."""
-        buffer_set, _ = self.pool.take(layout.region_bytes)
-        copying = asyncio.ensure_future(asyncio.to_thread(taken.copy_to, buffer_set.buffers))
+        gpu_copy = taken.packed if self.offer_gpu else None
         try:
-            # Shielded: a cancel must not give the buffers back while the copy still writes.
-            checksums = await asyncio.shield(copying)
+            buffer_set, _ = self.pool.take(layout.region_bytes)
+            copying = asyncio.ensure_future(asyncio.to_thread(taken.copy_to, buffer_set.buffers))
+            try:
+                # Shielded: a cancel must not give the buffers back while the copy still writes.
+                checksums = await asyncio.shield(copying)
+            except BaseException:
+                await asyncio.wait([copying])
+                self.pool.give_back(buffer_set)
+                raise
+            offers = self._gpu_offers(taken) if gpu_copy is not None else None
         except BaseException:
-            await asyncio.wait([copying])
-            self.pool.give_back(buffer_set)
+            if gpu_copy is not None:
+                self._give_back_gpu_copy(gpu_copy)
             raise
-        return await self._announce(version, layout, buffer_set, checksums, started, stall)
+        try:
+            result = await self._announce(
+                version, layout, buffer_set, checksums, started, stall, offers=offers
+            )
+        except BaseException as exc:
+            if gpu_copy is not None:
+                # No answer: it may be announced, so it stays until a Retire (as the host
+                # buffers do); refused (or never sent): nobody opened it.
+                kept = version in self.live and version not in self.gpu_live
+                if kept and not isinstance(exc, BrokerError):
+                    self.gpu_live[version] = gpu_copy
+                else:
+                    self._give_back_gpu_copy(gpu_copy)
+            raise
+        if gpu_copy is not None:
+            self.gpu_live[version] = gpu_copy
+        return result
 
     async def _settle_background(self) -> None:
         """Wait (bounded) for the previous snapshot publish's background part; raise its error."""
@@ -340,13 +438,18 @@ class Publisher:
         checksums: list[str],
         started: float,
         stall: float | None,
+        *,
+        offers: list[list[Locator]] | None = None,
     ) -> PublishResult:
-        """Expose the packed `buffer_set`, seal the shard and send it to the broker."""
+        """Expose the packed `buffer_set`, seal the shard and send it to the broker; `offers`
+        (the GPU copy's, per region) come first in each region's locators."""
         try:
             regions = buffer_set.regions
             # Each region is offered on every transport; subscribers read from one they have.
             per_sender = [sender.expose(regions) for sender in self.senders]
             locators = [list(offers) for offers in zip(*per_sender, strict=True)]
+            if offers is not None:
+                locators = [[*gpu, *host] for gpu, host in zip(offers, locators, strict=True)]
             shard = layout.shard(locators, checksums, self.rank)
             if self.secure_digests or self.signing_key is not None:
                 shard = await asyncio.to_thread(self._seal, version, shard, buffer_set)
@@ -414,6 +517,9 @@ class Publisher:
             if retire.model != self.model:
                 continue
             buffer_set = self.live.pop(retire.version, None)
+            gpu_copy = self.gpu_live.pop(retire.version, None)
+            if gpu_copy is not None:
+                self._give_back_gpu_copy(gpu_copy)  # no subscriber leases it any more
             if retire.reason:
                 # Not the normal end of a version: a pending one expired, say (ranks missing).
                 logger.warning(
@@ -456,6 +562,9 @@ class Publisher:
 
     def close(self) -> None:
         self._device_buffer = None
+        self.gpu_live.clear()
+        self._gpu_free.clear()
+        self._exported.clear()
         for sender in self.senders:
             sender.close()
         self.pool.close()
