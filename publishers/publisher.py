@@ -36,11 +36,10 @@ from gpu.ipc import export_buffer
 from publishers import gpu_snapshot
 from publishers.memory import BufferPool, BufferSet
 from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
-from schemas.manifest import CudaIpcLocator
 from streamer.client import BrokerClient, connect
 from streamer.errors import BrokerError, StreamerError
 from streamer.signing import add_digests, sign_shard
-from streamer.transport.shm import ShmSender, host_id
+from streamer.transport.shm import ShmSender
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -333,35 +332,12 @@ class Publisher:
             self._exported.pop(packed.data_ptr(), None)
 
     def _gpu_offers(self, taken: GpuSnapshot) -> list[list[Locator]]:
-        """One `CudaIpcLocator` per region of the snapshot's packed buffer."""
+        """One `CudaIpcLocator` per region of the snapshot's packed buffer (exported once)."""
         key = taken.packed.data_ptr()
         exported = self._exported.get(key)
         if exported is None:
             exported = self._exported[key] = export_buffer(taken.packed)
-        host = host_id()
-        offers: list[list[Locator]] = []
-        start = 0
-        for nbytes in taken.layout.region_bytes:
-            offers.append(
-                [
-                    CudaIpcLocator(
-                        host=host,
-                        device_uuid=exported.device_uuid,
-                        device=exported.device,
-                        handle=exported.handle,
-                        size_bytes=exported.size_bytes,
-                        region_offset=start,
-                        nbytes=nbytes,
-                        offset_bytes=exported.offset_bytes,
-                        ref_counter_handle=exported.ref_counter_handle,
-                        ref_counter_offset=exported.ref_counter_offset,
-                        event_handle=exported.event_handle,
-                        event_sync_required=exported.event_sync_required,
-                    )
-                ]
-            )
-            start += nbytes
-        return offers
+        return [[offer] for offer in taken.ipc_offers(exported)]
 
     async def _publish_snapshot(
         self, version: int, layout: Layout, taken: GpuSnapshot, started: float, stall: float
@@ -585,6 +561,8 @@ async def open_publisher(
     job: str | None = None,
     signing_key: SigningKey | None = None,
     secure_digests: bool = False,
+    background_timeout_s: float = DEFAULT_BACKGROUND_TIMEOUT_S,
+    offer_gpu: bool = False,
 ) -> AsyncIterator[Publisher]:
     """Connect to the broker and run the retire loop while the publisher is in use."""
     ctx = context or zmq.asyncio.Context()
@@ -602,6 +580,8 @@ async def open_publisher(
                 max_buffer_sets=max_buffer_sets,
                 signing_key=signing_key,
                 secure_digests=secure_digests,
+                background_timeout_s=background_timeout_s,
+                offer_gpu=offer_gpu,
             )
             retire = asyncio.create_task(publisher.retire_loop(), name="retire")
             try:
