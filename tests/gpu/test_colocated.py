@@ -1,9 +1,11 @@
 """The same-GPU path: a trainer process offers its GPU copy over CUDA IPC; an engine process on
 the same GPU copies it device to device into its staging, verifies every bucket there and swaps.
 
-Two real processes (CUDA IPC handles mean nothing inside the process that exported them). Plain
-functions around `asyncio.run`, as the other tests here, so the device machine runs them without
-pytest-asyncio (`pytest -c /dev/null --noconftest tests/gpu`).
+The IPC cases need two real processes on a GPU (CUDA IPC handles mean nothing inside the process
+that exported them): marked `gpu`. The stager's device-to-device pull from a peer's memory is
+also checked on the CPU (the same code, without streams). Plain functions around `asyncio.run`,
+as the other tests here, so the device machine runs them without pytest-asyncio
+(`pytest -c /dev/null --noconftest tests/gpu`).
 """
 
 from __future__ import annotations
@@ -27,17 +29,15 @@ from streamer.client import connect
 from streamer.config import ClientConfig
 from streamer.errors import ChecksumMismatch
 from streamer.transport import ShmReceiver
+from subscribers.cuda_stage import CudaStager
 from subscribers.staging import Staging
 from subscribers.subscriber import Subscriber
 from tests.gpu.test_cuda_swap import BUCKET_BYTES, FAST, MODEL, Engine, weights
 from tests.support import broker_config, run_broker
 
 HAS_CUDA = torch.cuda.is_available()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"),
-    pytest.mark.timeout(180),
-]
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+pytestmark = pytest.mark.timeout(180)
 
 WAIT_S = 60.0
 
@@ -61,6 +61,35 @@ def _snapshot_trainer(conn: Any, version: int, corrupt: bool) -> None:
     conn.close()
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda_only])]
+)
+def test_a_pull_from_a_peers_memory_gives_a_private_verified_copy(device: str) -> None:
+    named = {name: t.to(device) for name, t in weights(5).items()}
+    layout = plan(named, bucket_bytes=BUCKET_BYTES, region_bytes=256 << 10)
+    taken = snapshot(layout, named, wait="digested")
+    checksums = taken.copy_to([torch.empty(n, dtype=torch.uint8) for n in layout.region_bytes])
+    shard = layout.shard([[] for _ in layout.region_bytes], checksums, 0)
+    stager = CudaStager(device, taken.packed.numel() + 256 * len(taken.regions))
+    stager.prepare([r.nbytes for r in shard.regions])
+    result = stager.pull_peer(taken.regions, shard.buckets)
+    assert result.ok
+    assert result.nbytes == layout.total_bytes
+    params = {name: torch.full_like(t, -3.25) for name, t in named.items()}
+    taken.regions[0].zero_()  # the peer's memory changes: the staged copy is ours
+    stager.swap_in(shard.tensors, params)
+    for name, tensor in named.items():
+        assert torch.equal(params[name].view(torch.int16), tensor.view(torch.int16)), name
+    # A bucket whose peer bytes differ from its digest is named (region 0 is zeroed now).
+    failed = stager.pull_peer(taken.regions, shard.buckets).failed
+    assert failed
+    assert all(shard.buckets[index].region == 0 for index in failed)
+    with pytest.raises(TypeError, match="peer region 0 must be a 1-D uint8 tensor"):
+        stager.pull_peer([r.view(torch.int16) for r in taken.regions], shard.buckets)
+
+
+@pytest.mark.gpu
+@cuda_only
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_the_engine_copies_the_trainers_gpu_copy_device_to_device_and_verifies_it(
     corrupt: bool,
@@ -134,6 +163,8 @@ def _offering_publisher(config: ClientConfig, versions: list[int], conn: Any) ->
     conn.close()
 
 
+@pytest.mark.gpu
+@cuda_only
 def test_a_version_is_offered_on_the_gpu_and_on_the_host_at_once() -> None:
     """Through the service: the engine on the trainer's GPU reads the GPU copy, a subscriber
     that cannot (a CPU engine here, a remote one in life) reads the host copy; both verified."""
