@@ -830,8 +830,9 @@ def parse() -> argparse.Namespace:
     service.add_argument(
         "--publish-mode",
         default="pack",
-        choices=["pack", "snapshot"],
-        help="snapshot: publish returns after the GPU snapshot (stall), the host copy follows",
+        choices=["pack", "snapshot", "colocated"],
+        help="snapshot: publish returns after the GPU snapshot (stall), the host copy follows; "
+        "colocated: the same, and the GPU copy is offered over CUDA IPC (same-GPU subscriber)",
     )
     service.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--manifest", default=None)

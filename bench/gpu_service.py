@@ -159,6 +159,7 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
                 bucket_bytes=args.bucket_mib * MiB,
                 node_local=True,
                 context=ctx,
+                offer_gpu=args.publish_mode == "colocated",
             ) as publisher:
                 say(f"READY {endpoint}")
                 for version in range(1, args.versions + 1):
@@ -170,7 +171,7 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)  # the trainer's step is done
                     t0 = time.perf_counter()
-                    if args.publish_mode == "snapshot":
+                    if args.publish_mode in ("snapshot", "colocated"):
                         pending = await publisher.publish(version, named, snapshot=True)
                         stalled = time.perf_counter()
                         # The trainer changes its parameters right away (the next step): the
@@ -187,6 +188,7 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
                         await publisher.wait_applied(version, args.ranks)
                     applied = time.perf_counter()
                     device_buffer = publisher._device_buffer
+                    gpu_copies = [*publisher.gpu_live.values(), *publisher._gpu_free]
                     row = {
                         "version": version,
                         "publish_mode": args.publish_mode,
@@ -197,7 +199,8 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
                         "announce_to_all_applied_s": applied - announced,
                         "end_to_end_s": applied - t0,
                         "pool_bytes": publisher.pool.allocated_bytes,
-                        "gpu_snapshot_bytes": 0 if device_buffer is None else device_buffer.numel(),
+                        "gpu_snapshot_bytes": sum(c.numel() for c in gpu_copies)
+                        + (0 if device_buffer is None else device_buffer.numel()),
                         "complete": result.complete,
                     }
                     out["versions"].append(row)
@@ -274,6 +277,7 @@ async def _subscribe_main(args: argparse.Namespace) -> tuple[dict[str, Any], Any
             "register_s": stage.register_s,
             "pause_s": swap.pause_s,
             "verified_bytes": stage.nbytes,
+            "source": stage.source,
             "bad_params": bad,
         }
         rows.append(row)
@@ -419,6 +423,7 @@ def summarize_service(
         "stall_s": [published[v]["stall_s"] for v in timed],
         "end_to_end_s": [published[v]["end_to_end_s"] for v in timed],
         "gpu_snapshot_bytes": pub["versions"][-1].get("gpu_snapshot_bytes", 0),
+        "sources": sorted({row.get("source", "host") for r in ranks for row in r["rows"]}),
         "register_s_warmup": [max(r[v]["register_s"] for r in by_rank) for v in published][:warmup],
         "register_s_timed": worst("register_s"),
         "stage_median_s": median(worst("stage_s")),
@@ -456,7 +461,7 @@ def service_lines(s: dict[str, Any], floor: float, anchor: float, label: str) ->
         f"publish -> readable {median(s['publish_s']):.3f}s, end to end (trainer params -> engine params, verified) "
         f"{median(s['end_to_end_s']):.3f}s (runs {[round(x, 3) for x in s['end_to_end_s']]})",
         f"  memory: host {s['pool_bytes'] / GB:.2f} GB in the publisher's pool (one buffer set per version held), "
-        f"GPU snapshot buffer {s['gpu_snapshot_bytes'] / GB:.2f} GB (one, reused)",
+        f"GPU snapshot copies {s['gpu_snapshot_bytes'] / GB:.2f} GB in all; subscriber read from {s['sources']}",
     ]  # fmt: skip
 
 
@@ -472,7 +477,7 @@ def parse() -> argparse.Namespace:
     # Not --nproc: torchrun would take it for an abbreviation of its --nproc-per-node.
     ap.add_argument("--ranks", type=int, default=1, help="subscriber processes (one per GPU)")
     ap.add_argument("--mode", default="staged", choices=["staged", "streaming"])
-    ap.add_argument("--publish-mode", default="pack", choices=["pack", "snapshot"])
+    ap.add_argument("--publish-mode", default="pack", choices=["pack", "snapshot", "colocated"])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--timeout-s", type=float, default=300)
     ap.add_argument("--version-timeout-s", type=float, default=90)
