@@ -322,7 +322,9 @@ class Publisher:
                 f"{self.model} rank {self.rank} holds GPU copies of versions {sorted(self.gpu_live)}"
                 " that the broker has not retired; wait for subscribers or raise max_buffer_sets"
             )
-        self._gpu_free.clear()  # too small or elsewhere: free them before allocating
+        for free in self._gpu_free:  # too small or elsewhere: free them before allocating
+            self._exported.pop(free.data_ptr(), None)
+        self._gpu_free.clear()
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def _give_back_gpu_copy(self, packed: torch.Tensor) -> None:
@@ -382,25 +384,28 @@ class Publisher:
         pending = self._background
         if pending is None:
             return
-        try:
-            async with asyncio.timeout(self.background_timeout_s):
-                await asyncio.shield(pending.task)
-        except TimeoutError as exc:
+        # asyncio.wait, not a timeout around the task: the task may raise a TimeoutError of
+        # its own (the broker did not answer), which is a failure, not our bound.
+        done, _ = await asyncio.wait({pending.task}, timeout=self.background_timeout_s)
+        if not done:
             raise BackgroundPublishFailed(
                 f"version {pending.version} of {self.model} rank {self.rank}: its host copy and "
                 f"PublishShard did not finish within background_timeout_s="
                 f"{self.background_timeout_s}s; the next version waits for it (its snapshot "
                 "buffer is reused). Check the broker (`weightstream status`) or raise the timeout"
-            ) from exc
-        except Exception as exc:
-            self._background = None
-            if pending.reported:
-                return
+            )
+        self._background = None
+        if pending.task.cancelled():
+            raise BackgroundPublishFailed(
+                f"version {pending.version} of {self.model} rank {self.rank} was snapshotted "
+                "but its publish was cancelled; it is not readable. Publish the next version"
+            )
+        exc = pending.task.exception()
+        if exc is not None and not pending.reported:
             raise BackgroundPublishFailed(
                 f"version {pending.version} of {self.model} rank {self.rank} was snapshotted "
                 f"but not published: {exc}. It is not readable; publish the next version"
             ) from exc
-        self._background = None
 
     async def flush(self) -> None:
         """Wait until the last snapshot publish is readable (or raise why it is not)."""
@@ -520,15 +525,15 @@ class Publisher:
     async def settle(self) -> None:
         """Before closing: let the last snapshot publish finish (bounded), or cancel it."""
         pending, self._background = self._background, None
-        if pending is None or pending.task.done():
+        if pending is None:
             return
-        try:
-            async with asyncio.timeout(self.background_timeout_s):
-                await asyncio.shield(pending.task)
-        except TimeoutError:
+        done, _ = await asyncio.wait({pending.task}, timeout=self.background_timeout_s)
+        if not done:
             pending.task.cancel()
             await asyncio.gather(pending.task, return_exceptions=True)
-        except (StreamerError, OSError, RuntimeError) as exc:  # broker, transport, torch
+            return
+        exc = None if pending.task.cancelled() else pending.task.exception()
+        if exc is not None and not pending.reported:
             logger.warning(
                 "snapshot publish failed model=%s version=%d error=%s",
                 self.model,

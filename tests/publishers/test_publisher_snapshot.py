@@ -120,3 +120,31 @@ async def test_a_stuck_background_part_makes_the_next_publish_fail_within_its_bo
     finally:
         publisher.close()
         client.close()
+
+
+async def test_a_broker_that_does_not_answer_is_a_failure_of_that_version_not_a_stuck_one(
+    zmq_ctx,
+) -> None:
+    # The PublishShard's own TimeoutError (no answer within request_timeout_s) is reported once,
+    # as that version's failure; it does not read as the background bound running out.
+    client = BrokerClient(
+        ClientConfig(broker="tcp://127.0.0.1:9", request_timeout_s=0.2),
+        role="publisher",
+        context=zmq_ctx,
+    )
+    publisher = Publisher(
+        client=client, sender=ZmqFrameSender(), model="m", background_timeout_s=30.0
+    )
+    try:
+        await publisher.publish(1, {"w": torch.ones(4)}, snapshot=True)
+        with pytest.raises(
+            BackgroundPublishFailed, match="snapshotted but not published"
+        ) as raised:
+            await asyncio.wait_for(publisher.publish(2, {"w": torch.ones(4)}), 10)
+        assert isinstance(raised.value.__cause__, TimeoutError)
+        assert 1 in publisher.live  # unanswered: it may be announced, its bytes stay readable
+        with pytest.raises(TimeoutError, match="did not answer"):
+            await asyncio.wait_for(publisher.publish(2, {"w": torch.ones(4)}), 10)
+    finally:
+        publisher.close()
+        client.close()
