@@ -5,11 +5,12 @@ tensors here, where `gpu_snapshot` runs the same code without streams; CUDA unde
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
 
-from publishers.publisher import BackgroundPublishFailed, Publisher
+from publishers.publisher import BackgroundPublishFailed, Publisher, SyncPublisher
 from streamer.client import BrokerClient, connect
 from streamer.config import ClientConfig
 from streamer.errors import BrokerError
@@ -148,3 +149,28 @@ async def test_a_broker_that_does_not_answer_is_a_failure_of_that_version_not_a_
     finally:
         publisher.close()
         client.close()
+
+
+async def test_sync_publisher_snapshot_publishes_and_flushes_from_blocking_code(
+    broker: RunningBroker, zmq_ctx
+) -> None:
+    config = broker.client_config()
+    seen = threading.Event()
+    trainer = {name: t.clone() for name, t in tensors(4).items()}
+
+    def training_loop() -> float:
+        with SyncPublisher(config, model=MODEL, sender=ZmqFrameSender()) as publisher:
+            pending = publisher.publish_snapshot(4, trainer)
+            for tensor in trainer.values():
+                tensor.zero_()  # the next step, before the version is readable
+            publisher.flush(timeout_s=10)
+            assert seen.wait(5)  # stay until the watcher read it
+            return pending.stall_seconds
+
+    async with connect(config, role="subscriber", context=zmq_ctx) as watcher:
+        await watcher.subscribe(MODEL)
+        loop = asyncio.create_task(asyncio.to_thread(training_loop))
+        manifest = await asyncio.wait_for(watcher.next_manifest(MODEL, after=-1), 10)
+        assert_same(await pull_tensors(manifest), tensors(4))
+        seen.set()
+        assert await loop > 0
