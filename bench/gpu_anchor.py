@@ -68,6 +68,54 @@ def _receiver(queue: Any, results: Any, manifest_path: str, uuid: str, device_in
         results.put((seen[0], bad))
 
 
+def _serve_per_version(ps: Any, manifest: BenchManifest, named: dict[str, torch.Tensor],
+                       args: argparse.Namespace, uuid: str) -> dict[str, Any]:  # fmt: skip
+    """End to end from the trainer's GPU tensors, per version: `register_checkpoint` (into the
+    reused shared pinned pool), `gather_metas`, `update()`, `unregister_checkpoint`."""
+    ctx = mp.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(queue, results, args.manifest, uuid, 0))
+    proc.start()
+    times, registers, bad, seen = [], [], 0, []
+    for run in range(args.runs + 1):  # run 0 is the warm-up (allocates the pinned pool)
+        name = f"v{run}"
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ps.register_checkpoint(name, named_tensors=named, use_shared_memory_pool=True)
+        registered = time.perf_counter()
+        ps.gather_metas(name)
+        ps.update(name, queue.put)
+        dt = time.perf_counter() - t0
+        ps.unregister_checkpoint(name)
+        applied, nbad = results.get()
+        bad += nbad
+        seen.append(applied)
+        if run:
+            times.append(dt)
+            registers.append(registered - t0)
+        say(f"anchor end to end {run}: {dt:.3f}s (register {registered - t0:.3f}s), bad {nbad}")
+        time.sleep(1.0)
+    queue.put(None)
+    proc.join()
+    return {"end_to_end_s": times, "register_s": registers, "end_to_end_median_s": median(times),
+            "register_median_s": median(registers), "bad": bad, "applied": seen}  # fmt: skip
+
+
+def phase_anchor1e2e(args: argparse.Namespace) -> None:
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    from checkpoint_engine.ps import (  # type: ignore[import-not-found]
+        ParameterServer,
+        _get_physical_gpu_id,
+    )
+
+    torch.cuda.set_device(0)
+    manifest = load_manifest(args.manifest)
+    named = {n: t.cuda() for n, t in tensor_views(manifest, map_regions(manifest)).items()}
+    ps = ParameterServer(auto_pg=True)
+    out = _serve_per_version(ps, manifest, named, args, _get_physical_gpu_id(ps.device_manager, 0))
+    write_json(args.result, out)
+
+
 def _serve(ps: Any, manifest: BenchManifest, named: dict[str, torch.Tensor], args: argparse.Namespace,
            uuid: str, device_index: int, pause_s: float) -> dict[str, Any]:  # fmt: skip
     ctx = mp.get_context("spawn")
@@ -102,7 +150,7 @@ def _serve(ps: Any, manifest: BenchManifest, named: dict[str, torch.Tensor], arg
 
 def phase_anchor1(args: argparse.Namespace) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    from checkpoint_engine.ps import (  # type: ignore[import-not-found]
+    from checkpoint_engine.ps import (
         ParameterServer,
         _get_physical_gpu_id,
     )
@@ -147,7 +195,7 @@ def phase_anchor4(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", required=True, choices=["anchor1", "anchor4"])
+    ap.add_argument("--phase", required=True, choices=["anchor1", "anchor1e2e", "anchor4"])
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--result", required=True)
     ap.add_argument("--runs", type=int, default=3)
@@ -155,4 +203,4 @@ if __name__ == "__main__":
     ap.add_argument("--gb", type=float, default=16)  # accepted for a common command line
     ap.add_argument("--bucket-mib", default="")
     a = ap.parse_args()
-    {"anchor1": phase_anchor1, "anchor4": phase_anchor4}[a.phase](a)
+    {"anchor1": phase_anchor1, "anchor1e2e": phase_anchor1e2e, "anchor4": phase_anchor4}[a.phase](a)

@@ -649,6 +649,9 @@ def main(args: argparse.Namespace) -> None:
             plans.append(("single", [*me, "--phase", "single"]))
             if not args.skip_anchor:
                 plans.append(("anchor1", [*anchor, "--phase", "anchor1", "--port", str(port + 40)]))
+                plans.append(
+                    ("anchor1e2e", [*anchor, "--phase", "anchor1e2e", "--port", str(port + 60)])
+                )
         if "multi" in cases:
             run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                    "--master-addr", "127.0.0.1"]  # fmt: skip
@@ -730,6 +733,15 @@ def summarize(results: dict[str, Any]) -> list[str]:
         floor = s["floor_median_s"] if s else float("nan")
         anchor = a1["update_median_s"] if a1 else float("nan")
         lines += gpu_service.service_lines(svc, floor, anchor, "1 GPU")
+        e2e = results.get("anchor1e2e")
+        if e2e:
+            ours = median(svc["end_to_end_s"])
+            lines.append(
+                f"  anchor end to end from the trainer's GPU tensors (register_checkpoint + gather_metas + update): "
+                f"{e2e['end_to_end_median_s']:.3f}s (runs {[round(x, 3) for x in e2e['end_to_end_s']]}, register "
+                f"{e2e['register_median_s']:.3f}s), bad {e2e['bad']}; ours end to end {ours:.3f}s = "
+                f"{e2e['end_to_end_median_s'] / ours:.1f} x faster"
+            )  # fmt: skip
     elif "service" in results:
         lines.append("1 GPU service case: FAILED (see the log)")
     m, a4 = results.get("multi"), results.get("anchor4")
@@ -815,6 +827,13 @@ def parse() -> argparse.Namespace:
     service.add_argument("--warmup", type=int, default=2, help="first versions not counted")
     service.add_argument("--service-bucket-mib", type=int, default=64)
     service.add_argument("--mode", default="staged", choices=["staged", "streaming"])
+    service.add_argument(
+        "--publish-mode",
+        default="pack",
+        choices=["pack", "snapshot", "colocated"],
+        help="snapshot: publish returns after the GPU snapshot (stall), the host copy follows; "
+        "colocated: the same, and the GPU copy is offered over CUDA IPC (same-GPU subscriber)",
+    )
     service.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--manifest", default=None)
     ap.add_argument("--result", default=None)

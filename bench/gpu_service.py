@@ -159,6 +159,7 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
                 bucket_bytes=args.bucket_mib * MiB,
                 node_local=True,
                 context=ctx,
+                offer_gpu=args.publish_mode == "colocated",
             ) as publisher:
                 say(f"READY {endpoint}")
                 for version in range(1, args.versions + 1):
@@ -167,17 +168,39 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
                         t.normal_(generator=g)
                     digests = _digests(named)
                     (work / f"digests-{version}.json").write_text(json.dumps(digests))
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # the trainer's step is done
                     t0 = time.perf_counter()
-                    result = await publisher.publish(version, named)
+                    if args.publish_mode in ("snapshot", "colocated"):
+                        pending = await publisher.publish(version, named, snapshot=True)
+                        stalled = time.perf_counter()
+                        # The trainer changes its parameters right away (the next step): the
+                        # subscriber's check against digests-v proves v's bytes were kept.
+                        for t in named.values():
+                            t.fill_(-7.5)
+                        async with asyncio.timeout(args.version_timeout_s):
+                            result = await pending.readable()
+                    else:
+                        result = await publisher.publish(version, named)
+                        stalled = time.perf_counter()
                     announced = time.perf_counter()
                     async with asyncio.timeout(args.version_timeout_s):
                         await publisher.wait_applied(version, args.ranks)
                     applied = time.perf_counter()
+                    device_buffer = publisher._device_buffer
+                    gpu_copies = [*publisher.gpu_live.values(), *publisher._gpu_free]
                     row = {
                         "version": version,
+                        "publish_mode": args.publish_mode,
+                        "stall_s": stalled - t0,
+                        "stall_result_s": result.stall_seconds,
                         "publish_s": announced - t0,
+                        "readable_result_s": result.readable_seconds,
                         "announce_to_all_applied_s": applied - announced,
+                        "end_to_end_s": applied - t0,
                         "pool_bytes": publisher.pool.allocated_bytes,
+                        "gpu_snapshot_bytes": sum(c.numel() for c in gpu_copies)
+                        + (0 if device_buffer is None else device_buffer.numel()),
                         "complete": result.complete,
                     }
                     out["versions"].append(row)
@@ -254,6 +277,7 @@ async def _subscribe_main(args: argparse.Namespace) -> tuple[dict[str, Any], Any
             "register_s": stage.register_s,
             "pause_s": swap.pause_s,
             "verified_bytes": stage.nbytes,
+            "source": stage.source,
             "bad_params": bad,
         }
         rows.append(row)
@@ -323,7 +347,8 @@ def run_service(
     common = ["--gb", str(args.gb), "--versions", str(args.versions), "--bucket-mib",
               str(args.service_bucket_mib), "--ranks", str(nproc), "--work", str(work),
               "--device", args.device, "--timeout-s", str(args.timeout_s),
-              "--version-timeout-s", str(getattr(args, "version_timeout_s", 90))]  # fmt: skip
+              "--version-timeout-s", str(getattr(args, "version_timeout_s", 90)),
+              "--publish-mode", getattr(args, "publish_mode", "pack")]  # fmt: skip
     pub_result = work / f"{name}-publisher.json"
     log.line(f"=== {name}: publisher {' '.join([*me, '--phase', 'publish', *common])}")
     publisher = subprocess.Popen(
@@ -394,6 +419,11 @@ def summarize_service(
             published[v]["announce_to_all_applied_s"] for v in timed
         ],
         "publish_s": [published[v]["publish_s"] for v in timed],
+        "publish_mode": pub["versions"][-1].get("publish_mode", "pack"),
+        "stall_s": [published[v]["stall_s"] for v in timed],
+        "end_to_end_s": [published[v]["end_to_end_s"] for v in timed],
+        "gpu_snapshot_bytes": pub["versions"][-1].get("gpu_snapshot_bytes", 0),
+        "sources": sorted({row.get("source", "host") for r in ranks for row in r["rows"]}),
         "register_s_warmup": [max(r[v]["register_s"] for r in by_rank) for v in published][:warmup],
         "register_s_timed": worst("register_s"),
         "stage_median_s": median(worst("stage_s")),
@@ -427,6 +457,11 @@ def service_lines(s: dict[str, Any], floor: float, anchor: float, label: str) ->
         f"{median(s['publish_s']):.2f}s; registration in warm-up {[round(x, 2) for x in s['register_s_warmup']]} s, timed {[round(x, 3) for x in s['register_s_timed']]}",
         f"  verified {s['verified_bytes'] / GB:.2f} GB per version on the GPU; params vs source digests: bad {s['bad_params']} "
         f"in {s['checked_versions']} applied versions; failures {s['failures']}; publisher pool {s['pool_bytes'] / GB:.1f} GB",
+        f"  trainer side, publish mode {s['publish_mode']}: stall {median(s['stall_s']) * 1e3:.1f} ms (runs {[round(x * 1e3, 1) for x in s['stall_s']]}), "
+        f"publish -> readable {median(s['publish_s']):.3f}s, end to end (trainer params -> engine params, verified) "
+        f"{median(s['end_to_end_s']):.3f}s (runs {[round(x, 3) for x in s['end_to_end_s']]})",
+        f"  memory: host {s['pool_bytes'] / GB:.2f} GB in the publisher's pool (one buffer set per version held), "
+        f"GPU snapshot copies {s['gpu_snapshot_bytes'] / GB:.2f} GB in all; subscriber read from {s['sources']}",
     ]  # fmt: skip
 
 
@@ -442,6 +477,7 @@ def parse() -> argparse.Namespace:
     # Not --nproc: torchrun would take it for an abbreviation of its --nproc-per-node.
     ap.add_argument("--ranks", type=int, default=1, help="subscriber processes (one per GPU)")
     ap.add_argument("--mode", default="staged", choices=["staged", "streaming"])
+    ap.add_argument("--publish-mode", default="pack", choices=["pack", "snapshot", "colocated"])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--timeout-s", type=float, default=300)
     ap.add_argument("--version-timeout-s", type=float, default=90)

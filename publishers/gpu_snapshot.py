@@ -28,13 +28,17 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from gpu.digest import wmix128_tensor
+from gpu.ipc import export_buffer
 from publishers.gpu_pack import NUM_COPY_STREAMS, zero_padding
+from schemas.manifest import CudaIpcLocator
 from streamer.checksum import format_digest
+from streamer.transport.shm import host_id
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from publishers.packing import Layout
+    from schemas.ipc import CudaIpcBuffer
 
 __all__ = ["GpuSnapshot", "snapshot"]
 
@@ -67,6 +71,36 @@ class GpuSnapshot:
                 self.digested = _event_on(self.stream)
             self.sums = sums
         return self.sums
+
+    def ipc_offers(self, exported: CudaIpcBuffer | None = None) -> list[CudaIpcLocator]:
+        """A `CudaIpcLocator` per region: where a same-GPU process finds it in `packed`.
+
+        `exported` is `gpu.ipc.export_buffer(self.packed)`, if the caller keeps it.
+        """
+        if exported is None:
+            exported = export_buffer(self.packed)
+        host = host_id()
+        offers = []
+        start = 0
+        for region in self.regions:
+            offers.append(
+                CudaIpcLocator(
+                    host=host,
+                    device_uuid=exported.device_uuid,
+                    device=exported.device,
+                    handle=exported.handle,
+                    size_bytes=exported.size_bytes,
+                    region_offset=start,
+                    nbytes=region.numel(),
+                    offset_bytes=exported.offset_bytes,
+                    ref_counter_handle=exported.ref_counter_handle,
+                    ref_counter_offset=exported.ref_counter_offset,
+                    event_handle=exported.event_handle,
+                    event_sync_required=exported.event_sync_required,
+                )
+            )
+            start += region.numel()
+        return offers
 
     def copy_to(
         self, buffers: Sequence[torch.Tensor], *, num_copy_streams: int = NUM_COPY_STREAMS

@@ -27,10 +27,13 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
+import torch
 import zmq.asyncio
 
+from gpu.ipc import export_buffer
+from publishers import gpu_snapshot
 from publishers.memory import BufferPool, BufferSet
 from publishers.packing import DEFAULT_BUCKET_BYTES, DEFAULT_REGION_BYTES, pack, plan
 from streamer.client import BrokerClient, connect
@@ -41,18 +44,22 @@ from streamer.transport.shm import ShmSender
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    import torch
-
-    from schemas.manifest import Shard
+    from publishers.gpu_snapshot import GpuSnapshot
+    from publishers.packing import Layout
+    from schemas.ipc import CudaIpcBuffer
+    from schemas.manifest import Locator, Shard
     from streamer.config import ClientConfig
     from streamer.signing_keys import SigningKey
     from streamer.transport.base import BulkSender
 
 __all__ = [
+    "DEFAULT_BACKGROUND_TIMEOUT_S",
     "DEFAULT_MAX_BUFFER_SETS",
+    "BackgroundPublishFailed",
     "PublishRefused",
     "PublishResult",
     "Publisher",
+    "SnapshotPublish",
     "SyncPublisher",
     "open_publisher",
 ]
@@ -64,22 +71,70 @@ T = TypeVar("T")
 DEFAULT_MAX_BUFFER_SETS = 2 + 1 + 4
 """The broker's default retention, one version being pulled past it, its pending cap."""
 
+DEFAULT_BACKGROUND_TIMEOUT_S = 60.0
+"""How long a publish waits for the previous snapshot publish's host copy and PublishShard."""
+
 
 class PublishRefused(StreamerError):
     """This rank already holds as many versions' buffers as it may; none was retired."""
 
 
-class PublishResult:
-    """What `publish` did: the shard it sent and whether that completed the version."""
+class BackgroundPublishFailed(StreamerError):
+    """The background part (host copy, PublishShard) of a snapshot publish failed or is stuck."""
 
-    def __init__(self, version: int, shard: Shard, complete: bool, seconds: float) -> None:
+
+class PublishResult:
+    """What `publish` did: the shard it sent and whether that completed the version.
+
+    `seconds` (= `readable_seconds`) runs from the call to the broker having the shard;
+    `stall_seconds` is how long the trainer waited: the GPU snapshot in snapshot mode, the
+    whole publish otherwise.
+    """
+
+    def __init__(
+        self,
+        version: int,
+        shard: Shard,
+        complete: bool,
+        seconds: float,
+        *,
+        stall_seconds: float | None = None,
+        readable_seconds: float | None = None,
+    ) -> None:
         self.version = version
         self.shard = shard
         self.complete = complete
         self.seconds = seconds
+        self.stall_seconds = seconds if stall_seconds is None else stall_seconds
+        self.readable_seconds = seconds if readable_seconds is None else readable_seconds
 
     def __repr__(self) -> str:
-        return f"PublishResult(version={self.version}, complete={self.complete}, seconds={self.seconds:.3f})"
+        return (
+            f"PublishResult(version={self.version}, complete={self.complete}, "
+            f"seconds={self.seconds:.3f}, stall_seconds={self.stall_seconds:.4f})"
+        )
+
+
+class SnapshotPublish:
+    """A snapshot publish: the trainer's tensors are copied; the rest runs in the background."""
+
+    def __init__(
+        self, version: int, stall_seconds: float, task: asyncio.Task[PublishResult]
+    ) -> None:
+        self.version = version
+        self.stall_seconds = stall_seconds
+        """From the call to the snapshot's D2D copies done (the trainer's stall)."""
+        self.task = task
+        self.reported = False
+        """Whether `readable` handed the caller the outcome (then the next publish does not)."""
+
+    async def readable(self) -> PublishResult:
+        """Wait until the broker has the shard; its `PublishResult`. No own timeout."""
+        try:
+            return await asyncio.shield(self.task)
+        except Exception:
+            self.reported = True
+            raise
 
 
 class Publisher:
@@ -105,6 +160,8 @@ class Publisher:
         max_buffer_sets: int = DEFAULT_MAX_BUFFER_SETS,
         signing_key: SigningKey | None = None,
         secure_digests: bool = False,
+        background_timeout_s: float = DEFAULT_BACKGROUND_TIMEOUT_S,
+        offer_gpu: bool = False,
     ) -> None:
         """`node_local=True` puts the buffers in POSIX shared memory and offers them to
         same-host subscribers, who map them instead of fetching them. `job` names the
@@ -112,7 +169,11 @@ class Publisher:
         `max_buffer_sets` bounds the versions whose buffers this rank keeps (see the module
         docstring). `signing_key` signs every shard (subscribers that trust its public key
         verify it); `secure_digests` adds a BLAKE3 digest to every bucket, for untrusted
-        networks (docs/security.md)."""
+        networks (docs/security.md). `background_timeout_s` bounds how long a publish waits
+        for the previous snapshot publish's background part. `offer_gpu=True` also offers each
+        snapshot publish's GPU copy over CUDA IPC (a `CudaIpcLocator` per region, first) to
+        subscribers on the same GPU; each such version then keeps its own GPU copy until the
+        broker retires it (see docs/design.md, memory)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, {world_size})")
         if job is None:
@@ -151,18 +212,58 @@ class Publisher:
         self.secure_digests = secure_digests
         self.live: dict[int, BufferSet] = {}
         """Versions whose bytes are still readable, by version."""
+        if background_timeout_s <= 0:
+            raise ValueError("background_timeout_s must be > 0")
+        self.background_timeout_s = background_timeout_s
+        self._background: SnapshotPublish | None = None
+        """The last snapshot publish, until a later publish (or `flush`) saw it finish."""
+        self._device_buffer: torch.Tensor | None = None
+        """The GPU snapshot buffer (one version's bytes), reused by every snapshot publish."""
+        self.offer_gpu = offer_gpu
+        self.gpu_live: dict[int, torch.Tensor] = {}
+        """With `offer_gpu`: the GPU copy of each version offered over CUDA IPC, until retired."""
+        self._gpu_free: list[torch.Tensor] = []
+        """Retired versions' GPU copies, reused (at most `max_buffer_sets`)."""
+        self._exported: dict[int, CudaIpcBuffer] = {}
+        """The IPC handle of each GPU copy (by data pointer), exported once."""
+
+    @overload
+    async def publish(
+        self,
+        version: int,
+        named_tensors: Mapping[str, torch.Tensor],
+        *,
+        snapshot: Literal[False] = False,
+    ) -> PublishResult: ...
+
+    @overload
+    async def publish(
+        self,
+        version: int,
+        named_tensors: Mapping[str, torch.Tensor],
+        *,
+        snapshot: Literal[True],
+    ) -> SnapshotPublish: ...
 
     async def publish(
-        self, version: int, named_tensors: Mapping[str, torch.Tensor]
-    ) -> PublishResult:
+        self, version: int, named_tensors: Mapping[str, torch.Tensor], *, snapshot: bool = False
+    ) -> PublishResult | SnapshotPublish:
         """Pack `named_tensors` as `version` of this rank's shard and tell the broker.
 
         Returns once the broker has the shard (not once subscribers have it: see
         `wait_applied`). Raises `BrokerError("stale_version")` if `version` is not newer
         than the latest announced one.
+
+        ``snapshot=True`` (tensors on one CUDA device) returns once the version is copied
+        device-to-device into the publisher's GPU snapshot buffer: the trainer may change its
+        tensors as soon as this returns. The host copy, the digests and the PublishShard run
+        in the background; `SnapshotPublish.readable()` waits for them. Every publish first
+        waits (at most `background_timeout_s`) for the previous one's background part and
+        raises `BackgroundPublishFailed` if it failed.
         """
         if not named_tensors:
             raise ValueError("nothing to publish: named_tensors is empty")
+        await self._settle_background()
         if version not in self.live and len(self.live) >= self.max_buffer_sets:
             raise PublishRefused(
                 f"{self.model} rank {self.rank} already holds buffers of {len(self.live)} versions "
@@ -173,13 +274,163 @@ class Publisher:
             )
         started = time.perf_counter()
         layout = plan(named_tensors, bucket_bytes=self.bucket_bytes, region_bytes=self.region_bytes)
+        if snapshot:
+            taken = await self._snapshot(layout, named_tensors)
+            stall = time.perf_counter() - started
+            task = asyncio.create_task(
+                self._publish_snapshot(version, layout, taken, started, stall),
+                name=f"publish-snapshot-{version}",
+            )
+            self._background = SnapshotPublish(version, stall, task)
+            return self._background
         buffer_set, _ = self.pool.take(layout.region_bytes)
         try:
             checksums = await asyncio.to_thread(pack, layout, named_tensors, buffer_set.buffers)
+        except BaseException:
+            self.pool.give_back(buffer_set)
+            raise
+        return await self._announce(version, layout, buffer_set, checksums, started, None)
+
+    async def _snapshot(
+        self, layout: Layout, named_tensors: Mapping[str, torch.Tensor]
+    ) -> GpuSnapshot:
+        """Copy the tensors into a device snapshot buffer: the trainer's stall."""
+        device = next(iter(named_tensors.values())).device
+        if not self.offer_gpu:
+            into = self._device_buffer  # one, reused: the previous version's copy is done
+            if into is None or into.device != device or into.numel() < layout.total_bytes:
+                self._device_buffer = None  # free the old one before allocating its successor
+                into = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
+                self._device_buffer = into
+            return await asyncio.to_thread(gpu_snapshot.snapshot, layout, named_tensors, into=into)
+        if device.type != "cuda":
+            raise ValueError(f"offer_gpu needs CUDA tensors, not tensors on {device}")
+        into = self._take_gpu_copy(device, layout.total_bytes)
+        try:
+            return await asyncio.to_thread(gpu_snapshot.snapshot, layout, named_tensors, into=into)
+        except BaseException:
+            self._give_back_gpu_copy(into)
+            raise
+
+    def _take_gpu_copy(self, device: torch.device, nbytes: int) -> torch.Tensor:
+        """A free GPU copy of at least `nbytes` (a retired version's), else a new one."""
+        for index, free in enumerate(self._gpu_free):
+            if free.device == device and free.numel() >= nbytes:
+                return self._gpu_free.pop(index)
+        if len(self.gpu_live) >= self.max_buffer_sets:
+            raise PublishRefused(
+                f"{self.model} rank {self.rank} holds GPU copies of versions {sorted(self.gpu_live)}"
+                " that the broker has not retired; wait for subscribers or raise max_buffer_sets"
+            )
+        for free in self._gpu_free:  # too small or elsewhere: free them before allocating
+            self._exported.pop(free.data_ptr(), None)
+        self._gpu_free.clear()
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def _give_back_gpu_copy(self, packed: torch.Tensor) -> None:
+        if len(self._gpu_free) < self.max_buffer_sets:
+            self._gpu_free.append(packed)
+        else:
+            self._exported.pop(packed.data_ptr(), None)
+
+    def _gpu_offers(self, taken: GpuSnapshot) -> list[list[Locator]]:
+        """One `CudaIpcLocator` per region of the snapshot's packed buffer (exported once)."""
+        key = taken.packed.data_ptr()
+        exported = self._exported.get(key)
+        if exported is None:
+            exported = self._exported[key] = export_buffer(taken.packed)
+        return [[offer] for offer in taken.ipc_offers(exported)]
+
+    async def _publish_snapshot(
+        self, version: int, layout: Layout, taken: GpuSnapshot, started: float, stall: float
+    ) -> PublishResult:
+        """The background part of a snapshot publish: D2H + digests, then the PublishShard."""
+        gpu_copy = taken.packed if self.offer_gpu else None
+        try:
+            buffer_set, _ = self.pool.take(layout.region_bytes)
+            copying = asyncio.ensure_future(asyncio.to_thread(taken.copy_to, buffer_set.buffers))
+            try:
+                # Shielded: a cancel must not give the buffers back while the copy still writes.
+                checksums = await asyncio.shield(copying)
+            except BaseException:
+                await asyncio.wait([copying])
+                self.pool.give_back(buffer_set)
+                raise
+            offers = self._gpu_offers(taken) if gpu_copy is not None else None
+        except BaseException:
+            if gpu_copy is not None:
+                self._give_back_gpu_copy(gpu_copy)
+            raise
+        try:
+            result = await self._announce(
+                version, layout, buffer_set, checksums, started, stall, offers=offers
+            )
+        except BaseException as exc:
+            if gpu_copy is not None:
+                # No answer: it may be announced, so it stays until a Retire (as the host
+                # buffers do); refused (or never sent): nobody opened it.
+                kept = version in self.live and version not in self.gpu_live
+                if kept and not isinstance(exc, BrokerError):
+                    self.gpu_live[version] = gpu_copy
+                else:
+                    self._give_back_gpu_copy(gpu_copy)
+            raise
+        if gpu_copy is not None:
+            self.gpu_live[version] = gpu_copy
+        return result
+
+    async def _settle_background(self) -> None:
+        """Wait (bounded) for the previous snapshot publish's background part; raise its error."""
+        pending = self._background
+        if pending is None:
+            return
+        # asyncio.wait, not a timeout around the task: the task may raise a TimeoutError of
+        # its own (the broker did not answer), which is a failure, not our bound.
+        done, _ = await asyncio.wait({pending.task}, timeout=self.background_timeout_s)
+        if not done:
+            raise BackgroundPublishFailed(
+                f"version {pending.version} of {self.model} rank {self.rank}: its host copy and "
+                f"PublishShard did not finish within background_timeout_s="
+                f"{self.background_timeout_s}s; the next version waits for it (its snapshot "
+                "buffer is reused). Check the broker (`weightstream status`) or raise the timeout"
+            )
+        self._background = None
+        if pending.task.cancelled():
+            raise BackgroundPublishFailed(
+                f"version {pending.version} of {self.model} rank {self.rank} was snapshotted "
+                "but its publish was cancelled; it is not readable. Publish the next version"
+            )
+        exc = pending.task.exception()
+        if exc is not None and not pending.reported:
+            raise BackgroundPublishFailed(
+                f"version {pending.version} of {self.model} rank {self.rank} was snapshotted "
+                f"but not published: {exc}. It is not readable; publish the next version"
+            ) from exc
+
+    async def flush(self) -> None:
+        """Wait until the last snapshot publish is readable (or raise why it is not)."""
+        await self._settle_background()
+
+    async def _announce(
+        self,
+        version: int,
+        layout: Layout,
+        buffer_set: BufferSet,
+        checksums: list[str],
+        started: float,
+        stall: float | None,
+        *,
+        offers: list[list[Locator]] | None = None,
+    ) -> PublishResult:
+        """Expose the packed `buffer_set`, seal the shard and send it to the broker; `offers`
+        (the GPU copy's, per region) come first in each region's locators."""
+        try:
             regions = buffer_set.regions
             # Each region is offered on every transport; subscribers read from one they have.
             per_sender = [sender.expose(regions) for sender in self.senders]
             locators = [list(offers) for offers in zip(*per_sender, strict=True)]
+            if offers is not None:
+                locators = [[*gpu, *host] for gpu, host in zip(offers, locators, strict=True)]
             shard = layout.shard(locators, checksums, self.rank)
             if self.secure_digests or self.signing_key is not None:
                 shard = await asyncio.to_thread(self._seal, version, shard, buffer_set)
@@ -205,7 +456,8 @@ class Publisher:
         self.live[version] = buffer_set
         seconds = time.perf_counter() - started
         logger.info(
-            "published model=%s version=%d rank=%d/%d bytes=%d buckets=%d seconds=%.3f complete=%s",
+            "published model=%s version=%d rank=%d/%d bytes=%d buckets=%d seconds=%.3f "
+            "stall=%.4f complete=%s",
             self.model,
             version,
             self.rank,
@@ -213,9 +465,12 @@ class Publisher:
             layout.total_bytes,
             len(shard.buckets),
             seconds,
+            seconds if stall is None else stall,
             reply.complete,
         )
-        return PublishResult(version, shard, reply.complete, seconds)
+        return PublishResult(
+            version, shard, reply.complete, seconds, stall_seconds=stall, readable_seconds=seconds
+        )
 
     def _seal(self, version: int, shard: Shard, buffer_set: BufferSet) -> Shard:
         """Add the BLAKE3 digests and the signature, as configured. Blocking."""
@@ -243,6 +498,9 @@ class Publisher:
             if retire.model != self.model:
                 continue
             buffer_set = self.live.pop(retire.version, None)
+            gpu_copy = self.gpu_live.pop(retire.version, None)
+            if gpu_copy is not None:
+                self._give_back_gpu_copy(gpu_copy)  # no subscriber leases it any more
             if retire.reason:
                 # Not the normal end of a version: a pending one expired, say (ranks missing).
                 logger.warning(
@@ -264,7 +522,30 @@ class Publisher:
                     buffer_set.nbytes,
                 )
 
+    async def settle(self) -> None:
+        """Before closing: let the last snapshot publish finish (bounded), or cancel it."""
+        pending, self._background = self._background, None
+        if pending is None:
+            return
+        done, _ = await asyncio.wait({pending.task}, timeout=self.background_timeout_s)
+        if not done:
+            pending.task.cancel()
+            await asyncio.gather(pending.task, return_exceptions=True)
+            return
+        exc = None if pending.task.cancelled() else pending.task.exception()
+        if exc is not None and not pending.reported:
+            logger.warning(
+                "snapshot publish failed model=%s version=%d error=%s",
+                self.model,
+                pending.version,
+                exc,
+            )
+
     def close(self) -> None:
+        self._device_buffer = None
+        self.gpu_live.clear()
+        self._gpu_free.clear()
+        self._exported.clear()
         for sender in self.senders:
             sender.close()
         self.pool.close()
@@ -285,6 +566,8 @@ async def open_publisher(
     job: str | None = None,
     signing_key: SigningKey | None = None,
     secure_digests: bool = False,
+    background_timeout_s: float = DEFAULT_BACKGROUND_TIMEOUT_S,
+    offer_gpu: bool = False,
 ) -> AsyncIterator[Publisher]:
     """Connect to the broker and run the retire loop while the publisher is in use."""
     ctx = context or zmq.asyncio.Context()
@@ -302,10 +585,13 @@ async def open_publisher(
                 max_buffer_sets=max_buffer_sets,
                 signing_key=signing_key,
                 secure_digests=secure_digests,
+                background_timeout_s=background_timeout_s,
+                offer_gpu=offer_gpu,
             )
             retire = asyncio.create_task(publisher.retire_loop(), name="retire")
             try:
                 yield publisher
+                await publisher.settle()
             finally:
                 retire.cancel()
                 await asyncio.gather(retire, return_exceptions=True)
@@ -346,6 +632,16 @@ class SyncPublisher:
 
     def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> PublishResult:
         return self._call(self.publisher.publish(version, named_tensors))
+
+    def publish_snapshot(
+        self, version: int, named_tensors: Mapping[str, torch.Tensor]
+    ) -> SnapshotPublish:
+        """`publish(..., snapshot=True)`: returns after the GPU snapshot; see `flush`."""
+        return self._call(self.publisher.publish(version, named_tensors, snapshot=True))
+
+    def flush(self, *, timeout_s: float) -> None:
+        """Wait until the last snapshot publish is readable (or raise why it is not)."""
+        self._call(self.publisher.flush(), timeout_s=timeout_s)
 
     def wait_applied(self, version: int, num_subscribers: int, *, timeout_s: float) -> int:
         async def wait() -> int:

@@ -4,6 +4,7 @@ from schemas.codec import decode_manifest, decode_message, encode
 from schemas.manifest import (
     ALIGNMENT,
     BucketSpec,
+    CudaIpcLocator,
     DType,
     FrameLocator,
     Locator,
@@ -21,6 +22,7 @@ __all__ = [
     "ALIGNMENT",
     "PROTOCOL_VERSION",
     "BucketSpec",
+    "CudaIpcLocator",
     "DType",
     "FrameLocator",
     "InvalidManifest",

@@ -18,9 +18,15 @@ from typing import Annotated
 import msgspec
 
 from schemas.codec import guarded_decode
-from schemas.manifest import MAX_WORLD_SIZE, NonNegative, Rank, WorldSize
+from schemas.manifest import MAX_WORLD_SIZE, CudaIpcLocator, NonNegative, Rank, WorldSize
 
-__all__ = ["CudaIpcBuffer", "StagingShare", "decode_staging_share", "encode_staging_share"]
+__all__ = [
+    "CudaIpcBuffer",
+    "StagingShare",
+    "buffer_of",
+    "decode_staging_share",
+    "encode_staging_share",
+]
 
 MAX_SHARE_BYTES = 1 << 20
 Device = Annotated[int, msgspec.Meta(ge=0, lt=1024)]
@@ -73,3 +79,18 @@ def encode_staging_share(share: StagingShare) -> bytes:
 def decode_staging_share(data: bytes | memoryview) -> StagingShare:
     """Raises `msgspec.DecodeError` (or its `ValidationError`), only, for anything else."""
     return guarded_decode(_decoder, data, max_bytes=MAX_SHARE_BYTES)
+
+
+def buffer_of(locator: CudaIpcLocator) -> CudaIpcBuffer:
+    """The exported allocation a same-GPU offer (`CudaIpcLocator`) names."""
+    return CudaIpcBuffer(
+        device=locator.device,
+        handle=locator.handle,
+        size_bytes=locator.size_bytes,
+        offset_bytes=locator.offset_bytes,
+        device_uuid=locator.device_uuid,
+        ref_counter_handle=locator.ref_counter_handle,
+        ref_counter_offset=locator.ref_counter_offset,
+        event_handle=locator.event_handle,
+        event_sync_required=locator.event_sync_required,
+    )

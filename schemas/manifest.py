@@ -10,7 +10,7 @@ a decoded manifest is already small and well typed; the cross-field rules (range
 regions, coverage by buckets, overlaps, alignment, size caps) are `schemas.validate`'s.
 
     Manifest(model, version)
-      regions[k]  nbytes, locators (mooncake | zmq | shm)   <- one or more per trainer rank
+      regions[k]  nbytes, locators (mooncake | zmq | shm | cuda_ipc)  <- one or more per rank
       tensors[i]  name, dtype, shape, region, offset, nbytes
       buckets[j]  region, offset, nbytes, checksum
 """
@@ -24,6 +24,7 @@ import msgspec
 __all__ = [
     "ALIGNMENT",
     "BucketSpec",
+    "CudaIpcLocator",
     "DType",
     "FrameLocator",
     "Locator",
@@ -117,7 +118,34 @@ class ShmLocator(msgspec.Struct, frozen=True, tag="shm"):
     nbytes: NonNegative
 
 
-Locator = MooncakeLocator | FrameLocator | ShmLocator
+# The same-GPU offer (publishers/publisher.py `offer_gpu`; subscribers/cuda_swap.py reads it).
+
+IpcHandle = Annotated[bytes, msgspec.Meta(max_length=1024)]
+"""cudaIpcMemHandle_t and cudaIpcEventHandle_t are 64 bytes; torch's names are short too."""
+
+
+class CudaIpcLocator(msgspec.Struct, frozen=True, tag="cuda_ipc"):
+    """A region in the publisher's GPU memory: a subscriber on the same GPU (same host, same
+    device UUID) opens the CUDA IPC handle and copies it device to device. The fields up to
+    `event_sync_required` are one exported allocation (`schemas.ipc.CudaIpcBuffer`'s);
+    the region lies at `region_offset` inside that buffer."""
+
+    host: Address
+    """`streamer.transport.shm.host_id()`: handles mean something only on that machine."""
+    device_uuid: Annotated[str, msgspec.Meta(max_length=128)]
+    device: Annotated[int, msgspec.Meta(ge=0, lt=1024)]
+    handle: IpcHandle
+    size_bytes: NonNegative
+    region_offset: NonNegative
+    nbytes: NonNegative
+    offset_bytes: NonNegative = 0
+    ref_counter_handle: IpcHandle = b""
+    ref_counter_offset: NonNegative = 0
+    event_handle: IpcHandle = b""
+    event_sync_required: bool = False
+
+
+Locator = MooncakeLocator | FrameLocator | ShmLocator | CudaIpcLocator
 
 
 class RegionSpec(msgspec.Struct, frozen=True, gc=False):

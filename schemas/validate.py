@@ -40,6 +40,7 @@ from schemas.manifest import (
     MAX_NAME_CHARS,
     MAX_REGIONS,
     MAX_TENSORS,
+    CudaIpcLocator,
     DType,
     FrameLocator,
     Manifest,
@@ -51,7 +52,7 @@ from schemas.manifest import (
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from schemas.manifest import BucketSpec, RegionSpec, TensorSpec
+    from schemas.manifest import BucketSpec, Locator, RegionSpec, TensorSpec
 
 __all__ = [
     "CHECKSUM_DIGEST_CHARS",
@@ -214,10 +215,24 @@ def _check_regions(
         )
 
 
-def _check_locator(
-    locator: MooncakeLocator | FrameLocator | ShmLocator, region: RegionSpec, where: str
-) -> None:
+def _check_locator(locator: Locator, region: RegionSpec, where: str) -> None:
     match locator:
+        case CudaIpcLocator():
+            if not locator.device_uuid:
+                raise InvalidManifest(f"{where}.device_uuid", "a CUDA IPC offer names its GPU")
+            if not locator.handle:
+                raise InvalidManifest(f"{where}.handle", "a CUDA IPC offer needs a handle")
+            if locator.nbytes < region.nbytes:
+                raise InvalidManifest(
+                    f"{where}.nbytes",
+                    f"the offer has {locator.nbytes} bytes, fewer than its region's {region.nbytes}",
+                )
+            if locator.region_offset + locator.nbytes > locator.size_bytes:
+                raise InvalidManifest(
+                    f"{where}.region_offset",
+                    f"{locator.region_offset}+{locator.nbytes} lies outside the exported buffer "
+                    f"({locator.size_bytes} bytes)",
+                )
         case ShmLocator(name=name, nbytes=nbytes):
             if _SHM_NAME.fullmatch(name) is None or name in {".", ".."}:
                 raise InvalidManifest(

@@ -194,6 +194,33 @@ class CudaStager:
         failed = self.finish(batch)
         return PullResult(failed, sum(b.nbytes for b in buckets), time.perf_counter() - started)
 
+    def pull_peer(
+        self, peer_regions: Sequence[torch.Tensor], buckets: Sequence[BucketLike]
+    ) -> PullResult:
+        """Copy every bucket device to device from a same-GPU peer's memory and verify it here.
+
+        `peer_regions[k]` is a 1-D uint8 tensor on this stager's device over region k (a
+        publisher's GPU copy, opened over CUDA IPC): the staging gets a private copy, verified
+        bucket by bucket, so nothing is ever swapped in from the peer's memory itself.
+        """
+        for index, peer in enumerate(peer_regions):
+            if peer.dtype != torch.uint8 or peer.dim() != 1 or peer.device != self.device:
+                raise TypeError(f"peer region {index} must be a 1-D uint8 tensor on {self.device}")
+        started = time.perf_counter()
+        batch = self.start([b.checksum for b in buckets])
+        for index, bucket in enumerate(buckets):
+            target = self.view(bucket.region, bucket.offset, bucket.nbytes)
+            peer = peer_regions[bucket.region]
+            if bucket.offset + bucket.nbytes > peer.numel():
+                raise ValueError(
+                    f"bucket {index} lies outside peer region {bucket.region} ({peer.numel()} bytes)"
+                )
+            with self._on(self.copy_stream):
+                target.copy_(peer[bucket.offset : bucket.offset + bucket.nbytes], non_blocking=True)
+            self.verify_when(_event_on(self.copy_stream), batch, index, target)
+        failed = self.finish(batch)
+        return PullResult(failed, sum(b.nbytes for b in buckets), time.perf_counter() - started)
+
     def start(self, digests: Sequence[str]) -> DigestBatch:
         """Begin a pull: order the side streams after the current one, make the batch."""
         if self.is_cuda:

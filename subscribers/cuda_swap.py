@@ -40,8 +40,11 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from schemas.manifest import ALIGNMENT
+from gpu.ipc import device_uuid, open_buffer
+from schemas.ipc import buffer_of
+from schemas.manifest import ALIGNMENT, CudaIpcLocator
 from streamer.errors import ChecksumMismatch
+from streamer.transport.shm import host_id
 from subscribers.cuda_stage import CudaStager
 from subscribers.host_pins import HostPins
 from subscribers.swap import (
@@ -78,6 +81,8 @@ class StageReport:
     """Host to device, verified, and the swap planned (registration excluded)."""
     register_s: float
     """Time spent registering host memory this time (0 once every buffer is registered)."""
+    source: Literal["host", "cuda_ipc"] = "host"
+    """Where the bytes came from: the host regions, or the publisher's GPU copy (same GPU)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,8 @@ class CudaSwapper:
         self._staged: _Staged | None = None
         self._stage_lock = threading.Lock()
         """One stage at a time: a cancelled one still running keeps the next off the staging."""
+        self._peers: dict[bytes, torch.Tensor] = {}
+        """Same-GPU publishers' GPU copies opened over CUDA IPC, by handle (at most 8)."""
 
     def check(self, manifest: Manifest) -> None:
         """Names, shapes, dtypes and sizes, as `TorchSwapper.check`; raises `SwapError`."""
@@ -179,8 +186,9 @@ class CudaSwapper:
         )
 
     def close(self) -> None:
-        """Unregister the host buffers and free the GPU staging."""
+        """Unregister the host buffers, close the peers' GPU copies, free the GPU staging."""
         self.pins.close()
+        self._peers.clear()
         self._staged = None
         if self.node is None:
             self._stager = None
@@ -199,13 +207,18 @@ class CudaSwapper:
         self._staged = None
         raise_if_cancelled(cancel, "stage")
         with self._on_device():
-            hosts, register_s = self.pins.sources(
-                manifest, staging, register=self.device.type == "cuda"
-            )
+            peers = self._peer_sources(manifest) if self.node is None else None
+            if peers is None:
+                hosts, register_s = self.pins.sources(
+                    manifest, staging, register=self.device.type == "cuda"
+                )
             stager = self._stager_for(manifest)
             started = time.perf_counter()
             stager.prepare([region.nbytes for region in manifest.regions])
-            if self.node is not None:
+            if peers is not None:
+                register_s = 0.0
+                result = stager.pull_peer(peers, manifest.buckets)
+            elif self.node is not None:
                 assert self.barrier is not None
                 result = self.node.pull(hosts, manifest.buckets, barrier=self.barrier)
             else:
@@ -222,16 +235,62 @@ class CudaSwapper:
                 nbytes=result.nbytes,
                 seconds=time.perf_counter() - started,
                 register_s=register_s,
+                source="host" if peers is None else "cuda_ipc",
             )
         logger.info(
-            "staged model=%s version=%d bytes=%d seconds=%.3f register_s=%.3f device=%s",
+            "staged model=%s version=%d bytes=%d seconds=%.3f register_s=%.3f device=%s source=%s",
             manifest.model,
             manifest.version,
             result.nbytes,
             self.last_stage.seconds,
             register_s,
             self.device,
+            self.last_stage.source,
         )
+
+    def _peer_sources(self, manifest: Manifest) -> list[torch.Tensor] | None:
+        """Each region in a same-GPU publisher's GPU copy, or None (then the host regions)."""
+        if self.device.type != "cuda":
+            return None
+        here, gpu = host_id(), device_uuid(self.device.index or 0)
+        if not gpu:
+            return None  # torch cannot name this GPU: no way to tell it is the same one
+        offers: list[CudaIpcLocator] = []
+        for region in manifest.regions:
+            same_gpu = [
+                loc
+                for loc in region.locators
+                if isinstance(loc, CudaIpcLocator) and loc.host == here and loc.device_uuid == gpu
+            ]
+            if not same_gpu:
+                return None
+            offers.append(same_gpu[0])
+        sources: list[torch.Tensor] = []
+        for region, offer in zip(manifest.regions, offers, strict=True):
+            peer = self._peers.get(offer.handle)
+            if peer is None:
+                try:
+                    _, peer = open_buffer(buffer_of(offer))
+                except RuntimeError as exc:  # torch's cudaIpcOpenMemHandle failure
+                    logger.warning(
+                        "cannot open the publisher's GPU copy, reading the host copy model=%s "
+                        "version=%d error=%s",
+                        manifest.model,
+                        manifest.version,
+                        exc,
+                    )
+                    return None
+                while len(self._peers) >= 8:
+                    self._peers.pop(next(iter(self._peers)))
+                self._peers[offer.handle] = peer
+            if offer.region_offset + region.nbytes > peer.numel():
+                raise SwapError(
+                    f"{manifest.model} version {manifest.version}: the GPU offer of a region "
+                    f"({offer.region_offset}+{region.nbytes}) lies outside the opened buffer "
+                    f"({peer.numel()} bytes)"
+                )
+            sources.append(peer[offer.region_offset : offer.region_offset + region.nbytes])
+        return sources
 
     def _swap(
         self, manifest: Manifest, staging: Staging, cancel: threading.Event | None = None

@@ -15,6 +15,7 @@ from schemas import codec
 from schemas.codec import MAX_MESSAGE_BYTES
 from schemas.manifest import (
     BucketSpec,
+    CudaIpcLocator,
     DType,
     FrameLocator,
     Locator,
@@ -82,6 +83,17 @@ LOCATOR_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     FrameLocator: st.builds(FrameLocator, endpoint=ADDRESSES, key=st.text(max_size=40)),
     ShmLocator: st.builds(
         ShmLocator, host=ADDRESSES, name=st.text(max_size=40), nbytes=NON_NEGATIVE
+    ),
+    CudaIpcLocator: st.builds(
+        CudaIpcLocator,
+        host=ADDRESSES,
+        device_uuid=st.text(max_size=40),
+        device=st.integers(0, 1023),
+        handle=st.binary(max_size=64),
+        size_bytes=NON_NEGATIVE,
+        region_offset=NON_NEGATIVE,
+        nbytes=NON_NEGATIVE,
+        event_sync_required=st.booleans(),
     ),
 }
 LOCATORS = st.one_of(*LOCATOR_STRATEGIES.values())

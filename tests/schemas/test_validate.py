@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from schemas.manifest import (
     ALIGNMENT,
     BucketSpec,
+    CudaIpcLocator,
     FrameLocator,
     Manifest,
     MooncakeLocator,
@@ -32,6 +33,15 @@ from schemas.validate import (
 
 LIMITS = ManifestLimits()
 DIGEST = "0" * 32
+
+
+def ipc_offer(**fields: object) -> CudaIpcLocator:
+    """A same-GPU offer of a 2048-byte region at the start of a 4096-byte exported buffer."""
+    base = CudaIpcLocator(
+        host="h", device_uuid="GPU-1", device=0, handle=b"h" * 64, size_bytes=4096,
+        region_offset=0, nbytes=2048,
+    )  # fmt: skip
+    return msgspec.structs.replace(base, **fields)
 
 
 def manifest(
@@ -79,6 +89,12 @@ def test_a_well_formed_manifest_and_its_shard_pass() -> None:
     good = manifest(regions=2)
     validate_manifest(good, LIMITS)
     validate_shard(Shard(regions=good.regions, tensors=good.tensors, buckets=good.buckets), LIMITS)
+
+
+def test_a_region_offered_on_the_gpu_and_on_the_host_at_once_passes() -> None:
+    good = manifest()
+    both = replace_at(good.regions, 0, locators=(ipc_offer(), *good.regions[0].locators))
+    validate_manifest(msgspec.structs.replace(good, regions=both), LIMITS)
 
 
 def test_zero_sized_tensors_and_a_last_bucket_ending_at_an_odd_region_end_pass() -> None:
@@ -192,6 +208,22 @@ def _hostile() -> dict[str, tuple[Manifest, str]]:
         "shm segment smaller than its region": (
             msgspec.structs.replace(m, regions=locator(ShmLocator(host="h", name="seg", nbytes=1))),
             r"locators\[0\]\.nbytes: the segment has 1 bytes, fewer than its region's 2048",
+        ),
+        "cuda ipc offer smaller than its region": (
+            msgspec.structs.replace(m, regions=locator(ipc_offer(nbytes=1))),
+            r"locators\[0\]\.nbytes: the offer has 1 bytes, fewer than its region's 2048",
+        ),
+        "cuda ipc offer outside its buffer": (
+            msgspec.structs.replace(m, regions=locator(ipc_offer(region_offset=1 << 20))),
+            r"locators\[0\]\.region_offset: 1048576\+2048 lies outside the exported buffer",
+        ),
+        "cuda ipc offer without a handle": (
+            msgspec.structs.replace(m, regions=locator(ipc_offer(handle=b""))),
+            r"locators\[0\]\.handle: a CUDA IPC offer needs a handle",
+        ),
+        "cuda ipc offer without a GPU": (
+            msgspec.structs.replace(m, regions=locator(ipc_offer(device_uuid=""))),
+            r"locators\[0\]\.device_uuid: a CUDA IPC offer names its GPU",
         ),
         "endpoint not-an-endpoint": (
             msgspec.structs.replace(
