@@ -20,12 +20,12 @@ numpy path.
 from __future__ import annotations
 
 import bisect
-import contextlib
 from typing import TYPE_CHECKING
 
 import torch
 
 from gpu.digest import wmix128_pieces
+from gpu.streams import new_stream, on_stream
 from streamer.checksum import format_digest
 
 if TYPE_CHECKING:
@@ -58,8 +58,8 @@ def pack_on_device(
     device = _one_device(named_tensors)
     sources = {spec.name: _bytes_of(named_tensors[spec.name]) for spec in layout.tensors}
     is_cuda = device.type == "cuda"
-    copy_streams = [_new_stream(device) for _ in range(num_copy_streams)] if is_cuda else []
-    digest_stream = _new_stream(device) if is_cuda else None
+    copy_streams = [new_stream(device) for _ in range(num_copy_streams)] if is_cuda else []
+    digest_stream = new_stream(device) if is_cuda else None
     if digest_stream is not None:
         current = torch.cuda.current_stream(device)
         for stream in [*copy_streams, digest_stream]:
@@ -68,10 +68,10 @@ def pack_on_device(
     for index, spec in enumerate(layout.tensors):
         target = buffers[spec.region][spec.offset : spec.offset + spec.nbytes]
         copy_stream = copy_streams[index % len(copy_streams)] if copy_streams else None
-        with _on(copy_stream):
+        with on_stream(copy_stream):
             target.copy_(sources[spec.name], non_blocking=is_cuda)
     ranges = layout.bucket_ranges()
-    with _on(digest_stream):
+    with on_stream(digest_stream):
         sums = torch.empty((len(ranges), 2), dtype=torch.int64, device=device)
         for index, pieces in enumerate(bucket_pieces(layout, sources)):
             sums[index].copy_(wmix128_pieces(pieces, ranges[index][2], device=device))
@@ -130,11 +130,3 @@ def _one_device(named_tensors: Mapping[str, torch.Tensor]) -> torch.device:
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _new_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-
-
-def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[object]:
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -20,7 +20,6 @@ trainer then waits for the D2H). On a CPU device the same code runs without stre
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -29,6 +28,7 @@ import torch
 
 from gpu.digest import wmix128_tensor
 from gpu.ipc import export_buffer
+from gpu.streams import event_on, new_stream, on_stream
 from publishers.gpu_pack import NUM_COPY_STREAMS, zero_padding
 from schemas.manifest import CudaIpcLocator
 from streamer.checksum import format_digest
@@ -62,13 +62,13 @@ class GpuSnapshot:
         """Enqueue the bucket digests of the packed buffer (once); their [buckets, 2] sums."""
         if self.sums is None:
             ranges = self.layout.bucket_ranges()
-            with _on(self.stream):
+            with on_stream(self.stream):
                 sums = torch.empty((len(ranges), 2), dtype=torch.int64, device=self.packed.device)
                 for index, (region, offset, nbytes) in enumerate(ranges):
                     sums[index].copy_(
                         wmix128_tensor(self.regions[region][offset : offset + nbytes])
                     )
-                self.digested = _event_on(self.stream)
+                self.digested = event_on(self.stream)
             self.sums = sums
         return self.sums
 
@@ -110,14 +110,14 @@ class GpuSnapshot:
             raise ValueError(f"{len(buffers)} buffers for {len(self.regions)} regions")
         device = self.packed.device
         streams = (
-            [_new_stream(device) for _ in range(num_copy_streams)] if device.type == "cuda" else []
+            [new_stream(device) for _ in range(num_copy_streams)] if device.type == "cuda" else []
         )
         for stream in streams:
             assert self.copied is not None
             stream.wait_event(self.copied)
         for index, (region, offset, nbytes) in enumerate(self.layout.bucket_ranges()):
             copy_stream = streams[index % len(streams)] if streams else None
-            with _on(copy_stream):
+            with on_stream(copy_stream):
                 buffers[region][offset : offset + nbytes].copy_(
                     self.regions[region][offset : offset + nbytes],
                     non_blocking=copy_stream is not None,
@@ -159,15 +159,15 @@ def snapshot(
         raise ValueError(f"into has {into.numel()} bytes, the version needs {layout.total_bytes}")
     starts = list(itertools.accumulate(layout.region_bytes, initial=0))
     regions = [into[starts[k] : starts[k + 1]] for k in range(len(layout.region_bytes))]
-    stream = _new_stream(device) if device.type == "cuda" else None
+    stream = new_stream(device) if device.type == "cuda" else None
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(device))
-    with _on(stream):
+    with on_stream(stream):
         zero_padding(layout, regions)
         for spec in layout.tensors:
             source = named_tensors[spec.name].detach().contiguous().reshape(-1).view(torch.uint8)
             regions[spec.region][spec.offset : spec.offset + spec.nbytes].copy_(source)
-        copied = _event_on(stream)
+        copied = event_on(stream)
     taken = GpuSnapshot(layout, into, regions, stream, copied)
     if wait == "digested":
         taken.digest()
@@ -175,19 +175,3 @@ def snapshot(
     if done is not None:
         done.synchronize()
     return taken
-
-
-def _new_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-
-
-def _event_on(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
-    if stream is None:
-        return None
-    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    event.record(stream)
-    return event
-
-
-def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[object]:
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

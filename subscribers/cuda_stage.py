@@ -27,7 +27,6 @@ On a CPU device the same code runs without streams (tests use that); timings are
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from gpu.digest import DigestBatch, wmix128_pieces
+from gpu.streams import event_on, new_stream, on_stream
 from schemas.manifest import ALIGNMENT
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ __all__ = [
     "SwapResult",
     "TensorLike",
     "host_tensor",
-    "new_stream",
 ]
 
 logger = logging.getLogger(__name__)
@@ -215,9 +214,9 @@ class CudaStager:
                 raise ValueError(
                     f"bucket {index} lies outside peer region {bucket.region} ({peer.numel()} bytes)"
                 )
-            with self._on(self.copy_stream):
+            with on_stream(self.copy_stream):
                 target.copy_(peer[bucket.offset : bucket.offset + bucket.nbytes], non_blocking=True)
-            self.verify_when(_event_on(self.copy_stream), batch, index, target)
+            self.verify_when(event_on(self.copy_stream), batch, index, target)
         failed = self.finish(batch)
         return PullResult(failed, sum(b.nbytes for b in buckets), time.perf_counter() - started)
 
@@ -229,7 +228,7 @@ class CudaStager:
             assert self.verify_stream is not None
             self.copy_stream.wait_stream(current)
             self.verify_stream.wait_stream(current)
-        with self._on(self.verify_stream):
+        with on_stream(self.verify_stream):
             return DigestBatch(digests, self.device)
 
     def fetch(
@@ -250,9 +249,9 @@ class CudaStager:
         """Enqueue one bucket's H2D copy; returns its staging view and an event set when done."""
         target = self.view(bucket.region, bucket.offset, bucket.nbytes)
         source = _host_range(host_regions, bucket.region, bucket.offset, bucket.nbytes)
-        with self._on(self.copy_stream):
+        with on_stream(self.copy_stream):
             target.copy_(source, non_blocking=True)
-        return target, _event_on(self.copy_stream)
+        return target, event_on(self.copy_stream)
 
     def verify_after(
         self,
@@ -262,7 +261,7 @@ class CudaStager:
         target: torch.Tensor,
     ) -> None:
         """Checksum `target` on the verify stream once `stream`'s work so far is done."""
-        self.verify_when(_event_on(stream), batch, index, target)
+        self.verify_when(event_on(stream), batch, index, target)
 
     def verify_when(
         self, event: torch.cuda.Event | None, batch: DigestBatch, index: int, target: torch.Tensor
@@ -270,12 +269,12 @@ class CudaStager:
         """Checksum `target` on the verify stream once `event` has happened."""
         if event is not None and self.verify_stream is not None:
             self.verify_stream.wait_event(event)
-        with self._on(self.verify_stream):
+        with on_stream(self.verify_stream):
             batch.record(index, target)
 
     def finish(self, batch: DigestBatch) -> tuple[int, ...]:
         """Wait for the verify stream (the one sync) and order the current stream after it."""
-        with self._on(self.verify_stream):
+        with on_stream(self.verify_stream):
             failed = tuple(batch.failed())
         if self.is_cuda:
             current = torch.cuda.current_stream(self.device)
@@ -346,12 +345,12 @@ class CudaStager:
         batch = self.start([b.checksum for b in buckets])
         for index, bucket in enumerate(buckets):
             pieces = plan[index]
-            with self._on(self.copy_stream), torch.no_grad():
+            with on_stream(self.copy_stream), torch.no_grad():
                 for region_offset, target, _ in pieces:
                     source = _host_range(host_regions, bucket.region, region_offset, target.numel())
                     target.copy_(source, non_blocking=True)
             _order(self.copy_stream, self.verify_stream)
-            with self._on(self.verify_stream):
+            with on_stream(self.verify_stream):
                 sums = wmix128_pieces(
                     [(rel, target) for _, target, rel in pieces], bucket.nbytes, device=self.device
                 )
@@ -391,9 +390,6 @@ class CudaStager:
             copies.append(run.copy(self.staging))
         return copies
 
-    def _on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[object]:
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
 
 class _Run:
     """Tensors adjacent both in the staging and in one storage of the engine: one copy."""
@@ -427,25 +423,11 @@ class _Run:
         return target, staging[self.source_start : self.source_start + self.nbytes]
 
 
-def new_stream(device: torch.device | int) -> torch.cuda.Stream:
-    """A new CUDA stream on `device` (typed: torch's constructor is not)."""
-    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-
-
-def _event_on(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
-    """An event recorded on `stream` now (None on the CPU, where there are no streams)."""
-    if stream is None:
-        return None
-    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    event.record(stream)
-    return event
-
-
 def _order(first: torch.cuda.Stream | None, then: torch.cuda.Stream | None) -> None:
     """Make `then` wait for the work enqueued on `first` so far (no host sync)."""
     if first is None or then is None or first == then:
         return
-    event = _event_on(first)
+    event = event_on(first)
     assert event is not None
     then.wait_event(event)
 

@@ -32,9 +32,10 @@ import msgspec
 import torch
 
 from gpu.ipc import export_buffer, export_event, ipc_event, open_buffer, open_event
+from gpu.streams import new_stream
 from schemas.ipc import StagingShare, decode_staging_share, encode_staging_share
 from streamer.errors import ProtocolError
-from subscribers.cuda_stage import PullResult, new_stream
+from subscribers.cuda_stage import PullResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
