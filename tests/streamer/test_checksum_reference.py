@@ -16,9 +16,11 @@ from hypothesis import assume, given, settings, strategies as st
 import streamer.checksum as checksum
 from streamer.checksum import (
     ALGORITHM,
+    NATIVE,
     bucket_digest,
     format_digest,
     lane_sums,
+    lane_sums_numpy,
     parse_digest,
     wmix128,
     wmix128_words,
@@ -298,3 +300,24 @@ def test_the_manifest_validator_knows_every_algorithm_we_compute():
     from streamer.checksum import SUPPORTED_ALGORITHMS
 
     assert set(SUPPORTED_ALGORITHMS) == set(CHECKSUM_DIGEST_CHARS)
+
+
+@pytest.mark.skipif(not NATIVE, reason="streamer._wmix (the C lane sums) is not built here")
+@settings(max_examples=300, deadline=None)
+@given(
+    words=st.lists(st.integers(0, 2**64 - 1), max_size=70),
+    start=st.one_of(st.integers(0, 10**6), st.integers(0, 2**63)),
+)
+def test_the_c_lane_sums_equal_numpys_bit_for_bit(words, start):
+    array = np.array(words, dtype=np.uint64)
+    assert lane_sums(array, start) == lane_sums_numpy(array, start)
+
+
+@pytest.mark.skipif(not NATIVE, reason="streamer._wmix (the C lane sums) is not built here")
+def test_the_c_lane_sums_take_strided_and_signed_arrays_and_whole_words_only():
+    words = np.random.default_rng(5).integers(0, 2**63, 1_000_003, dtype=np.int64)
+    assert lane_sums(words[::3], 7) == lane_sums_numpy(words[::3], 7)  # copied contiguous
+    from streamer import _wmix
+
+    with pytest.raises(ValueError, match="whole 64-bit words"):
+        _wmix.lane_sums(b"\x00" * 12, 0)

@@ -1,0 +1,3 @@
+from typing_extensions import Buffer
+
+def lane_sums(data: Buffer, start: int, /) -> tuple[int, int]: ...
