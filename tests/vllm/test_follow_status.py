@@ -54,7 +54,7 @@ class _Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def llm(checkpoints: dict[str, Path]) -> Any:
+def llm(checkpoints: dict[str, Path]) -> Iterator[Any]:
     from vllm import LLM
 
     with pytest.MonkeyPatch.context() as patch:
@@ -62,7 +62,10 @@ def llm(checkpoints: dict[str, Path]) -> Any:
         engine = LLM(
             **engine_kwargs(checkpoints["v1"], weight_transfer_config={"backend": "weightstream"})
         )
-    return engine
+    yield engine
+    # An in-process engine left running keeps its CPU worker (and its thread binding): the
+    # next module's TP=2 engine then finds no CPUs left to bind its two workers to.
+    engine.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="module")
