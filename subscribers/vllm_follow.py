@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import zmq.asyncio
@@ -74,6 +74,8 @@ class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     in order of preference; shm maps a same-host publisher's memory instead of copying it."""
     host: str = "127.0.0.1"
     """This machine's address as publishers reach it (mooncake)."""
+    protocol: Literal["tcp", "rdma"] = "tcp"
+    """mooncake's protocol (WEIGHTSTREAM_PROTOCOL): tcp, or rdma where both sides have RDMA NICs."""
     model_path: str | None = None
     """The engine's checkpoint directory (default: the engine's own model path)."""
     pause_mode: PauseMode = "wait"
@@ -99,7 +101,7 @@ class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FollowConfig:
-        """WEIGHTSTREAM_MODEL (required), _BROKER, _TRANSPORT, _HOST, _MODEL_PATH, _PAUSE_MODE,
+        """WEIGHTSTREAM_MODEL (required), _BROKER, _TRANSPORT, _HOST, _PROTOCOL, _MODEL_PATH, _PAUSE_MODE,
         _SHM_NAME, _APPLIED, _KEY_FILE, _BROKER_KEY_FILE, _TRUST; raises ValueError naming
         the bad variable."""
         fields: dict[str, Any] = {}
@@ -215,7 +217,9 @@ async def follow(
 
     try:
         trusted_keys = config.trusted_keys()
-        receivers = make_receivers(parse_transports(config.transport), host=config.host)
+        receivers = make_receivers(
+            parse_transports(config.transport), host=config.host, protocol=config.protocol
+        )
         shm_name = config.shm_name or _shm_name(config.model)
         staging = Staging(receivers=receivers, shm_name=shm_name)
         # The applied version's staging stays intact until the next applies: a failed update
@@ -308,6 +312,7 @@ class WeightStream:
         model_path: str | None = None,
         transport: str = "auto",
         host: str = "127.0.0.1",
+        protocol: Literal["tcp", "rdma"] = "tcp",
         applied: int | None = None,
         pull: PullConfig | None = None,
         connect_timeout_s: float = 30.0,
@@ -321,6 +326,7 @@ class WeightStream:
             broker=broker,
             transport=transport,
             host=host,
+            protocol=protocol,
             model_path=model_path,
             applied=applied,
             pull=pull or PullConfig(),

@@ -46,11 +46,12 @@ def test_follow_config_reads_weightstream_variables() -> None:
             "WEIGHTSTREAM_HOST": "10.0.0.7",
             "WEIGHTSTREAM_PAUSE_MODE": "keep",
             "WEIGHTSTREAM_APPLIED": "3",
+            "WEIGHTSTREAM_PROTOCOL": "rdma",
             "UNRELATED": "x",
         }
     )
     assert (config.model, config.broker, config.host) == ("llama", "tcp://trainer:5555", "10.0.0.7")
-    assert (config.pause_mode, config.applied) == ("keep", 3)
+    assert (config.pause_mode, config.applied, config.protocol) == ("keep", 3, "rdma")
     assert transport_names(config.transport) == ["mooncake", "shm"]
 
 
@@ -60,6 +61,7 @@ def test_follow_config_reads_weightstream_variables() -> None:
         ({}, "WEIGHTSTREAM_MODEL"),
         ({"WEIGHTSTREAM_MODEL": "m", "WEIGHTSTREAM_TRANSPORT": "carrier-pigeon"}, "transport"),
         ({"WEIGHTSTREAM_MODEL": "m", "WEIGHTSTREAM_PAUSE_MODE": "abort"}, "pause_mode"),
+        ({"WEIGHTSTREAM_MODEL": "m", "WEIGHTSTREAM_PROTOCOL": "carrier-pigeon"}, "protocol"),
     ],
 )
 def test_follow_config_names_what_is_wrong(environ: dict[str, str], message: str) -> None:
