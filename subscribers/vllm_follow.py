@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 import zmq.asyncio
@@ -91,6 +91,9 @@ class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """The broker's public key (WEIGHTSTREAM_BROKER_KEY_FILE)."""
     trust: str = ""
     """Comma-separated publisher public key files: apply only versions they signed."""
+    name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    """This engine's stable name in status and metric labels (WEIGHTSTREAM_NAME), kept across
+    its restarts, e.g. node-3/gpu-0 (default host:pid, which changes with every restart)."""
 
     def __post_init__(self) -> None:
         transport_names(self.transport)  # raises ValueError on a bad list
@@ -102,7 +105,7 @@ class FollowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FollowConfig:
         """WEIGHTSTREAM_MODEL (required), _BROKER, _TRANSPORT, _HOST, _PROTOCOL, _MODEL_PATH, _PAUSE_MODE,
-        _SHM_NAME, _APPLIED, _KEY_FILE, _BROKER_KEY_FILE, _TRUST; raises ValueError naming
+        _SHM_NAME, _APPLIED, _KEY_FILE, _BROKER_KEY_FILE, _TRUST, _NAME; raises ValueError naming
         the bad variable."""
         fields: dict[str, Any] = {}
         for name in cls.__struct_fields__:
@@ -230,6 +233,7 @@ async def follow(
                 broker=config.broker,
                 key_file=config.key_file,
                 broker_key_file=config.broker_key_file,
+                name=config.name,
             ),
             role="subscriber",
             context=ctx,

@@ -185,6 +185,14 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
         default="127.0.0.1",
         help="this machine's address as peers should reach it (default 127.0.0.1)",
     )
+    parser.add_argument(
+        "--name",
+        dest="peer_name",
+        default=os.environ.get("WEIGHTSTREAM_NAME", ""),
+        metavar="NAME",
+        help="a stable name for this process in status and metric labels, kept across its "
+        "restarts, e.g. node-3/gpu-0 (env WEIGHTSTREAM_NAME; default host:pid)",
+    )
     _key_args(parser)
 
 
@@ -205,7 +213,10 @@ def _client_config(args: argparse.Namespace) -> Any:
     from streamer.config import ClientConfig
 
     return ClientConfig(
-        broker=args.broker, key_file=args.key_file, broker_key_file=args.broker_key_file
+        broker=args.broker,
+        key_file=args.key_file,
+        broker_key_file=args.broker_key_file,
+        name=getattr(args, "peer_name", ""),
     )
 
 

@@ -47,11 +47,13 @@ def test_follow_config_reads_weightstream_variables() -> None:
             "WEIGHTSTREAM_PAUSE_MODE": "keep",
             "WEIGHTSTREAM_APPLIED": "3",
             "WEIGHTSTREAM_PROTOCOL": "rdma",
+            "WEIGHTSTREAM_NAME": "node-3/gpu-0",
             "UNRELATED": "x",
         }
     )
     assert (config.model, config.broker, config.host) == ("llama", "tcp://trainer:5555", "10.0.0.7")
     assert (config.pause_mode, config.applied, config.protocol) == ("keep", 3, "rdma")
+    assert config.name == "node-3/gpu-0"  # the stable label in status and /metrics
     assert transport_names(config.transport) == ["mooncake", "shm"]
 
 

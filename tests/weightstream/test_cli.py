@@ -239,3 +239,17 @@ def test_a_healthy_mooncake_start_is_silent_at_the_default_log_level(level: str,
         assert result.stderr == ""
     else:
         assert "Local segment descriptor not found" in result.stderr
+
+
+def test_a_stable_name_for_status_and_metrics_labels_comes_from_name_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from weightstream.cli import _client_config, _parser
+
+    args = _parser().parse_args(["subscribe", "--name", "node-3/gpu-0"])
+    assert _client_config(args).name == "node-3/gpu-0"
+    monkeypatch.setenv("WEIGHTSTREAM_NAME", "node-4/gpu-1")
+    args = _parser().parse_args(["publish", "--versions", "1"])
+    assert _client_config(args).name == "node-4/gpu-1"
+    monkeypatch.delenv("WEIGHTSTREAM_NAME")
+    assert _client_config(_parser().parse_args(["subscribe"])).name == ""  # host:pid then
