@@ -37,6 +37,7 @@ import zmq.asyncio
 
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
+from streamer.auth import make_local_keys
 from streamer.config import ClientConfig
 from streamer.transport import MooncakeSender
 from weightstream.cli import _size
@@ -117,26 +118,6 @@ def raw_reads(nodes: Nodes, nbytes: int, count: int) -> tuple[float, float]:
         server.wait(timeout=30)
 
 
-def make_keys(directory: Path) -> dict[str, str]:
-    """CURVE keys for broker, trainer and subscribers of `bench`, and their allowlist: a broker
-    on the bridge (off loopback) runs with keys, as in production."""
-    from streamer.auth import Grant, create_keys, load_public_key, render_grants
-
-    rights = {"trainer": (["bench"], []), "subscriber": ([], ["bench"])}
-    paths: dict[str, str] = {}
-    grants: list[Grant] = []
-    for name in ("broker", "trainer", "subscriber"):
-        public, secret = create_keys(name, directory)
-        paths[name], paths[f"{name}.public"] = str(secret), str(public)
-        if name in rights:
-            publish, subscribe = rights[name]
-            key = load_public_key(public).decode()
-            grants.append(Grant(name=name, public_key=key, publish=publish, subscribe=subscribe))
-    paths["allowlist"] = str(directory / "allowlist.toml")
-    Path(paths["allowlist"]).write_text(render_grants(grants))
-    return paths
-
-
 async def ours(
     nodes: Nodes,
     size: int,
@@ -148,7 +129,8 @@ async def ours(
     """Each measured version is one round: `raw()` (every node reading the same bytes raw, at
     once) right before it, so each round's ratio compares like with like on this noisy host."""
     ready = workdir / "broker.json"
-    keys = make_keys(workdir / "keys")
+    # A broker on the bridge (off loopback) runs with keys, as in production.
+    keys = {k: str(v) for k, v in make_local_keys(workdir / "keys", model="bench").items()}
     broker = subprocess.Popen(
         [
             sys.executable,

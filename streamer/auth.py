@@ -76,6 +76,7 @@ __all__ = [
     "is_loopback",
     "load_keys",
     "load_public_key",
+    "make_local_keys",
     "read_token",
     "render_grants",
     "security_mode",
@@ -439,3 +440,23 @@ class Guard:
         except msgspec.DecodeError as exc:
             raise AuthError(f"the saved model owners are unreadable: {exc}") from exc
         self.owners.update(owners)
+
+
+def make_local_keys(directory: str | Path, *, model: str) -> dict[str, Path]:
+    """Key pairs for a one-machine setup (the demo, the CPU benchmark): `broker`, `trainer`
+    (publisher of `model`) and `subscriber` (subscriber of `model`), and the allowlist naming
+    them. Returns their paths: NAME (secret), NAME.public, and allowlist."""
+    rights = {"trainer": ([model], []), "subscriber": ([], [model])}
+    directory = Path(directory)
+    paths: dict[str, Path] = {}
+    grants: list[Grant] = []
+    for name in ("broker", "trainer", "subscriber"):
+        public, secret = create_keys(name, directory)
+        paths[name], paths[f"{name}.public"] = Path(secret), Path(public)
+        if name in rights:
+            publish, subscribe = rights[name]
+            key = load_public_key(public).decode()
+            grants.append(Grant(name=name, public_key=key, publish=publish, subscribe=subscribe))
+    paths["allowlist"] = directory / "allowlist.toml"
+    paths["allowlist"].write_text(render_grants(grants))
+    return paths

@@ -1,10 +1,12 @@
 """Fixtures: a ZeroMQ asyncio context, a free endpoint, a running broker (ROUTER + HTTP) per
-test, and mooncake engines lent from one pool per session (see `tests.support`)."""
+test, mooncake engines lent from one pool per session (see `tests.support`), and a `fleet`
+of real processes for the end-to-end and fault tests."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import zmq.asyncio
@@ -17,6 +19,11 @@ from tests.support import (
     run_broker,
     test_keys,
 )
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.e2e.procs import Fleet
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +50,16 @@ async def broker() -> AsyncIterator[RunningBroker]:
     test allowlist; cancelled afterwards."""
     async with run_broker(broker_config()) as running:
         yield running
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    """Real weightstream processes for one test (`tests.e2e.procs.Fleet`), all stopped after."""
+    from tests.e2e.procs import Fleet
+
+    fleet = Fleet(tmp_path)
+    yield fleet
+    await fleet.stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ import zmq.asyncio
 
 from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
-from streamer.auth import Grant, create_keys, load_public_key, render_grants
+from streamer.auth import make_local_keys
 from streamer.config import ClientConfig
 from streamer.server import run_until_signal
 from streamer.transport.choice import make_senders
@@ -87,23 +87,6 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-def _make_keys(directory: Path) -> dict[str, Path]:
-    """Key pairs for broker, trainer and subscribers, and the allowlist naming them."""
-    rights = {"trainer": (["demo"], []), "subscriber": ([], ["demo"])}
-    paths: dict[str, Path] = {}
-    grants: list[Grant] = []
-    for name in ("broker", "trainer", "subscriber"):
-        public, secret = create_keys(name, directory)
-        paths[name], paths[f"{name}.public"] = secret, public
-        if name in rights:
-            key = load_public_key(public).decode()
-            publish, subscribe = rights[name]
-            grants.append(Grant(name=name, public_key=key, publish=publish, subscribe=subscribe))
-    paths["allowlist"] = directory / "allowlist.toml"
-    paths["allowlist"].write_text(render_grants(grants))
-    return paths
-
-
 def _progress_line(version: int, status: dict[str, Any]) -> str:
     parts = []
     for row in status["subscribers"]:
@@ -132,7 +115,7 @@ async def _demo(*, size: int, versions: int, subscribers: int, transport: list[s
         f"synthetic Llama-like model; logs in {workdir}"
     )
     try:
-        keys = _make_keys(workdir / "keys")
+        keys = make_local_keys(workdir / "keys", model="demo")
         broker = _spawn(
             [
                 "broker",

@@ -139,9 +139,17 @@ async def start_broker(
 
 
 def publish_args(
-    broker: str, *, size: int, versions: str, rank: int = 0, world_size: int = 1
+    broker: str,
+    *,
+    size: int,
+    versions: str,
+    rank: int = 0,
+    world_size: int = 1,
+    transport: str = "mooncake",
+    job: str | None = "e2e-trainer",
 ) -> list[str]:
-    """`weightstream publish` of the synthetic llama over mooncake tcp, 256 KiB buckets."""
+    """`weightstream publish` of the synthetic llama (mooncake tcp by default), 256 KiB buckets;
+    every rank of one trainer names the same `job` (None: from WEIGHTSTREAM_JOB, or random)."""
     return [
         "publish",
         "--broker",
@@ -149,7 +157,7 @@ def publish_args(
         "--model",
         "llama",
         "--transport",
-        "mooncake",
+        transport,
         "--synthetic",
         str(size),
         "--bucket",
@@ -160,13 +168,12 @@ def publish_args(
         str(rank),
         "--world-size",
         str(world_size),
-        "--job",
-        "e2e-trainer",  # every rank of one trainer names the same job
+        *(["--job", job] if job is not None else []),
     ]
 
 
-def subscribe_args(broker: str, dump: Path) -> list[str]:
-    """`weightstream subscribe` over mooncake tcp, dumping every version it applies."""
+def subscribe_args(broker: str, dump: Path, *, transport: str = "mooncake") -> list[str]:
+    """`weightstream subscribe` (mooncake tcp by default), dumping every version it applies."""
     return [
         "subscribe",
         "--broker",
@@ -174,7 +181,7 @@ def subscribe_args(broker: str, dump: Path) -> list[str]:
         "--model",
         "llama",
         "--transport",
-        "mooncake",
+        transport,
         "--dump-dir",
         str(dump),
         "--dump-all",

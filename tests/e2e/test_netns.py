@@ -32,13 +32,6 @@ def nodes():
     net.close()
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 async def test_subscribers_in_namespaces_follow_a_trainer_over_the_bridge(
     fleet: Fleet, nodes: NodeNet, tmp_path: Path
 ):

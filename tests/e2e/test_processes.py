@@ -30,13 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SIZE = 4_000_000
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 async def test_two_rank_trainer_three_subscribers_bit_exact_at_every_version(
     fleet: Fleet, tmp_path: Path
 ):

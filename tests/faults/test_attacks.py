@@ -46,20 +46,6 @@ SIZE = 1_000_000
 MODEL = "policy"
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
-@pytest.fixture
-async def zmq_ctx() -> AsyncIterator[zmq.asyncio.Context]:
-    ctx = zmq.asyncio.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
 async def start_engine(fleet: Fleet, broker: BrokerInfo, name: str, dump: Path) -> Proc:
     return await fleet.start(
         name,

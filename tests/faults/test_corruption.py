@@ -34,13 +34,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 SIZE = 2_000_000
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 async def test_corrupted_bucket_is_detected_reported_and_never_applied(
     fleet: Fleet, tmp_path: Path, faults: Faults
 ):

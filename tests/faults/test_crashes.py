@@ -32,13 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SIZE = 4_000_000
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 async def test_subscriber_killed_mid_pull_catches_up_after_restart(
     fleet: Fleet, tmp_path: Path, faults: Faults
 ):

@@ -36,13 +36,6 @@ SIZE = 4_000_000
 ERRORS = "weightstream_broker_protocol_errors_total"
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 async def test_garbage_on_broker_sockets_and_http_leaves_it_serving(
     fleet: Fleet, tmp_path: Path, faults: Faults
 ):

@@ -57,20 +57,6 @@ BULK_DEEP = encode({"type": "read", "zz": None})[:-1] + b"\x91" * 1000 + b"\xc0"
 """A bulk read header (under the 4 KB header limit) with a 1000-deep unknown field."""
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
-@pytest.fixture
-async def zmq_ctx():
-    ctx = zmq.asyncio.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
 def _subscribe_args(broker: str, dump: Path) -> list[str]:
     return [
         "subscribe",

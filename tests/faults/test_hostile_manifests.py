@@ -25,7 +25,9 @@ from tests.e2e.procs import (
     assert_dump_equals,
     file_exists,
     get_json,
+    publish_args,
     start_broker,
+    subscribe_args,
     subscribers_at,
     wait_for,
 )
@@ -36,52 +38,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 SIZE = 2_000_000
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
-@pytest.fixture
-async def zmq_ctx():
-    ctx = zmq.asyncio.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
 def _publish_args(broker: str, versions: str, *extra: str) -> list[str]:
+    # The job comes from `extra` or the environment (the rival-job test sets it per process).
     return [
-        "publish",
-        "--broker",
-        broker,
-        "--model",
-        "llama",
-        "--transport",
-        "zmq",
-        "--synthetic",
-        str(SIZE),
-        "--bucket",
-        "256KiB",
-        "--versions",
-        versions,
+        *publish_args(broker, size=SIZE, versions=versions, transport="zmq", job=None),
         *extra,
     ]
 
 
 def _subscribe_args(broker: str, dump: Path) -> list[str]:
-    return [
-        "subscribe",
-        "--broker",
-        broker,
-        "--model",
-        "llama",
-        "--transport",
-        "zmq",
-        "--dump-dir",
-        str(dump),
-        "--dump-all",
-    ]
+    return subscribe_args(broker, dump, transport="zmq")
 
 
 async def _wait_dump(fleet: Fleet, dump: Path, version: int) -> None:

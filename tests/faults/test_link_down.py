@@ -41,13 +41,6 @@ def nodes():
     net.close()
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 async def _logged(proc: Proc, line: str) -> bool:
     text = await asyncio.to_thread(proc.log.read_text, errors="replace")
     return line in text

@@ -24,13 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 SIZE = 16_000_000
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 def _rank(broker: str, rank: int, versions: str, *extra: str) -> list[str]:
     return [
         "publish",

@@ -36,13 +36,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 SIZE = 2_000_000
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 def dump_matches(path: Path, version: int) -> bool:
     live = load_file(str(path))
     want = expected(SIZE, version)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 from functools import partial
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -44,13 +43,6 @@ from tests.support import test_keys
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 MODEL = "soak"
-
-
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
 
 
 @pytest.fixture

@@ -19,13 +19,6 @@ from tests.streamer.test_registry import shard
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 async def _exit_code(fleet: Fleet, *args: str) -> tuple[int, str]:
     proc = await fleet.start(f"broker-{len(fleet.procs)}", "broker", "--http-port", "0", *args)
     async with asyncio.timeout(30):

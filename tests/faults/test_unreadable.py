@@ -14,7 +14,9 @@ from tests.e2e.procs import (
     assert_dump_equals,
     file_exists,
     get_json,
+    publish_args,
     start_broker,
+    subscribe_args,
     wait_for,
 )
 
@@ -23,46 +25,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 SIZE = 2_000_000
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 def _publisher(broker: str, versions: str) -> list[str]:
-    return [
-        "publish",
-        "--broker",
-        broker,
-        "--model",
-        "llama",
-        "--transport",
-        "zmq",
-        "--synthetic",
-        str(SIZE),
-        "--bucket",
-        "256KiB",
-        "--versions",
-        versions,
-    ]
+    return publish_args(broker, size=SIZE, versions=versions, transport="zmq")
 
 
 def _subscriber(broker: str, dump: Path) -> list[str]:
-    return [
-        "subscribe",
-        "--broker",
-        broker,
-        "--model",
-        "llama",
-        "--transport",
-        "zmq",
-        "--dump-dir",
-        str(dump),
-        "--dump-all",
-        "--pull-timeout-s",
-        "5",
-    ]
+    return [*subscribe_args(broker, dump, transport="zmq"), "--pull-timeout-s", "5"]
 
 
 async def test_a_version_whose_publisher_was_killed_is_withdrawn_and_late_joiners_wait(

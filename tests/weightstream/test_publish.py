@@ -25,13 +25,6 @@ pytestmark = pytest.mark.slow
 SIZE = 4_000_000
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 def _publish(broker: str, *extra: str) -> list[str]:
     # --transport left at auto: same host, so the subscriber maps the publisher's shm.
     return ["publish", "--broker", broker, "--model", "m", "--synthetic", str(SIZE), *extra]

@@ -18,13 +18,6 @@ from tests.e2e.procs import ENV, Fleet, start_broker
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 def _read_all(fd: int) -> bytes:
     chunks = []
     while True:

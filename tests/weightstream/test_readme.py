@@ -30,13 +30,6 @@ def _blocks() -> list[str]:
     return BLOCK.findall((REPO / "README.md").read_text())
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path):
-    fleet = Fleet(tmp_path)
-    yield fleet
-    await fleet.stop_all()
-
-
 def test_the_readme_has_a_trainer_and_an_inference_snippet():
     blocks = _blocks()
     assert any("SyncPublisher(" in b for b in blocks)
