@@ -13,6 +13,10 @@ decoded message is larger or stranger than its type allows.
             <------------------------- Published
       Subscribe --------------------->
             <------------------------- Subscribed, then Announce (latest, and every new one)
+                                       (protocol 2: Announced, a digest; the peer fetches
+      FetchManifest ----------------->  the manifest it lacks once, by digest, and caches it)
+            <------------------------- ManifestBody | Error("version_unavailable")
+            <------------------------- Route (relay: where to read each stripe of buckets)
       AcquireLease / ReleaseLease --->   (a version is retired only when no lease holds it)
             <------------------------- LeaseGranted | Error("version_unavailable")
       Heartbeat / Progress / Applied / PullFailed ->   (no reply)
@@ -44,29 +48,36 @@ from schemas.manifest import (
 )
 
 __all__ = [
+    "MIN_PROTOCOL_VERSION",
     "PROTOCOL_VERSION",
     "AcquireLease",
     "AdminDone",
     "Alive",
     "Announce",
+    "Announced",
     "Applied",
     "AppliedReached",
     "DeleteModel",
     "Error",
     "ErrorCode",
+    "FetchManifest",
     "Goodbye",
     "Heartbeat",
     "Hello",
     "LeaseGranted",
+    "ManifestBody",
     "Message",
     "Progress",
     "PublishShard",
     "Published",
     "PullFailed",
+    "RelayOffer",
+    "RelaySource",
     "ReleaseLease",
     "Retire",
     "RetireVersion",
     "Role",
+    "Route",
     "Subscribe",
     "Subscribed",
     "WaitApplied",
@@ -75,7 +86,11 @@ __all__ = [
     "Withdraw",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: announcements name the manifest by digest (`Announced`), peers fetch it (`FetchManifest`)."""
+MIN_PROTOCOL_VERSION = 1
+"""The oldest protocol a broker still serves: a protocol-1 peer gets the whole manifest in
+every `Announce`."""
 
 Role = Literal["publisher", "subscriber", "observer"]
 ErrorCode = Literal[
@@ -102,6 +117,14 @@ Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]
 """Finite, non-negative durations (NaN and infinities fail the bounds)."""
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)]
 Small = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+ManifestDigest = Annotated[str, msgspec.Meta(min_length=64, max_length=64, pattern=r"^[0-9a-f]+$")]
+"""SHA-256 (hex) of a manifest's msgpack encoding, as the broker sends it in `ManifestBody`."""
+Endpoint = Annotated[str, msgspec.Meta(max_length=300)]
+CurveKey = Annotated[str, msgspec.Meta(max_length=64)]
+"""A Z85 CURVE public key (40 characters), or "" for a plain socket."""
+PeerName = Annotated[str, msgspec.Meta(max_length=128)]
+MAX_STRIPES = 64
+MAX_SOURCES = 64
 
 
 class Wire(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -153,9 +176,20 @@ class Published(Wire, frozen=True, tag="published"):
     """True once every rank's shard is in and the version was announced."""
 
 
+class RelayOffer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A subscriber that serves the verified buckets it holds to other subscribers (relay)."""
+
+    endpoint: Endpoint
+    """Its relay server (tcp://host:port), answering reads of the versions it holds."""
+    server_key: CurveKey = ""
+    """The relay server's CURVE public key, when it encrypts."""
+
+
 class Subscribe(Wire, frozen=True, tag="subscribe"):
     request_id: RequestId
     model: ModelName
+    relay: RelayOffer | None = None
+    """Set by a subscriber that serves what it holds: the broker plans it into `Route`s."""
 
 
 class Subscribed(Wire, frozen=True, tag="subscribed"):
@@ -169,6 +203,54 @@ class Subscribed(Wire, frozen=True, tag="subscribed"):
 
 class Announce(Wire, frozen=True, tag="announce"):
     manifest: Manifest
+
+
+class Announced(Wire, frozen=True, tag="announced"):
+    """Protocol 2: a version is readable; its manifest is the one whose encoding has `digest`."""
+
+    model: ModelName
+    version: Version
+    digest: ManifestDigest
+    nbytes: NonNegative
+    """The manifest's encoded size (what `FetchManifest` returns)."""
+
+
+class FetchManifest(Wire, frozen=True, tag="fetch_manifest"):
+    request_id: RequestId
+    model: ModelName
+    version: Version
+    digest: ManifestDigest
+
+
+class ManifestBody(Wire, frozen=True, tag="manifest_body"):
+    """The manifest's msgpack encoding: the peer checks its SHA-256 against the digest, then
+    decodes and validates it like any other manifest."""
+
+    request_id: RequestId
+    digest: ManifestDigest
+    body: Annotated[bytes, msgspec.Meta(max_length=64 * 1024 * 1024)]
+    """At most the codec's frame limit (`schemas.codec.MAX_MESSAGE_BYTES`)."""
+
+
+class RelaySource(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A subscriber to read buckets from: its stable name and its relay server."""
+
+    name: PeerName
+    endpoint: Endpoint
+    server_key: CurveKey = ""
+
+
+class Route(Wire, frozen=True, tag="route"):
+    """Relay: where this subscriber reads each bucket of `version` (sent with the announcement,
+    and again when the plan changes). Bucket b belongs to stripe b % fanout; `parents[s]` is the
+    holder to read stripe s from (None: the trainer). `fallbacks` are other holders to try, in
+    order, when a parent fails; the trainer's locators in the manifest come last."""
+
+    model: ModelName
+    version: Version
+    fanout: Annotated[int, msgspec.Meta(ge=1, le=MAX_STRIPES)]
+    parents: Annotated[list[RelaySource | None], msgspec.Meta(max_length=MAX_STRIPES)]
+    fallbacks: Annotated[list[RelaySource], msgspec.Meta(max_length=MAX_SOURCES)] = []
 
 
 class AcquireLease(Wire, frozen=True, tag="lease"):
@@ -200,6 +282,8 @@ class Progress(Wire, frozen=True, tag="progress"):
     bytes_total: NonNegative
     bytes_per_s: Rate = 0.0
     state: Literal["pulling", "staged"] = "pulling"
+    sources: Annotated[dict[PeerName, NonNegative], msgspec.Meta(max_length=MAX_SOURCES)] = {}
+    """Relay: bytes verified so far per source ("" for the trainer, else the holder's name)."""
 
 
 class Applied(Wire, frozen=True, tag="applied"):
@@ -279,6 +363,10 @@ Message = (
     | Subscribe
     | Subscribed
     | Announce
+    | Announced
+    | FetchManifest
+    | ManifestBody
+    | Route
     | AcquireLease
     | LeaseGranted
     | ReleaseLease

@@ -31,24 +31,30 @@ from schemas.messages import (
     AdminDone,
     Alive,
     Announce,
+    Announced,
     Applied,
     AppliedReached,
     DeleteModel,
     Error,
     ErrorCode,
+    FetchManifest,
     Goodbye,
     Heartbeat,
     Hello,
     LeaseGranted,
+    ManifestBody,
     Message,
     Progress,
     Published,
     PublishShard,
     PullFailed,
+    RelayOffer,
+    RelaySource,
     ReleaseLease,
     Retire,
     RetireVersion,
     Role,
+    Route,
     Subscribe,
     Subscribed,
     WaitApplied,
@@ -134,6 +140,11 @@ MANIFESTS = st.builds(
     published_at=st.floats(0, 1e11),
 )
 
+DIGESTS = st.text("0123456789abcdef", min_size=64, max_size=64)
+RELAY_SOURCES = st.builds(
+    RelaySource, name=st.text(max_size=40), endpoint=ADDRESSES, server_key=st.text(max_size=40)
+)
+
 MESSAGES: dict[type, st.SearchStrategy[Any]] = {
     Hello: st.builds(
         Hello,
@@ -170,11 +181,38 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
         version=NON_NEGATIVE,
         complete=st.booleans(),
     ),
-    Subscribe: st.builds(Subscribe, request_id=NON_NEGATIVE, model=MODEL_NAMES),
+    Subscribe: st.builds(
+        Subscribe,
+        request_id=NON_NEGATIVE,
+        model=MODEL_NAMES,
+        relay=st.none()
+        | st.builds(RelayOffer, endpoint=ADDRESSES, server_key=st.text(max_size=40)),
+    ),
     Subscribed: st.builds(
         Subscribed, request_id=NON_NEGATIVE, model=MODEL_NAMES, latest=st.none() | NON_NEGATIVE
     ),
     Announce: st.builds(Announce, manifest=MANIFESTS),
+    Announced: st.builds(
+        Announced, model=MODEL_NAMES, version=NON_NEGATIVE, digest=DIGESTS, nbytes=NON_NEGATIVE
+    ),
+    FetchManifest: st.builds(
+        FetchManifest,
+        request_id=NON_NEGATIVE,
+        model=MODEL_NAMES,
+        version=NON_NEGATIVE,
+        digest=DIGESTS,
+    ),
+    ManifestBody: st.builds(
+        ManifestBody, request_id=NON_NEGATIVE, digest=DIGESTS, body=st.binary(max_size=64)
+    ),
+    Route: st.builds(
+        Route,
+        model=MODEL_NAMES,
+        version=NON_NEGATIVE,
+        fanout=st.integers(1, 64),
+        parents=st.lists(st.none() | RELAY_SOURCES, max_size=4),
+        fallbacks=st.lists(RELAY_SOURCES, max_size=4),
+    ),
     AcquireLease: st.builds(
         AcquireLease, request_id=NON_NEGATIVE, model=MODEL_NAMES, version=NON_NEGATIVE
     ),
@@ -194,6 +232,7 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
         bytes_done=NON_NEGATIVE,
         bytes_total=NON_NEGATIVE,
         bytes_per_s=RATES,
+        sources=st.dictionaries(st.text(max_size=40), NON_NEGATIVE, max_size=4),
     ),
     Applied: st.builds(
         Applied,
@@ -240,6 +279,10 @@ WIRE_TAGS: dict[type, str] = {
     Subscribe: "subscribe",
     Subscribed: "subscribed",
     Announce: "announce",
+    Announced: "announced",
+    FetchManifest: "fetch_manifest",
+    ManifestBody: "manifest_body",
+    Route: "route",
     AcquireLease: "lease",
     LeaseGranted: "lease_granted",
     ReleaseLease: "release",
