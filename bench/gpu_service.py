@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -178,15 +179,24 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
                         # subscriber's check against digests-v proves v's bytes were kept.
                         for t in named.values():
                             t.fill_(-7.5)
+                        # Waited for beside the host copy: a same-GPU engine may apply the
+                        # version from its GPU offer before the host copy is even offered.
+                        applied_at: list[float] = []
+                        waiting = asyncio.ensure_future(publisher.wait_applied(version, args.ranks))
+                        waiting.add_done_callback(functools.partial(_stamp, applied_at))
                         async with asyncio.timeout(args.version_timeout_s):
                             result = await pending.readable()
+                        announced = time.perf_counter()
+                        async with asyncio.timeout(args.version_timeout_s):
+                            await waiting
+                        applied = applied_at[0]
                     else:
                         result = await publisher.publish(version, named)
                         stalled = time.perf_counter()
-                    announced = time.perf_counter()
-                    async with asyncio.timeout(args.version_timeout_s):
-                        await publisher.wait_applied(version, args.ranks)
-                    applied = time.perf_counter()
+                        announced = time.perf_counter()
+                        async with asyncio.timeout(args.version_timeout_s):
+                            await publisher.wait_applied(version, args.ranks)
+                        applied = time.perf_counter()
                     device_buffer = publisher._device_buffer
                     gpu_copies = [*publisher.gpu_live.values(), *publisher._gpu_free]
                     row = {
@@ -196,6 +206,7 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
                         "stall_result_s": result.stall_seconds,
                         "publish_s": announced - t0,
                         "readable_result_s": result.readable_seconds,
+                        "gpu_readable_s": result.gpu_readable_seconds,
                         "announce_to_all_applied_s": applied - announced,
                         "end_to_end_s": applied - t0,
                         "pool_bytes": publisher.pool.allocated_bytes,
@@ -210,6 +221,10 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         broker.stop()
     return out
+
+
+def _stamp(into: list[float], _: object) -> None:
+    into.append(time.perf_counter())
 
 
 def phase_publish(args: argparse.Namespace) -> None:
@@ -422,6 +437,7 @@ def summarize_service(
         "publish_mode": pub["versions"][-1].get("publish_mode", "pack"),
         "stall_s": [published[v]["stall_s"] for v in timed],
         "end_to_end_s": [published[v]["end_to_end_s"] for v in timed],
+        "gpu_readable_s": [published[v].get("gpu_readable_s") or 0.0 for v in timed],
         "gpu_snapshot_bytes": pub["versions"][-1].get("gpu_snapshot_bytes", 0),
         "sources": sorted({row.get("source", "host") for r in ranks for row in r["rows"]}),
         "register_s_warmup": [max(r[v]["register_s"] for r in by_rank) for v in published][:warmup],
@@ -458,7 +474,7 @@ def service_lines(s: dict[str, Any], floor: float, anchor: float, label: str) ->
         f"  verified {s['verified_bytes'] / GB:.2f} GB per version on the GPU; params vs source digests: bad {s['bad_params']} "
         f"in {s['checked_versions']} applied versions; failures {s['failures']}; publisher pool {s['pool_bytes'] / GB:.1f} GB",
         f"  trainer side, publish mode {s['publish_mode']}: stall {median(s['stall_s']) * 1e3:.1f} ms (runs {[round(x * 1e3, 1) for x in s['stall_s']]}), "
-        f"publish -> readable {median(s['publish_s']):.3f}s, end to end (trainer params -> engine params, verified) "
+        f"publish -> readable on the GPU {median(s['gpu_readable_s']) * 1e3:.1f} ms, on the host {median(s['publish_s']):.3f}s, end to end (trainer params -> engine params, verified) "
         f"{median(s['end_to_end_s']):.3f}s (runs {[round(x, 3) for x in s['end_to_end_s']]})",
         f"  memory: host {s['pool_bytes'] / GB:.2f} GB in the publisher's pool (one buffer set per version held), "
         f"GPU snapshot copies {s['gpu_snapshot_bytes'] / GB:.2f} GB in all; subscriber read from {s['sources']}",

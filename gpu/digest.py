@@ -44,6 +44,7 @@ __all__ = [
     "digests_to_tensor",
     "triton_available",
     "wmix128_pieces",
+    "wmix128_ranges",
     "wmix128_tensor",
 ]
 
@@ -80,6 +81,14 @@ def _triton_sums() -> Callable[[torch.Tensor, int], torch.Tensor] | None:
     return lane_sums
 
 
+def _triton_ranges() -> Callable[[torch.Tensor, list[int], list[int]], torch.Tensor] | None:
+    try:
+        from gpu._triton_digest import range_sums
+    except ImportError:
+        return None
+    return range_sums
+
+
 def triton_available() -> bool:
     """True if CUDA tensors are digested by the fused Triton kernel."""
     return torch.cuda.is_available() and _triton_sums() is not None
@@ -114,6 +123,53 @@ def wmix128_tensor(
         padded = torch.zeros(_WORD_BYTES, dtype=torch.uint8, device=buf.device)
         padded[:tail_bytes] = buf[num_words * _WORD_BYTES :]
         sums = sums + sums_of(padded.view(torch.int64), start_word + num_words)
+    return sums
+
+
+def wmix128_ranges(
+    buf: torch.Tensor, ranges: Sequence[tuple[int, int]], *, backend: Backend = "auto"
+) -> torch.Tensor:
+    """The lane sums of many ``(byte offset, nbytes)`` ranges of `buf`, each digested as a
+    buffer of its own (a version's buckets in its staging): an int64 [n, 2] tensor.
+
+    Offsets must be multiples of 8. On CUDA with triton it is one kernel launch for all the
+    ranges (plus one for each range whose length is not a multiple of 8, for its padded last
+    word); elsewhere `wmix128_tensor` per range. Nothing syncs.
+
+    >>> data = torch.arange(48, dtype=torch.uint8)
+    >>> sums = wmix128_ranges(data, [(0, 16), (16, 30)])
+    >>> [digest_of(s) for s in sums] == [digest_of(wmix128_tensor(data[:16])),
+    ...                                  digest_of(wmix128_tensor(data[16:46]))]
+    True
+    """
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise TypeError(
+            f"wmix128_ranges takes a 1-D uint8 tensor, not {buf.dtype} of shape {tuple(buf.shape)}"
+        )
+    for offset, nbytes in ranges:
+        if offset % _WORD_BYTES or offset < 0 or nbytes < 0 or offset + nbytes > buf.numel():
+            raise ValueError(
+                f"range {offset}+{nbytes} must start on a multiple of {_WORD_BYTES} and lie "
+                f"within the buffer ({buf.numel()} bytes)"
+            )
+    fused = _triton_ranges() if buf.device.type == "cuda" and backend != "torch" else None
+    if fused is None:
+        if backend == "triton":
+            raise RuntimeError("the fused range digest needs a CUDA tensor and triton")
+        if not ranges:
+            return torch.zeros((0, 2), dtype=torch.int64, device=buf.device)
+        return torch.stack([wmix128_tensor(buf[o : o + n], backend=backend) for o, n in ranges])
+    if not buf.is_contiguous():
+        buf = buf.contiguous()
+    whole = buf.numel() // _WORD_BYTES * _WORD_BYTES
+    words = _as_words(buf[:whole])
+    starts = [offset // _WORD_BYTES for offset, _ in ranges]
+    counts = [nbytes // _WORD_BYTES for _, nbytes in ranges]
+    sums = fused(words, starts, counts)
+    for index, (offset, nbytes) in enumerate(ranges):
+        if nbytes % _WORD_BYTES:  # the padded last word, at its position in the range
+            tail = buf[offset + counts[index] * _WORD_BYTES : offset + nbytes]
+            sums[index] += wmix128_tensor(tail, start_word=counts[index])
     return sums
 
 
@@ -218,6 +274,12 @@ class DigestBatch:
     def record(self, index: int, buf: torch.Tensor) -> None:
         """Digest `buf` (on the batch's device) into slot `index`."""
         self.sums[index].copy_(wmix128_tensor(buf))
+
+    def record_ranges(self, buf: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> None:
+        """Digest every slot at once: slot k is the ``ranges[k]`` (offset, nbytes) of `buf`."""
+        if len(ranges) != len(self):
+            raise ValueError(f"{len(ranges)} ranges for a batch of {len(self)}")
+        self.sums.copy_(wmix128_ranges(buf, ranges))
 
     def record_sums(self, index: int, sums: torch.Tensor) -> None:
         """Store sums computed elsewhere (say by `wmix128_pieces`) into slot `index`."""

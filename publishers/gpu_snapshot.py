@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from gpu.digest import wmix128_tensor
+from gpu.digest import wmix128_ranges
 from gpu.ipc import export_buffer
 from gpu.streams import event_on, new_stream, on_stream
 from publishers.gpu_pack import NUM_COPY_STREAMS, zero_padding
@@ -62,12 +62,12 @@ class GpuSnapshot:
         """Enqueue the bucket digests of the packed buffer (once); their [buckets, 2] sums."""
         if self.sums is None:
             ranges = self.layout.bucket_ranges()
-            with on_stream(self.stream):
-                sums = torch.empty((len(ranges), 2), dtype=torch.int64, device=self.packed.device)
-                for index, (region, offset, nbytes) in enumerate(ranges):
-                    sums[index].copy_(
-                        wmix128_tensor(self.regions[region][offset : offset + nbytes])
-                    )
+            base = self.packed.data_ptr()
+            starts = [region.data_ptr() - base for region in self.regions]
+            with on_stream(self.stream):  # one launch for every bucket (gpu.digest)
+                sums = wmix128_ranges(
+                    self.packed, [(starts[r] + offset, n) for r, offset, n in ranges]
+                )
                 self.digested = event_on(self.stream)
             self.sums = sums
         return self.sums
@@ -122,13 +122,17 @@ class GpuSnapshot:
                     self.regions[region][offset : offset + nbytes],
                     non_blocking=copy_stream is not None,
                 )
+        digests = self.digests()
+        for stream in streams:
+            stream.synchronize()
+        return digests
+
+    def digests(self) -> list[str]:
+        """The bucket digests of the packed buffer (enqueued once, then read back). Blocking."""
         sums = self.digest()
         if self.digested is not None:
             self.digested.synchronize()
-        host_sums = sums.cpu()
-        for stream in streams:
-            stream.synchronize()
-        return [format_digest(int(a), int(b)) for a, b in host_sums.tolist()]
+        return [format_digest(int(a), int(b)) for a, b in sums.cpu().tolist()]
 
 
 def snapshot(

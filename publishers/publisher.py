@@ -100,6 +100,7 @@ class PublishResult:
         *,
         stall_seconds: float | None = None,
         readable_seconds: float | None = None,
+        gpu_readable_seconds: float | None = None,
     ) -> None:
         self.version = version
         self.shard = shard
@@ -107,6 +108,9 @@ class PublishResult:
         self.seconds = seconds
         self.stall_seconds = seconds if stall_seconds is None else stall_seconds
         self.readable_seconds = seconds if readable_seconds is None else readable_seconds
+        self.gpu_readable_seconds = gpu_readable_seconds
+        """`offer_gpu`: from the call to the broker announcing the GPU copy (a same-GPU engine
+        may read it from then on), before the host copy; None otherwise."""
 
     def __repr__(self) -> str:
         return (
@@ -344,9 +348,21 @@ class Publisher:
     async def _publish_snapshot(
         self, version: int, layout: Layout, taken: GpuSnapshot, started: float, stall: float
     ) -> PublishResult:
-        """The background part of a snapshot publish: D2H + digests, then the PublishShard."""
+        """The background part of a snapshot publish: D2H + digests, then the PublishShard.
+
+        With `offer_gpu` (and no BLAKE3 digests, which need the host bytes) the version is
+        announced twice: first offered on the GPU alone, once its digests are computed there
+        (a same-GPU engine reads it from then on), then again with the host copy's locators
+        added once the D2H copy is done (every other subscriber reads that). The broker takes
+        the second shard as more places to read the same bytes (`Registry._offer_more`)."""
         gpu_copy = taken.packed if self.offer_gpu else None
+        gpu_readable: float | None = None
         try:
+            offers = self._gpu_offers(taken) if gpu_copy is not None else None
+            if offers is not None and not self.secure_digests:
+                digests = await asyncio.to_thread(taken.digests)
+                await self._offer_gpu_copy(version, layout, offers, digests, taken.packed)
+                gpu_readable = time.perf_counter() - started
             buffer_set, _ = self.pool.take(layout.region_bytes)
             copying = asyncio.ensure_future(asyncio.to_thread(taken.copy_to, buffer_set.buffers))
             try:
@@ -356,28 +372,81 @@ class Publisher:
                 await asyncio.wait([copying])
                 self.pool.give_back(buffer_set)
                 raise
-            offers = self._gpu_offers(taken) if gpu_copy is not None else None
         except BaseException:
-            if gpu_copy is not None:
+            if gpu_copy is not None and version not in self.gpu_live:
                 self._give_back_gpu_copy(gpu_copy)
             raise
         try:
             result = await self._announce(
                 version, layout, buffer_set, checksums, started, stall, offers=offers
             )
-        except BaseException as exc:
-            if gpu_copy is not None:
+        except BrokerError as exc:
+            if gpu_readable is None:
+                if gpu_copy is not None:
+                    self._give_back_gpu_copy(gpu_copy)  # refused: nobody opened it
+                raise
+            # The GPU copy is out; only the host offer was refused (a restarted broker forgot
+            # the version's shards, or it was retired meanwhile): same-GPU engines still read it.
+            logger.warning(
+                "host copy not offered model=%s version=%d rank=%d error=%s",
+                self.model,
+                version,
+                self.rank,
+                exc,
+            )
+            return PublishResult(
+                version,
+                layout.shard(offers or [], checksums, self.rank),
+                True,
+                gpu_readable,
+                stall_seconds=stall,
+                gpu_readable_seconds=gpu_readable,
+            )
+        except BaseException:
+            if gpu_copy is not None and version not in self.gpu_live:
                 # No answer: it may be announced, so it stays until a Retire (as the host
-                # buffers do); refused (or never sent): nobody opened it.
-                kept = version in self.live and version not in self.gpu_live
-                if kept and not isinstance(exc, BrokerError):
+                # buffers do).
+                if version in self.live:
                     self.gpu_live[version] = gpu_copy
                 else:
                     self._give_back_gpu_copy(gpu_copy)
             raise
         if gpu_copy is not None:
             self.gpu_live[version] = gpu_copy
+        result.gpu_readable_seconds = gpu_readable
         return result
+
+    async def _offer_gpu_copy(
+        self,
+        version: int,
+        layout: Layout,
+        offers: list[list[Locator]],
+        digests: list[str],
+        gpu_copy: torch.Tensor,
+    ) -> None:
+        """Announce the version with its GPU copy as the only place to read it."""
+        shard = layout.shard(offers, digests, self.rank)
+        if self.signing_key is not None:
+            shard = await asyncio.to_thread(self._sign, version, shard)
+        try:
+            await self.client.publish(
+                self.model, version, self.rank, self.world_size, shard, job=self.job
+            )
+        except BrokerError:
+            raise  # refused: nobody can have opened the copy
+        except BaseException:
+            # No answer: it may be announced all the same, so the copy stays until a Retire.
+            self.gpu_live[version] = gpu_copy
+            raise
+        self.gpu_live[version] = gpu_copy
+        logger.info(
+            "offered on the gpu model=%s version=%d rank=%d/%d bytes=%d",
+            self.model,
+            version,
+            self.rank,
+            self.world_size,
+            layout.total_bytes,
+        )
 
     async def _settle_background(self) -> None:
         """Wait (bounded) for the previous snapshot publish's background part; raise its error."""
@@ -476,6 +545,10 @@ class Publisher:
         """Add the BLAKE3 digests and the signature, as configured. Blocking."""
         if self.secure_digests:
             shard = add_digests(shard, [b.numpy().data for b in buffer_set.buffers])
+        return self._sign(version, shard)
+
+    def _sign(self, version: int, shard: Shard) -> Shard:
+        """The shard with this rank's signature, if it signs. Blocking."""
         if self.signing_key is None:
             return shard
         return sign_shard(

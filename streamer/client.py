@@ -271,6 +271,17 @@ class BrokerClient:
     def latest_manifest(self, model: str) -> Manifest | None:
         return self._manifests.get(model)
 
+    async def manifest_changed(self, model: str, than: Manifest, *, timeout_s: float) -> Manifest:
+        """The latest manifest of `model` once it is no longer `than` (a newer version, or the
+        same version offered in more places); `than` itself after `timeout_s`."""
+        async with self._manifest_changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    while self._manifests.get(model, than) == than:
+                        self._raise_if_failed()
+                        await self._manifest_changed.wait()
+            return self._manifests.get(model, than)
+
     async def next_manifest(self, model: str, *, after: int) -> Manifest:
         """The newest announced manifest with a version above `after`, waiting for one.
 
@@ -377,7 +388,14 @@ class BrokerClient:
                     self._welcome.set_result(message)
             case Announce(manifest=manifest):
                 current = self._manifests.get(manifest.model)
-                if current is None or manifest.version > current.version:
+                # The same version again: it is offered in more places (a colocated trainer's
+                # host copy after its GPU copy); the bytes are the same, the locators differ.
+                newer = current is None or manifest.version > current.version
+                if newer or (
+                    current is not None
+                    and manifest.version == current.version
+                    and manifest != current
+                ):
                     self._manifests[manifest.model] = manifest
                     logger.debug(
                         "announcement model=%s version=%d", manifest.model, manifest.version

@@ -112,6 +112,9 @@ class VersionRecord:
     """Why nobody can read it any more (a publisher is gone); None while readable."""
     restored_at: float | None = None
     """Set when restored from the state file: its publishers get time to say Hello again."""
+    shards: list[Shard] | None = None
+    """Each rank's shard as published (in memory only), so a rank can offer more locators."""
+    job: str = ""
 
 
 @dataclass
@@ -166,6 +169,11 @@ class _Persisted(msgspec.Struct):
 
 
 _HISTORY_LENGTH = 1000
+
+
+def _without_locators(shard: Shard) -> Shard:
+    regions = tuple(msgspec.structs.replace(region, locators=()) for region in shard.regions)
+    return msgspec.structs.replace(shard, regions=regions)
 
 
 class Registry:
@@ -335,6 +343,9 @@ class Registry:
                 "publish under an existing model name or raise --max-models",
             )
         model = self.models.setdefault(model_name, _Model())
+        offered = self._offer_more(peer_id, model_name, model, version, rank, shard, job)
+        if offered is not None:
+            return True, offered
         if model.latest is not None and version <= model.latest:
             raise BrokerError(
                 "stale_version",
@@ -399,8 +410,54 @@ class Registry:
             ) from exc
         out += self._announce(model_name, model, manifest, pending.publishers, now)
         # Shards restored from the state file: their publishers get the same time to return.
-        model.versions[version].restored_at = pending.restored_at
+        record = model.versions[version]
+        record.restored_at = pending.restored_at
+        record.shards = [pending.shards[r] for r in range(world_size)]
+        record.job = job
         return True, out
+
+    def _offer_more(
+        self,
+        peer_id: str,
+        name: str,
+        model: _Model,
+        version: int,
+        rank: int,
+        shard: Shard,
+        job: str,
+    ) -> Outbox | None:
+        """A rank of an announced version offering more places to read it (a colocated trainer
+        announces its GPU copy first, its host copy once that is filled): the version's
+        locators change, and it is announced again. None if this is no such shard."""
+        record = model.versions.get(version)
+        if record is None or record.shards is None or record.unreadable is not None:
+            return None
+        if job != record.job or rank >= len(record.shards):
+            return None
+        if _without_locators(shard) != _without_locators(record.shards[rank]):
+            raise BrokerError(
+                "stale_version",
+                f"version {version} of {name} is already announced with other bytes for rank "
+                f"{rank}: only its locators may be offered again; publish a new version",
+            )
+        record.shards[rank] = shard
+        try:
+            manifest = Manifest.assemble(
+                name, version, record.shards, published_at=record.manifest.published_at
+            )
+            validate_manifest(manifest, self.manifest_limits)
+        except (ValueError, InvalidManifest) as exc:
+            raise BrokerError("invalid_manifest", f"{name} version {version}: {exc}") from exc
+        record.manifest = manifest
+        record.publishers.add(peer_id)
+        self.dirty = True
+        logger.info("offered again model=%s version=%d rank=%d", name, version, rank)
+        announce = Announce(manifest=manifest)
+        return [
+            (peer.peer_id, announce)
+            for peer in self.peers.values()
+            if name in peer.subscriptions and not peer.gone
+        ]
 
     def _pending_shards(self) -> int:
         return sum(len(p.shards) for m in self.models.values() for p in m.pending.values())

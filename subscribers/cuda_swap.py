@@ -43,7 +43,7 @@ import torch
 from gpu.ipc import device_uuid, open_buffer
 from schemas.ipc import buffer_of
 from schemas.manifest import ALIGNMENT, CudaIpcLocator
-from streamer.errors import ChecksumMismatch
+from streamer.errors import ChecksumMismatch, TransportError
 from streamer.transport.shm import host_id
 from subscribers.cuda_stage import CudaStager
 from subscribers.host_pins import HostPins
@@ -151,7 +151,20 @@ class CudaSwapper:
         self._stage_lock = threading.Lock()
         """One stage at a time: a cancelled one still running keeps the next off the staging."""
         self._peers: dict[bytes, torch.Tensor] = {}
+        self._offer_failed = False
+        """A GPU offer failed to open: read host copies from then on."""
         """Same-GPU publishers' GPU copies opened over CUDA IPC, by handle (at most 8)."""
+
+    def reads_device_offer(self, manifest: Manifest) -> bool:
+        """Staged, on its own GPU, and every region offered on this very GPU over CUDA IPC (a
+        colocated trainer's copy): `stage` reads and verifies it device to device. False after
+        such an offer failed to open once (the host copy is read from then on)."""
+        return (
+            self.mode == "staged"
+            and self.node is None
+            and not self._offer_failed
+            and self._same_gpu_offers(manifest) is not None
+        )
 
     def check(self, manifest: Manifest) -> None:
         """Names, shapes, dtypes and sizes, as `TorchSwapper.check`; raises `SwapError`."""
@@ -207,7 +220,13 @@ class CudaSwapper:
         self._staged = None
         raise_if_cancelled(cancel, "stage")
         with self._on_device():
+            expected = self.reads_device_offer(manifest)  # then nothing was pulled to the host
             peers = self._peer_sources(manifest) if self.node is None else None
+            if peers is None and expected:
+                raise TransportError(
+                    f"{manifest.model} version {manifest.version}: the publisher's GPU copy "
+                    "could not be opened; the next attempt reads its host copy"
+                )
             if peers is None:
                 hosts, register_s = self.pins.sources(
                     manifest, staging, register=self.device.type == "cuda"
@@ -248,8 +267,8 @@ class CudaSwapper:
             self.last_stage.source,
         )
 
-    def _peer_sources(self, manifest: Manifest) -> list[torch.Tensor] | None:
-        """Each region in a same-GPU publisher's GPU copy, or None (then the host regions)."""
+    def _same_gpu_offers(self, manifest: Manifest) -> list[CudaIpcLocator] | None:
+        """Each region's CUDA IPC offer on this GPU of this host, or None if one has none."""
         if self.device.type != "cuda":
             return None
         here, gpu = host_id(), device_uuid(self.device.index or 0)
@@ -265,6 +284,13 @@ class CudaSwapper:
             if not same_gpu:
                 return None
             offers.append(same_gpu[0])
+        return offers
+
+    def _peer_sources(self, manifest: Manifest) -> list[torch.Tensor] | None:
+        """Each region in a same-GPU publisher's GPU copy, or None (then the host regions)."""
+        offers = self._same_gpu_offers(manifest)
+        if offers is None:
+            return None
         sources: list[torch.Tensor] = []
         for region, offer in zip(manifest.regions, offers, strict=True):
             peer = self._peers.get(offer.handle)
@@ -272,6 +298,7 @@ class CudaSwapper:
                 try:
                     _, peer = open_buffer(buffer_of(offer))
                 except RuntimeError as exc:  # torch's cudaIpcOpenMemHandle failure
+                    self._offer_failed = True
                     logger.warning(
                         "cannot open the publisher's GPU copy, reading the host copy model=%s "
                         "version=%d error=%s",

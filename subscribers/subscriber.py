@@ -36,7 +36,7 @@ import msgspec
 
 from schemas.manifest import Manifest
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest
-from streamer.errors import StreamerError
+from streamer.errors import StreamerError, TransportError
 from streamer.signing import UntrustedVersion
 from subscribers.pull import PullReport, PullTimeout, pull
 from subscribers.staging import Staging
@@ -207,6 +207,10 @@ class Subscriber:
         async with self._lock:
             if self.applied is not None and manifest.version <= self.applied:
                 return
+            offered = await self._readable(manifest)
+            if offered.version != manifest.version:
+                return  # a newer version came while we waited: the loop takes that one
+            manifest = offered
             validate_manifest(manifest, self.config.manifest_limits)
             if self.trusted_keys is not None:  # before a byte is pulled; large manifests: a thread
                 await asyncio.to_thread(
@@ -254,6 +258,39 @@ class Subscriber:
             if self.on_applied is not None:
                 await self.on_applied(manifest, report, swap)
 
+    async def _readable(self, manifest: Manifest) -> Manifest:
+        """`manifest` once this subscriber can read every region of it.
+
+        A colocated trainer announces its GPU copy first (CUDA IPC, for an engine on its GPU)
+        and the same version again once its host copy is filled: a subscriber that cannot read
+        the first offer waits (within `pull_timeout_s`) for the second, or a newer version.
+        """
+        limit_s = self.config.pull_timeout_s
+        deadline = time.monotonic() + limit_s
+        while not self._can_read(manifest):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                kinds = sorted({type(loc).__name__ for r in manifest.regions for loc in r.locators})
+                raise TransportError(
+                    f"{self.model} version {manifest.version} is offered only as "
+                    f"{', '.join(kinds) or 'nothing'}, which no transport of this subscriber "
+                    f"reads, and no other offer came within pull_timeout_s={limit_s:g} s: "
+                    "check that the publisher offers a host copy (mooncake, zmq or shm)"
+                )
+            newer = await self.client.manifest_changed(self.model, manifest, timeout_s=left)
+            if newer.version != manifest.version:
+                return newer
+            manifest = newer
+        return manifest
+
+    def _can_read(self, manifest: Manifest) -> bool:
+        if self.swapper.reads_device_offer(manifest):
+            return True
+        return all(
+            any(receiver.accepts(loc) for receiver in self.receivers for loc in region.locators)
+            for region in manifest.regions
+        )
+
     async def _pull_and_stage(self, manifest: Manifest) -> PullReport:
         """Pull and stage within `pull_timeout_s`, or raise `PullTimeout` saying how far it got."""
         limit_s = self.config.pull_timeout_s
@@ -263,6 +300,9 @@ class Subscriber:
         shared = self.swapper.verifies_on_device
         try:
             async with asyncio.timeout(limit_s):
+                if self.swapper.reads_device_offer(manifest):  # verified on the device
+                    await self.swapper.stage(manifest, self.staging)
+                    return PullReport(manifest.version, manifest.payload_bytes, 0.0, 0)
                 report = await pull(
                     manifest,
                     self.staging,

@@ -140,6 +140,10 @@ class Swapper(Protocol):
     def verifies_on_device(self) -> bool:
         """True if `stage` checks every bucket itself (the host then skips its checksums)."""
 
+    def reads_device_offer(self, manifest: Manifest) -> bool:
+        """True if `stage` reads this version from a same-device publisher's copy (CUDA IPC)
+        and verifies it there: the subscriber then pulls nothing to the host."""
+
     def check(self, manifest: Manifest) -> None:
         """Raise `SwapError` if `manifest` cannot be applied to this engine."""
 
@@ -230,6 +234,10 @@ class TorchSwapper:
     """
 
     verifies_on_device = False
+
+    def reads_device_offer(self, manifest: Manifest) -> bool:
+        """Never: the swap reads host staging."""
+        return False
 
     def __init__(
         self,

@@ -372,6 +372,11 @@ class VllmSwapper:
     """
 
     verifies_on_device = False
+
+    def reads_device_offer(self, manifest: Manifest) -> bool:
+        """Never: the engine loads from host staging."""
+        return False
+
     retains_staging = True
     """The subscriber keeps the applied version's staging untouched until the next one
     applies (it pulls into a second staging), so a failed update can reload it."""

@@ -153,10 +153,11 @@ def _offering_publisher(config: ClientConfig, versions: list[int], conn: Any) ->
                 pending = await publisher.publish(version, named, snapshot=True)
                 for tensor in named.values():
                     tensor.fill_(-1.0)  # the next step, at once
-                await asyncio.wait_for(pending.readable(), WAIT_S)
+                result = await asyncio.wait_for(pending.readable(), WAIT_S)
                 held = sorted(publisher.gpu_live)
                 await asyncio.wait_for(publisher.wait_applied(version, 2), WAIT_S)
-                conn.send((version, held, len(publisher._gpu_free)))
+                offered_first = result.gpu_readable_seconds
+                conn.send((version, held, len(publisher._gpu_free), offered_first))
             conn.recv()
 
     asyncio.run(main())
@@ -200,8 +201,10 @@ def test_a_version_is_offered_on_the_gpu_and_on_the_host_at_once() -> None:
                     for version in versions:
                         ready = await asyncio.to_thread(ours.poll, WAIT_S)
                         assert ready, f"version {version} was not applied by both engines"
-                        got, held, free = ours.recv()
+                        got, held, free, offered_first = ours.recv()
                         assert got == version
+                        # announced on the GPU alone first, then with the host copy
+                        assert offered_first is not None
                         assert version in held  # its GPU copy stays while it may be read
                         assert len(held) <= 2  # retention 1: older copies are retired, reused
                         assert free <= 2

@@ -23,6 +23,7 @@ from gpu.digest import (
     digests_to_tensor,
     triton_available,
     wmix128_pieces,
+    wmix128_ranges,
     wmix128_tensor,
 )
 from streamer.checksum import format_digest, lane_sums, wmix128
@@ -233,6 +234,45 @@ def test_cuda_pieces_and_batches_use_the_same_digest() -> None:
     batch.record(0, torch.from_numpy(whole).cuda())
     batch.record_sums(1, wmix128_pieces(pieces, 4096))
     assert batch.failed() == [1]
+
+
+# Ranges like a version's buckets: empty, one word, a tail that is not a multiple of 8, one
+# across the kernel's program boundary (8192 words), several programs long, back to back.
+RANGE_SIZES = [0, 8, 13, 8 * 8192 - 8, 8 * 8192 + 8, 8 * 8192 * 3 + 5, 1 << 20]
+
+
+def _ranges_of(sizes: list[int], gap: int = 256) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    ranges, cursor = [], 0
+    for size in sizes:
+        ranges.append((cursor, size))
+        cursor += -(-(size + gap) // 256) * 256
+    return _random_bytes(cursor, seed=len(sizes)), ranges
+
+
+def test_ranges_digest_each_range_as_a_buffer_of_its_own() -> None:
+    data, ranges = _ranges_of(RANGE_SIZES)
+    sums = wmix128_ranges(torch.from_numpy(data.copy()), ranges)
+    expected = [wmix128(data[o : o + n].tobytes()) for o, n in ranges]
+    assert [digest_of(s) for s in sums] == expected
+    with pytest.raises(ValueError, match="multiple of 8"):
+        wmix128_ranges(torch.from_numpy(data.copy()), [(4, 8)])
+    with pytest.raises(ValueError, match="within the buffer"):
+        wmix128_ranges(torch.from_numpy(data.copy()), [(0, data.size + 8)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cuda_ranges_match_the_numpy_reference(backend: Backend) -> None:
+    data, ranges = _ranges_of(RANGE_SIZES * 3)
+    sums = wmix128_ranges(torch.from_numpy(data.copy()).cuda(), ranges, backend=backend)
+    expected = [wmix128(data[o : o + n].tobytes()) for o, n in ranges]
+    assert [digest_of(s) for s in sums] == expected
+    batch = DigestBatch(expected, "cuda")
+    corrupt = data.copy()
+    corrupt[ranges[4][0] + 3] ^= 0x10
+    batch.record_ranges(torch.from_numpy(corrupt).cuda(), ranges)
+    assert batch.failed() == [4]
 
 
 @pytest.mark.skipif(
