@@ -152,6 +152,7 @@ class CudaSwapper:
         """One stage at a time: a cancelled one still running keeps the next off the staging."""
         self._peers: dict[bytes, torch.Tensor] = {}
         self._offer_failed = False
+        self._plan_cache: tuple[object, SwapPlan] | None = None
         """A GPU offer failed to open: read host copies from then on."""
         """Same-GPU publishers' GPU copies opened over CUDA IPC, by handle (at most 8)."""
 
@@ -203,6 +204,7 @@ class CudaSwapper:
         self.pins.close()
         self._peers.clear()
         self._staged = None
+        self._plan_cache = None
         if self.node is None:
             self._stager = None
 
@@ -244,10 +246,7 @@ class CudaSwapper:
                 result = stager.pull(hosts, manifest.buckets)
             _raise_if_failed(manifest, result, self.device, applied=False)
             raise_if_cancelled(cancel, "stage")  # cancelled meanwhile: the staging stays unused
-            try:
-                plan = stager.plan_swap(manifest.tensors, self.tensors)
-            except ValueError as exc:
-                raise SwapError(f"{manifest.model} version {manifest.version}: {exc}") from exc
+            plan = self._plan(manifest, stager)
             self._staged = _Staged(manifest.version, plan)
             self.last_stage = StageReport(
                 version=manifest.version,
@@ -266,6 +265,25 @@ class CudaSwapper:
             self.device,
             self.last_stage.source,
         )
+
+    def _plan(self, manifest: Manifest, stager: CudaStager) -> SwapPlan:
+        """The swap's copies; the last plan again while the layout, the staging and every
+        parameter's storage are the same (a trainer's versions usually share one layout)."""
+        key = (
+            manifest.tensors,
+            tuple(stager.region_offsets),
+            stager.staging.data_ptr(),
+            tuple(t.data_ptr() for t in self.tensors.values()),
+        )
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        self._plan_cache = None
+        try:
+            plan = stager.plan_swap(manifest.tensors, self.tensors)
+        except ValueError as exc:
+            raise SwapError(f"{manifest.model} version {manifest.version}: {exc}") from exc
+        self._plan_cache = (key, plan)
+        return plan
 
     def _same_gpu_offers(self, manifest: Manifest) -> list[CudaIpcLocator] | None:
         """Each region's CUDA IPC offer on this GPU of this host, or None if one has none."""
