@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -100,6 +101,48 @@ def _digests(named: dict[str, torch.Tensor]) -> list[str]:
 # --- publisher + broker ---------------------------------------------------------------------------
 
 
+def _broker_config() -> BrokerConfig:
+    # Retention 1: the publisher alternates between two buffer sets. Generous timeouts: a
+    # publisher busy allocating sends no heartbeats for a while.
+    return BrokerConfig(
+        endpoint="tcp://127.0.0.1:0",
+        http_port=0,
+        retention=1,
+        lease_ttl_s=120.0,
+        peer_timeout_s=120.0,
+    )
+
+
+def _broker_main(config: BrokerConfig, conn: Any) -> None:
+    def on_ready(endpoint: str, _http_port: int) -> None:
+        conn.send(endpoint)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, on_ready=on_ready))
+
+
+class BrokerProcess:
+    """The broker in a process of its own, as deployed: sharing a GIL with the trainer (a
+    thread) adds up to a switch interval (5 ms) to each control message while the trainer's
+    process runs Python, which a same-GPU path of tens of milliseconds would count."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        self._process = ctx.Process(target=_broker_main, args=(_broker_config(), theirs))
+        self._process.start()
+        if not ours.poll(60):
+            self._process.kill()
+            raise RuntimeError("the broker did not start")
+        self.endpoint: str = ours.recv()
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+
+
 class BrokerThread:
     """The broker on its own event loop in a thread: the publisher's loop blocks at times
     (allocating and registering 17 GB of shared memory), and the broker must not."""
@@ -143,7 +186,7 @@ async def _publish_main(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device if args.device == "cpu" else "cuda:0")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    broker = BrokerThread()
+    broker = BrokerProcess() if args.broker == "process" else BrokerThread()
     work = Path(args.work)
     out: dict[str, Any] = {"versions": []}
     try:
@@ -494,6 +537,12 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--ranks", type=int, default=1, help="subscriber processes (one per GPU)")
     ap.add_argument("--mode", default="staged", choices=["staged", "streaming"])
     ap.add_argument("--publish-mode", default="pack", choices=["pack", "snapshot", "colocated"])
+    ap.add_argument(
+        "--broker",
+        default="process",
+        choices=["process", "thread"],
+        help="the broker in its own process (default, as deployed) or a thread of the trainer's",
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--timeout-s", type=float, default=300)
     ap.add_argument("--version-timeout-s", type=float, default=90)

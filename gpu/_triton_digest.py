@@ -121,10 +121,9 @@ def lane_sums(
 @triton.jit  # type: ignore[misc]
 def _range_sums_kernel(  # type: ignore[no-untyped-def]
     words_ptr,
-    dst_ptr,
     prog_word_ptr,
     prog_index_ptr,
-    prog_len_ptr,
+    prog_end_ptr,
     out_ptr,
     gamma: tl.constexpr,
     c1: tl.constexpr,
@@ -134,21 +133,17 @@ def _range_sums_kernel(  # type: ignore[no-untyped-def]
     r3: tl.constexpr,
     block: tl.constexpr,
     iters: tl.constexpr,
-    copy: tl.constexpr,
 ) -> None:
     pid = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, block).to(tl.int64)
     offs = tl.load(prog_word_ptr + pid) + lanes
     index = (tl.load(prog_index_ptr + pid) + lanes).to(tl.uint64)
-    length = tl.load(prog_len_ptr + pid)  # words of this program, at most block x iters
-    done = lanes
+    end = tl.load(prog_end_ptr + pid)
     acc1 = tl.zeros([block], dtype=tl.uint64)
     acc2 = tl.zeros([block], dtype=tl.uint64)
     for _ in range(iters):
-        mask = done < length
+        mask = offs < end
         w = tl.load(words_ptr + offs, mask=mask, other=0)
-        if copy:  # the bytes digested are the bytes written: one read of the source
-            tl.store(dst_ptr + offs, w, mask=mask)
         x = w.to(tl.uint64, bitcast=True) + index * gamma
         x = (x ^ (x >> r1)) * c1
         x = (x ^ (x >> r2)) * c2
@@ -158,7 +153,6 @@ def _range_sums_kernel(  # type: ignore[no-untyped-def]
         acc2 += x * index
         offs += block
         index += block
-        done += block
     tl.store(out_ptr + pid * 2, tl.sum(acc1, axis=0).to(tl.int64, bitcast=True))
     tl.store(out_ptr + pid * 2 + 1, tl.sum(acc2, axis=0).to(tl.int64, bitcast=True))
 
@@ -168,7 +162,6 @@ def range_sums(
     starts: list[int],
     counts: list[int],
     *,
-    copy_to: torch.Tensor | None = None,
     block: int = BLOCK,
     iters: int = ITERS,
     num_warps: int = NUM_WARPS,
@@ -178,8 +171,6 @@ def range_sums(
     Range k is words ``starts[k] .. starts[k] + counts[k]`` of `words`, digested as a buffer
     of its own (its first word is word 0). Each program reads at most ``block x iters`` words
     of one range; a segment sum (wrapping int64 adds) gathers the programs of each range.
-    With `copy_to` (int64 words laid out like `words`) each range is also written there, from
-    the same loads: a verified copy in one pass over the source.
     """
     device = words.device
     per_program = block * iters
@@ -195,14 +186,13 @@ def range_sums(
     local = (torch.arange(total, device=device) - first[owner]) * per_program
     prog_word = start_of[owner] + local
     prog_index = local + 1  # i + 1 of each program's first word, counted within its range
-    prog_len = torch.clamp(count_of[owner] - local, max=per_program)
+    prog_end = start_of[owner] + count_of[owner]
     partials = torch.empty((total, 2), dtype=torch.int64, device=device)
     _range_sums_kernel[(total,)](
         words,
-        words if copy_to is None else copy_to,
         prog_word,
         prog_index,
-        prog_len,
+        prog_end,
         partials,
         gamma=GAMMA,
         c1=C1,
@@ -212,7 +202,6 @@ def range_sums(
         r3=SHIFTS[2],
         block=block,
         iters=iters,
-        copy=copy_to is not None,
         num_warps=num_warps,
     )
     return sums.index_add_(0, owner, partials)

@@ -81,7 +81,7 @@ def _triton_sums() -> Callable[[torch.Tensor, int], torch.Tensor] | None:
     return lane_sums
 
 
-def _triton_ranges() -> Callable[..., torch.Tensor] | None:
+def _triton_ranges() -> Callable[[torch.Tensor, list[int], list[int]], torch.Tensor] | None:
     try:
         from gpu._triton_digest import range_sums
     except ImportError:
@@ -127,21 +127,14 @@ def wmix128_tensor(
 
 
 def wmix128_ranges(
-    buf: torch.Tensor,
-    ranges: Sequence[tuple[int, int]],
-    *,
-    copy_to: torch.Tensor | None = None,
-    backend: Backend = "auto",
+    buf: torch.Tensor, ranges: Sequence[tuple[int, int]], *, backend: Backend = "auto"
 ) -> torch.Tensor:
     """The lane sums of many ``(byte offset, nbytes)`` ranges of `buf`, each digested as a
     buffer of its own (a version's buckets in its staging): an int64 [n, 2] tensor.
 
-    With `copy_to` (a uint8 tensor of `buf`'s size and device) each range is also copied
-    there, at the same offsets, and the sums are of the bytes written: on CUDA one pass that
-    reads the source once (a verified device-to-device copy at the speed of a plain copy).
     Offsets must be multiples of 8. On CUDA with triton it is one kernel launch for all the
-    ranges (plus a little for each range whose length is not a multiple of 8: its padded last
-    word); elsewhere torch ops per range. Nothing syncs.
+    ranges (plus one for each range whose length is not a multiple of 8, for its padded last
+    word); elsewhere `wmix128_tensor` per range. Nothing syncs.
 
     >>> data = torch.arange(48, dtype=torch.uint8)
     >>> sums = wmix128_ranges(data, [(0, 16), (16, 30)])
@@ -149,16 +142,9 @@ def wmix128_ranges(
     ...                                  digest_of(wmix128_tensor(data[16:46]))]
     True
     """
-    for name, tensor in (("buf", buf), ("copy_to", copy_to)):
-        if tensor is not None and (tensor.dtype != torch.uint8 or tensor.dim() != 1):
-            raise TypeError(
-                f"wmix128_ranges takes 1-D uint8 tensors, not {name} of {tensor.dtype} "
-                f"and shape {tuple(tensor.shape)}"
-            )
-    if copy_to is not None and (copy_to.numel() < buf.numel() or copy_to.device != buf.device):
-        raise ValueError(
-            f"copy_to ({copy_to.numel()} bytes on {copy_to.device}) must be at least as large "
-            f"as buf ({buf.numel()} bytes) and on its device"
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise TypeError(
+            f"wmix128_ranges takes a 1-D uint8 tensor, not {buf.dtype} of shape {tuple(buf.shape)}"
         )
     for offset, nbytes in ranges:
         if offset % _WORD_BYTES or offset < 0 or nbytes < 0 or offset + nbytes > buf.numel():
@@ -170,30 +156,20 @@ def wmix128_ranges(
     if fused is None:
         if backend == "triton":
             raise RuntimeError("the fused range digest needs a CUDA tensor and triton")
-        sums = torch.zeros((len(ranges), 2), dtype=torch.int64, device=buf.device)
-        for index, (offset, nbytes) in enumerate(ranges):
-            piece = buf[offset : offset + nbytes]
-            if copy_to is not None:
-                piece = copy_to[offset : offset + nbytes].copy_(piece)
-            sums[index] = wmix128_tensor(piece, backend=backend)
-        return sums
+        if not ranges:
+            return torch.zeros((0, 2), dtype=torch.int64, device=buf.device)
+        return torch.stack([wmix128_tensor(buf[o : o + n], backend=backend) for o, n in ranges])
     if not buf.is_contiguous():
         buf = buf.contiguous()
     whole = buf.numel() // _WORD_BYTES * _WORD_BYTES
     words = _as_words(buf[:whole])
-    into = None
-    if copy_to is not None:
-        if copy_to.data_ptr() % _WORD_BYTES or not copy_to.is_contiguous():
-            raise ValueError("copy_to must be contiguous and 8-byte aligned")
-        into = copy_to[:whole].view(torch.int64)
     starts = [offset // _WORD_BYTES for offset, _ in ranges]
     counts = [nbytes // _WORD_BYTES for _, nbytes in ranges]
-    sums = fused(words, starts, counts, copy_to=into)
+    sums = fused(words, starts, counts)
     for index, (offset, nbytes) in enumerate(ranges):
         if nbytes % _WORD_BYTES:  # the padded last word, at its position in the range
-            tail = slice(offset + counts[index] * _WORD_BYTES, offset + nbytes)
-            piece = buf[tail] if copy_to is None else copy_to[tail].copy_(buf[tail])
-            sums[index] += wmix128_tensor(piece, start_word=counts[index])
+            tail = buf[offset + counts[index] * _WORD_BYTES : offset + nbytes]
+            sums[index] += wmix128_tensor(tail, start_word=counts[index])
     return sums
 
 
@@ -304,17 +280,15 @@ class DigestBatch:
         slots: Sequence[int],
         buf: torch.Tensor,
         ranges: Sequence[tuple[int, int]],
-        *,
-        copy_to: torch.Tensor | None = None,
     ) -> None:
         """Digest ``ranges[k]`` (offset, nbytes) of `buf` into slot ``slots[k]``, every range
-        in one launch (`wmix128_ranges`, which also copies them into `copy_to` if given)."""
+        in one launch (`wmix128_ranges`)."""
         if len(ranges) != len(slots):
             raise ValueError(f"{len(ranges)} ranges for {len(slots)} slots")
         if not slots:
             return
         index = torch.tensor(list(slots), dtype=torch.int64).to(self.device)
-        self.sums.index_copy_(0, index, wmix128_ranges(buf, ranges, copy_to=copy_to))
+        self.sums.index_copy_(0, index, wmix128_ranges(buf, ranges))
 
     def record_sums(self, index: int, sums: torch.Tensor) -> None:
         """Store sums computed elsewhere (say by `wmix128_pieces`) into slot `index`."""

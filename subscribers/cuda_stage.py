@@ -213,19 +213,23 @@ class CudaStager:
                 )
         started = time.perf_counter()
         batch = self.start([b.checksum for b in buckets])
-        # Per region one pass that copies every bucket and digests the bytes it wrote: a
-        # version verified at the speed of one device-to-device copy. (A launch per bucket
-        # would leave 16 GB CPU-bound on the launch overhead, and a copy then a digest reads
-        # the bytes twice.)
-        with on_stream(self.verify_stream):
+        # One copy per region, then one digest launch per region for all its buckets: per-bucket
+        # launches would leave a 16 GB version CPU-bound on the launch overhead (~0.2 TB/s).
+        # (A fused copy-and-digest kernel measured slower than the two passes on an H200.)
+        with on_stream(self.copy_stream):
             for region, peer in enumerate(peer_regions):
-                slots = [i for i, b in enumerate(buckets) if b.region == region]
                 nbytes = min(peer.numel(), self.region_nbytes[region])
+                self.view(region, 0, nbytes).copy_(peer[:nbytes], non_blocking=True)
+        copied = event_on(self.copy_stream)
+        if copied is not None and self.verify_stream is not None:
+            self.verify_stream.wait_event(copied)
+        with on_stream(self.verify_stream):
+            for region in range(len(peer_regions)):
+                slots = [i for i, b in enumerate(buckets) if b.region == region]
                 batch.record_ranges(
                     slots,
-                    peer[:nbytes],
+                    self.view(region, 0, self.region_nbytes[region]),
                     [(buckets[i].offset, buckets[i].nbytes) for i in slots],
-                    copy_to=self.view(region, 0, nbytes),
                 )
         failed = self.finish(batch)
         return PullResult(failed, sum(b.nbytes for b in buckets), time.perf_counter() - started)
