@@ -179,9 +179,14 @@ def range_sums(
     sums = torch.zeros((len(counts), 2), dtype=torch.int64, device=device)
     if total == 0:
         return sums
-    table = torch.tensor([starts, counts, programs], dtype=torch.int64).to(device)
+    # No host sync on the way: the table goes up from pinned memory, and the programs' count
+    # is known here (repeat_interleave would otherwise read it back from the device).
+    table = torch.tensor([starts, counts, programs], dtype=torch.int64).pin_memory()
+    table = table.to(device, non_blocking=True)
     start_of, count_of, programs_of = table[0], table[1], table[2]
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), programs_of)
+    owner = torch.repeat_interleave(
+        torch.arange(len(counts), device=device), programs_of, output_size=total
+    )
     first = torch.cumsum(programs_of, 0) - programs_of
     local = (torch.arange(total, device=device) - first[owner]) * per_program
     prog_word = start_of[owner] + local

@@ -275,20 +275,12 @@ class DigestBatch:
         """Digest `buf` (on the batch's device) into slot `index`."""
         self.sums[index].copy_(wmix128_tensor(buf))
 
-    def record_ranges(
-        self,
-        slots: Sequence[int],
-        buf: torch.Tensor,
-        ranges: Sequence[tuple[int, int]],
-    ) -> None:
-        """Digest ``ranges[k]`` (offset, nbytes) of `buf` into slot ``slots[k]``, every range
-        in one launch (`wmix128_ranges`)."""
-        if len(ranges) != len(slots):
-            raise ValueError(f"{len(ranges)} ranges for {len(slots)} slots")
-        if not slots:
-            return
-        index = torch.tensor(list(slots), dtype=torch.int64).to(self.device)
-        self.sums.index_copy_(0, index, wmix128_ranges(buf, ranges))
+    def record_ranges(self, buf: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> None:
+        """Digest every slot at once: slot k is the ``ranges[k]`` (offset, nbytes) of `buf`,
+        all of them in one launch (`wmix128_ranges`); no host sync."""
+        if len(ranges) != len(self):
+            raise ValueError(f"{len(ranges)} ranges for a batch of {len(self)}")
+        self.sums.copy_(wmix128_ranges(buf, ranges))
 
     def record_sums(self, index: int, sums: torch.Tensor) -> None:
         """Store sums computed elsewhere (say by `wmix128_pieces`) into slot `index`."""
