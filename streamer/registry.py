@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from schemas.manifest import Manifest, Shard
-from schemas.messages import Announce, AppliedReached, Message, Retire, Withdraw
+from schemas.messages import Announce, AppliedReached, Message, RelayOffer, Retire, Withdraw
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest, validate_shard
 from streamer.errors import BrokerError, VersionUnavailable
+from streamer.routes import Relays, RelayVersion
 from streamer.waiters import Waiters
 
 __all__ = ["Limits", "Outbox", "PeerState", "PullProgress", "Registry", "VersionRecord"]
@@ -112,6 +113,8 @@ class VersionRecord:
     """Why nobody can read it any more (a publisher is gone); None while readable."""
     restored_at: float | None = None
     """Set when restored from the state file: its publishers get time to say Hello again."""
+    relay: RelayVersion = field(default_factory=RelayVersion)
+    """Relay: its plan, the Routes sent, who stages it, who served how much (streamer.routes)."""
 
 
 @dataclass
@@ -177,6 +180,7 @@ class Registry:
         peer_timeout_s: float = 10.0,
         manifest_limits: ManifestLimits | None = None,
         limits: Limits | None = None,
+        relay_fanout: int = 2,
     ):
         if retention < 1:
             raise ValueError("retention must be >= 1")
@@ -194,6 +198,8 @@ class Registry:
         )
         self.dirty = False
         """True when something worth persisting changed since the last `snapshot()`."""
+        self.relays = Relays(fanout=relay_fanout, peers=self.peers)
+        """Relay offers and Routes (not persisted: relays offer again when they subscribe)."""
 
     def _text(self, value: str) -> str:
         limit = self.limits.text_chars
@@ -232,6 +238,7 @@ class Registry:
             state.last_pause_s = previous.last_pause_s
             state.last_error = previous.last_error
             state.failed_version = previous.failed_version
+            self.relays.drop(peer_id)  # a new connection offers again when it subscribes
         self.peers[peer_id] = state
 
     def known(self, peer_id: str) -> bool:
@@ -248,16 +255,28 @@ class Registry:
 
     def goodbye(self, peer_id: str, now: float) -> Outbox:
         peer = self.peers.get(peer_id)
+        out: Outbox = []
         if peer is not None and not peer.gone:
-            self._mark_gone(peer, now)
-        return self._withdraw_unreadable(now) + self._retire_unleased(now)
+            out = self._mark_gone(peer, now)
+        return out + self._withdraw_unreadable(now) + self._retire_unleased(now)
 
-    def _mark_gone(self, peer: PeerState, now: float) -> None:
+    def _mark_gone(self, peer: PeerState, now: float) -> Outbox:
+        """Returns the new Routes of the readers it relayed to."""
         peer.gone = True
         peer.gone_at = now
         peer.progress.clear()
         self.waiters.drop_peer(peer.peer_id)
         self._drop_leases(peer.peer_id)
+        return self._relay_departed(peer.peer_id)
+
+    def _relay_departed(self, peer_id: str) -> Outbox:
+        out: Outbox = []
+        for name in self.relays.drop(peer_id):
+            model = self.models.get(name)
+            if model is not None:
+                versions = [(v, r.relay) for v, r in sorted(model.versions.items())]
+                out += self.relays.departed(peer_id, name, versions)
+        return out
 
     def _forget_gone(self, now: float, *, everyone: bool = False) -> None:
         ttl = 0.0 if everyone else self.limits.gone_peer_ttl_s
@@ -265,19 +284,22 @@ class Registry:
             p.peer_id for p in self.peers.values() if p.gone and now - p.gone_at >= ttl
         ]:
             del self.peers[peer_id]
+            self.relays.forget(
+                peer_id, (r.relay for m in self.models.values() for r in m.versions.values())
+            )
 
     def expire(self, now: float) -> Outbox:
         """The housekeeping tick: silent peers gone, gone peers forgotten after their TTL,
         leases past their time dropped, pending versions and waiters past theirs expired,
         versions nobody can read withdrawn."""
+        out: Outbox = []
         for peer in self.peers.values():
             if not peer.gone and now - peer.last_seen > self.peer_timeout_s:
                 logger.warning(
                     "peer gone peer=%s silent_s=%.1f", peer.peer_id, now - peer.last_seen
                 )
-                self._mark_gone(peer, now)
+                out += self._mark_gone(peer, now)
         self._forget_gone(now)
-        out: Outbox = []
         for name, model in self.models.items():
             for record in model.versions.values():
                 for peer_id, expiry in list(record.leases.items()):
@@ -469,7 +491,20 @@ class Registry:
                 self.dirty = True
                 logger.info("retired model=%s version=%d", name, version)
                 out.extend((p, Retire(model=name, version=version)) for p in record.publishers)
+                out += self._retire_to_holders(name, version, record)
         return out
+
+    def _retire_to_holders(self, name: str, version: int, record: VersionRecord) -> Outbox:
+        """Relay subscribers that staged a version keep it readable for others until this
+        (no lease holds it now): one Retire object, encoded once for all of them."""
+        holders = sorted(record.relay.stagers - record.publishers)
+        if not holders:
+            return []
+        logger.info(
+            "retired to holders model=%s version=%d holders=%d", name, version, len(holders)
+        )
+        retire = Retire(model=name, version=version)
+        return [(p, retire) for p in holders]
 
     def _withdraw_unreadable(self, now: float) -> Outbox:
         """A version whose bytes live with a publisher that is gone cannot be read: every
@@ -542,16 +577,29 @@ class Registry:
         out: Outbox = []
         for version, record in model.versions.items():
             out.extend((p, Retire(model=model_name, version=version)) for p in record.publishers)
+            out += self._retire_to_holders(model_name, version, record)
         for version, pending in model.pending.items():
             out.extend((p, Retire(model=model_name, version=version)) for p in pending.publishers)
         return out
 
     # subscribing
 
-    def subscribe(self, peer_id: str, model_name: str) -> Manifest | None:
+    def subscribe(
+        self, peer_id: str, model_name: str, *, relay: RelayOffer | None = None
+    ) -> Manifest | None:
         """Follow a model; returns the newest readable manifest if this connection has not
-        been sent it yet (a repeated Subscribe costs no second manifest)."""
+        been sent it yet (a repeated Subscribe costs no second manifest).
+
+        With `relay`, the peer serves what it holds of the model to other subscribers
+        (checked first: a bad offer is refused `bad_request` and subscribes nothing); a
+        Subscribe without it withdraws an earlier offer."""
         peer = self.peers[peer_id]
+        if relay is not None and peer.role != "subscriber":
+            raise BrokerError(
+                "bad_request",
+                f"only subscribers relay; this peer said Hello as a {peer.role}: subscribe "
+                "without relay",
+            )
         if (
             model_name not in peer.subscriptions
             and len(peer.subscriptions) >= self.limits.subscriptions_per_peer
@@ -561,12 +609,26 @@ class Registry:
                 f"peer {peer_id} already follows {len(peer.subscriptions)} models "
                 "(limits.subscriptions_per_peer); use one connection per few models",
             )
+        self.relays.offer(peer_id, model_name, relay)
         peer.subscriptions.add(model_name)
         record = self.readable_latest(model_name)
         if record is None or peer.announced.get(model_name) == record.manifest.version:
             return None
         peer.announced[model_name] = record.manifest.version
         return record.manifest
+
+    # relay (streamer.routes)
+
+    def relay_routes(self, model_name: str, version: int) -> Outbox:
+        """The Routes of a version just announced, for the model's relay subscribers."""
+        record = self.models[model_name].versions[version]
+        return self.relays.announced(model_name, version, record.relay)
+
+    def relay_joined(self, peer_id: str, model_name: str, version: int) -> Outbox:
+        """The Route of a relay subscriber about to be sent `version` after its announcement
+        (a late joiner, or a reconnect): read from holders that applied it."""
+        record = self.models[model_name].versions[version]
+        return self.relays.joined(peer_id, model_name, version, record.relay)
 
     def readable_latest(self, model_name: str) -> VersionRecord | None:
         model = self.models.get(model_name)
@@ -615,10 +677,18 @@ class Registry:
         total: int,
         rate: float,
         state: str = "pulling",
+        sources: dict[str, int] | None = None,
     ) -> None:
         peer = self.peers[peer_id]
         if model in peer.subscriptions or model in self.models:
             peer.progress[model] = PullProgress(version, done, total, rate, state)
+        record = self._record(model, version)
+        if sources and record is not None:
+            self.relays.progress(peer_id, model, record.relay, sources)
+
+    def _record(self, model: str, version: int) -> VersionRecord | None:
+        followed = self.models.get(model)
+        return followed.versions.get(version) if followed is not None else None
 
     def applied(
         self, peer_id: str, model: str, version: int, pull_s: float, pause_s: float, now: float
@@ -633,6 +703,9 @@ class Registry:
         peer.last_pull_s[model] = pull_s
         peer.last_pause_s[model] = pause_s
         self._clear_error(peer, model)
+        record = self._record(model, version)
+        if record is not None:
+            self.relays.held(peer_id, model, record.relay)
         return self._wake(model, version)
 
     def _clear_error(self, peer: PeerState, model: str) -> None:
@@ -657,6 +730,9 @@ class Registry:
                 peer.applied_at[model] = now
                 self._clear_error(peer, model)
                 out += self._wake(model, version)
+            record = self._record(model, version)
+            if record is not None and peer_id not in record.relay.complete:
+                self.relays.held(peer_id, model, record.relay)  # relearnt after a restart
         return out
 
     def pull_failed(self, peer_id: str, model: str, version: int, reason: str) -> None:
