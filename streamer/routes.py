@@ -287,14 +287,20 @@ class Relays:
             relay.names.add(self._peers[peer_id].name)
 
     def _routes_from_plan(
-        self, model: str, version: int, relay: RelayVersion, *, changed_only: bool
+        self,
+        model: str,
+        version: int,
+        relay: RelayVersion,
+        *,
+        changed_only: bool,
+        only: str | None = None,
     ) -> Outbox:
         assert relay.plan is not None
         current = relay.plan
         holders = self._order(p for p in relay.complete if self._live(p, model))
         interned: dict[tuple[tuple[str, ...], tuple[str, ...]], Route] = {}
         out: Outbox = []
-        for node in current.nodes:
+        for node in current.nodes if only is None else (only,):
             if self._done(node, model, version):
                 continue
             parents = current.parents[node]
@@ -322,6 +328,11 @@ class Relays:
 
         whole = self._order(p for p in relay.complete if usable(p))
         planned = relay.plan.nodes if relay.plan is not None else ()
+        if not whole and peer_id in planned:
+            # A planned node that subscribed again (a reconnect) keeps its place in the
+            # trees: parents picked from nodes in flight could be its own children.
+            assert relay.plan is not None
+            return self._routes_from_plan(model, version, relay, changed_only=False, only=peer_id)
         # Nobody applied it yet: in-flight nodes serve what they verified, bucket by bucket.
         in_flight = [p for p in planned if usable(p) and p not in relay.complete]
         holders = whole or in_flight

@@ -432,3 +432,17 @@ def test_a_late_joiner_before_anyone_applied_reads_from_nodes_in_flight() -> Non
     assert peer == "relay-node-z"
     assert isinstance(route, Route)
     assert sorted(parent_names(route)) == ["node-a", "node-b"]  # pipelined from the tree
+
+
+def test_a_planned_relay_that_subscribes_again_keeps_its_place_in_the_trees() -> None:
+    registry = _registry_with_relays(["node-a", "node-b", "node-c"])
+    planned = _routes(registry.relay_routes(MODEL, 1))
+    registry.hello("relay-node-b", "subscriber", "h", 2, 1.0, name="node-b")  # a reconnect
+    offer = RelayOffer(endpoint="tcp://127.0.0.1:7101")
+    assert registry.subscribe("relay-node-b", MODEL, relay=offer) is not None
+
+    [(_, route)] = registry.relay_joined("relay-node-b", MODEL, 1)
+    assert isinstance(route, Route)
+
+    # Not parents picked among nodes in flight, which include its own children.
+    assert parent_names(route) == parent_names(planned["relay-node-b"])
