@@ -20,7 +20,7 @@ keeps the buckets it has verified (streamer/planner.py has the simulated figures
 
 The trainer is the plan's source under the id "" (no ZeroMQ routing id is empty); a Route names
 it as a None parent. Every collection is bounded by the registry's peer and subscription limits;
-Route fallbacks by `MAX_SOURCES`; metric labels by `MAX_SERVED_LABELS`.
+Route fallbacks by `MAX_FALLBACKS`; metric labels by `MAX_SERVED_LABELS`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from schemas.messages import MAX_SOURCES, RelayOffer, RelaySource, Route
+from schemas.messages import RelayOffer, RelaySource, Route
 from streamer.errors import BrokerError
 from streamer.planner import Plan, plan
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from streamer.registry import Outbox, PeerState
 
 __all__ = [
+    "MAX_FALLBACKS",
     "MAX_SERVED_LABELS",
     "OTHER_LABEL",
     "TRAINER",
@@ -56,6 +57,9 @@ TRAINER_LABEL = "(trainer)"
 """The trainer's `holder` label in metrics (no stable name is ever this)."""
 OTHER_LABEL = "(other)"
 """Where served bytes go once `MAX_SERVED_LABELS` holders are counted."""
+MAX_FALLBACKS = 8
+"""Fallbacks per Route (the protocol allows MAX_SOURCES): the nearest ancestors and holders;
+past them a reader goes to the trainer."""
 MAX_SERVED_LABELS = 1024
 """(model, holder) series of the served-bytes counter; later holders count under (other)."""
 _Z85 = frozenset(
@@ -136,6 +140,15 @@ class RelayVersion:
     """Late joiners routed so far: rotates which holders serve the next one."""
 
 
+@dataclass
+class _Interned:
+    """One planning pass's messages: a Route per distinct (parents, fallbacks), a RelaySource
+    per peer, so that readers sharing them share objects (the broker encodes each once)."""
+
+    routes: dict[tuple[tuple[str, ...], tuple[str, ...]], Route] = field(default_factory=dict)
+    sources: dict[str, RelaySource] = field(default_factory=dict)
+
+
 class Relays:
     """The relay offers of every model and the Routes they are sent (see the module doc).
 
@@ -198,11 +211,15 @@ class Relays:
         peer = self._peers.get(peer_id)
         return peer is not None and peer.applied.get(model, -1) >= version
 
-    def _source(self, peer_id: str, model: str) -> RelaySource:
-        offer = self.offers[model][peer_id]
-        return RelaySource(
-            name=self._peers[peer_id].name, endpoint=offer.endpoint, server_key=offer.server_key
-        )
+    def _source(self, peer_id: str, model: str, made: dict[str, RelaySource]) -> RelaySource:
+        """`peer_id`'s RelaySource; `made` keeps those of one planning pass (one object each)."""
+        source = made.get(peer_id)
+        if source is None:
+            offer = self.offers[model][peer_id]
+            source = made[peer_id] = RelaySource(
+                name=self._peers[peer_id].name, endpoint=offer.endpoint, server_key=offer.server_key
+            )
+        return source
 
     # routes
 
@@ -215,12 +232,12 @@ class Relays:
         relay.plan = plan(nodes, source=TRAINER, fanout=self.fanout)
         out = self._routes_from_plan(model, version, relay, changed_only=False)
         logger.info(
-            "relay planned model=%s version=%d nodes=%d fanout=%d depth=%d",
+            "relay planned model=%s version=%d nodes=%d fanout=%d routes=%d",
             model,
             version,
             len(nodes),
             self.fanout,
-            relay.plan.max_depth(),
+            len(out),
         )
         return out
 
@@ -298,7 +315,7 @@ class Relays:
         assert relay.plan is not None
         current = relay.plan
         holders = self._order(p for p in relay.complete if self._live(p, model))
-        interned: dict[tuple[tuple[str, ...], tuple[str, ...]], Route] = {}
+        interned = _Interned()
         out: Outbox = []
         for node in current.nodes if only is None else (only,):
             if self._done(node, model, version):
@@ -306,15 +323,17 @@ class Relays:
             parents = current.parents[node]
             if changed_only and relay.routes.get(node) == parents:
                 continue
-            # Fallbacks: each stripe's ancestors above the parent, then the whole holders.
+            # Fallbacks: the stripes' ancestors above the parents, nearest first (a level of
+            # every stripe, then the next), then the whole holders.
             fallbacks: list[str] = []
-            for stripe, parent in enumerate(parents):
-                ancestor = parent
-                while ancestor != TRAINER:
-                    ancestor = current.parents[ancestor][stripe]
-                    if ancestor != TRAINER:
-                        fallbacks.append(ancestor)
-            fallbacks += holders
+            level = list(parents)
+            while len(fallbacks) < MAX_FALLBACKS and any(a != TRAINER for a in level):
+                level = [
+                    TRAINER if a == TRAINER else current.parents[a][stripe]
+                    for stripe, a in enumerate(level)
+                ]
+                fallbacks += [a for a in level if a != TRAINER]
+            fallbacks += holders[:MAX_FALLBACKS]
             route = self._route(model, version, node, parents, fallbacks, interned)
             relay.routes[node] = parents
             out.append((node, route))
@@ -342,7 +361,10 @@ class Relays:
             parents = tuple(holders[(start + s) % len(holders)] for s in range(self.fanout))
         else:
             parents = (TRAINER,) * self.fanout
-        route = self._route(model, version, peer_id, parents, whole + in_flight, {})
+        fallbacks = (
+            whole[: MAX_FALLBACKS + len(parents)] + in_flight[: MAX_FALLBACKS + len(parents)]
+        )
+        route = self._route(model, version, peer_id, parents, fallbacks, _Interned())
         relay.routes[peer_id] = parents
         return [(peer_id, route)]
 
@@ -353,25 +375,28 @@ class Relays:
         node: str,
         parents: tuple[str, ...],
         fallbacks: list[str],
-        interned: dict[tuple[tuple[str, ...], tuple[str, ...]], Route],
+        interned: _Interned,
     ) -> Route:
         """The Route message; readers with the same parents and fallbacks share one object,
         which the broker encodes once."""
         skip = {node, TRAINER, *parents}
         chosen: list[str] = []
         for candidate in fallbacks:
-            if candidate not in skip and len(chosen) < MAX_SOURCES:
+            if candidate not in skip:
                 skip.add(candidate)
                 chosen.append(candidate)
+                if len(chosen) == MAX_FALLBACKS:
+                    break
         key = (parents, tuple(chosen))
-        route = interned.get(key)
+        route = interned.routes.get(key)
         if route is None:
-            route = interned[key] = Route(
+            made = interned.sources
+            route = interned.routes[key] = Route(
                 model=model,
                 version=version,
                 fanout=len(parents),
-                parents=[None if p == TRAINER else self._source(p, model) for p in parents],
-                fallbacks=[self._source(p, model) for p in chosen],
+                parents=[None if p == TRAINER else self._source(p, model, made) for p in parents],
+                fallbacks=[self._source(p, model, made) for p in chosen],
             )
         return route
 
