@@ -5,6 +5,7 @@ whom and who served how much, and bad relay offers are refused without harm."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from schemas.messages import (
     Subscribed,
     Welcome,
 )
+from streamer.__main__ import add_broker_arguments, broker_config as broker_config_from
 from streamer.client import BrokerClient, connect
 from streamer.metrics import RELAY_SERVED_BYTES_TOTAL
 from streamer.planner import plan
@@ -446,3 +448,12 @@ def test_a_planned_relay_that_subscribes_again_keeps_its_place_in_the_trees() ->
 
     # Not parents picked among nodes in flight, which include its own children.
     assert parent_names(route) == parent_names(planned["relay-node-b"])
+
+
+def test_the_broker_flag_sets_the_fanout_and_refuses_one_past_the_protocol() -> None:
+    parser = argparse.ArgumentParser()
+    add_broker_arguments(parser)
+    assert broker_config_from(parser.parse_args(["--relay-fanout", "0"])).relay_fanout == 0
+    assert broker_config_from(parser.parse_args([])).relay_fanout == 2
+    with pytest.raises(ValueError, match="relay_fanout"):
+        broker_config_from(parser.parse_args(["--relay-fanout", "65"]))
