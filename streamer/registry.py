@@ -108,13 +108,13 @@ class VersionRecord:
     announced_at: float
     leases: dict[str, float] = field(default_factory=dict)
     """peer_id -> lease expiry time."""
+    relay: RelayVersion = field(default_factory=RelayVersion)
+    """Relay: its plan, the Routes sent, who stages it, who served how much (streamer.routes)."""
     retiring: bool = False
     unreadable: str | None = None
     """Why nobody can read it any more (a publisher is gone); None while readable."""
     restored_at: float | None = None
     """Set when restored from the state file: its publishers get time to say Hello again."""
-    relay: RelayVersion = field(default_factory=RelayVersion)
-    """Relay: its plan, the Routes sent, who stages it, who served how much (streamer.routes)."""
 
 
 @dataclass
@@ -191,6 +191,11 @@ class Registry:
         self.limits = limits or Limits()
         self.models: dict[str, _Model] = {}
         self.peers: dict[str, PeerState] = {}
+        self.relays = Relays(fanout=relay_fanout, peers=self.peers)
+        """Relay offers and Routes (not persisted: relays offer again when they subscribe)."""
+        self._relay_out: Outbox = []
+        """Routes made while a peer was marked gone; the public call that marked it (expire,
+        goodbye) returns and empties it."""
         self.waiters = Waiters(
             per_peer=self.limits.waiters_per_peer,
             total=self.limits.waiters,
@@ -198,8 +203,6 @@ class Registry:
         )
         self.dirty = False
         """True when something worth persisting changed since the last `snapshot()`."""
-        self.relays = Relays(fanout=relay_fanout, peers=self.peers)
-        """Relay offers and Routes (not persisted: relays offer again when they subscribe)."""
 
     def _text(self, value: str) -> str:
         limit = self.limits.text_chars
@@ -232,13 +235,13 @@ class Registry:
             name=self._text(name) or f"{host}:{pid}",
         )
         if previous is not None:
+            self.relays.drop(peer_id)  # a new connection offers again when it subscribes
             state.applied = previous.applied
             state.applied_at = previous.applied_at
             state.last_pull_s = previous.last_pull_s
             state.last_pause_s = previous.last_pause_s
             state.last_error = previous.last_error
             state.failed_version = previous.failed_version
-            self.relays.drop(peer_id)  # a new connection offers again when it subscribes
         self.peers[peer_id] = state
 
     def known(self, peer_id: str) -> bool:
@@ -255,27 +258,28 @@ class Registry:
 
     def goodbye(self, peer_id: str, now: float) -> Outbox:
         peer = self.peers.get(peer_id)
-        out: Outbox = []
         if peer is not None and not peer.gone:
-            out = self._mark_gone(peer, now)
-        return out + self._withdraw_unreadable(now) + self._retire_unleased(now)
+            self._mark_gone(peer, now)
+        return self._withdraw_unreadable(now) + self._retire_unleased(now) + self._relay_routed()
 
-    def _mark_gone(self, peer: PeerState, now: float) -> Outbox:
-        """Returns the new Routes of the readers it relayed to."""
+    def _mark_gone(self, peer: PeerState, now: float) -> None:
         peer.gone = True
         peer.gone_at = now
         peer.progress.clear()
         self.waiters.drop_peer(peer.peer_id)
         self._drop_leases(peer.peer_id)
-        return self._relay_departed(peer.peer_id)
+        self._relay_departed(peer.peer_id)
 
-    def _relay_departed(self, peer_id: str) -> Outbox:
-        out: Outbox = []
+    def _relay_departed(self, peer_id: str) -> None:
+        """A relay that goes: the readers it fed get new Routes (sent by the caller)."""
         for name in self.relays.drop(peer_id):
             model = self.models.get(name)
             if model is not None:
                 versions = [(v, r.relay) for v, r in sorted(model.versions.items())]
-                out += self.relays.departed(peer_id, name, versions)
+                self._relay_out += self.relays.departed(peer_id, name, versions)
+
+    def _relay_routed(self) -> Outbox:
+        out, self._relay_out = self._relay_out, []
         return out
 
     def _forget_gone(self, now: float, *, everyone: bool = False) -> None:
@@ -284,22 +288,19 @@ class Registry:
             p.peer_id for p in self.peers.values() if p.gone and now - p.gone_at >= ttl
         ]:
             del self.peers[peer_id]
-            self.relays.forget(
-                peer_id, (r.relay for m in self.models.values() for r in m.versions.values())
-            )
 
     def expire(self, now: float) -> Outbox:
         """The housekeeping tick: silent peers gone, gone peers forgotten after their TTL,
         leases past their time dropped, pending versions and waiters past theirs expired,
         versions nobody can read withdrawn."""
-        out: Outbox = []
         for peer in self.peers.values():
             if not peer.gone and now - peer.last_seen > self.peer_timeout_s:
                 logger.warning(
                     "peer gone peer=%s silent_s=%.1f", peer.peer_id, now - peer.last_seen
                 )
-                out += self._mark_gone(peer, now)
+                self._mark_gone(peer, now)
         self._forget_gone(now)
+        out: Outbox = []
         for name, model in self.models.items():
             for record in model.versions.values():
                 for peer_id, expiry in list(record.leases.items()):
@@ -321,7 +322,10 @@ class Registry:
                 )
         out += self.waiters.expire(now, self.count_applied)
         out += self._withdraw_unreadable(now)
-        return out + self._retire_unleased(now)
+        self.relays.forget_missing(
+            r.relay for m in self.models.values() for r in m.versions.values()
+        )
+        return out + self._retire_unleased(now) + self._relay_routed()
 
     # publishing
 
@@ -617,19 +621,6 @@ class Registry:
         peer.announced[model_name] = record.manifest.version
         return record.manifest
 
-    # relay (streamer.routes)
-
-    def relay_routes(self, model_name: str, version: int) -> Outbox:
-        """The Routes of a version just announced, for the model's relay subscribers."""
-        record = self.models[model_name].versions[version]
-        return self.relays.announced(model_name, version, record.relay)
-
-    def relay_joined(self, peer_id: str, model_name: str, version: int) -> Outbox:
-        """The Route of a relay subscriber about to be sent `version` after its announcement
-        (a late joiner, or a reconnect): read from holders that applied it."""
-        record = self.models[model_name].versions[version]
-        return self.relays.joined(peer_id, model_name, version, record.relay)
-
     def readable_latest(self, model_name: str) -> VersionRecord | None:
         model = self.models.get(model_name)
         if model is None:
@@ -665,6 +656,19 @@ class Registry:
             for record in model.versions.values():
                 if record.leases.pop(peer_id, None) is not None:
                     self.dirty = True
+
+    # relay (streamer.routes)
+
+    def relay_routes(self, model_name: str, version: int) -> Outbox:
+        """The Routes of a version just announced, for the model's relay subscribers."""
+        record = self.models[model_name].versions[version]
+        return self.relays.announced(model_name, version, record.relay)
+
+    def relay_joined(self, peer_id: str, model_name: str, version: int) -> Outbox:
+        """The Route of a relay subscriber about to be sent `version` after its announcement
+        (a late joiner, or a reconnect): read from holders that applied it."""
+        record = self.models[model_name].versions[version]
+        return self.relays.joined(peer_id, model_name, version, record.relay)
 
     # reports
 

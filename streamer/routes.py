@@ -162,6 +162,8 @@ class Relays:
         self._peers = peers
         self.offers: dict[str, dict[str, RelayOffer]] = {}
         """model -> peer_id -> its relay server, while it follows the model."""
+        self._peers_seen = 0
+        """How many peers the registry held at the last `forget_missing`."""
         self.served_total: dict[tuple[str, str], int] = {}
         """(model, holder label) -> bytes readers verified from it, ever (a counter)."""
 
@@ -191,13 +193,19 @@ class Relays:
             self._withdraw(peer_id, model)
         return models
 
-    def forget(self, peer_id: str, versions: Iterable[RelayVersion]) -> None:
-        """`peer_id` is forgotten by the registry: it leaves no trace in the versions."""
+    def forget_missing(self, versions: Iterable[RelayVersion]) -> None:
+        """Peers the registry forgot leave no trace in the versions (checked only when the
+        registry holds fewer peers than at the last check: a peer was forgotten)."""
+        if len(self._peers) >= self._peers_seen:
+            self._peers_seen = len(self._peers)
+            return
+        self._peers_seen = len(self._peers)
         for relay in versions:
-            relay.stagers.discard(peer_id)
-            relay.complete.discard(peer_id)
-            relay.routes.pop(peer_id, None)
-            relay.served.pop(peer_id, None)
+            for ids in (relay.stagers, relay.complete):
+                ids.intersection_update(self._peers)
+            for table in (relay.routes, relay.served):
+                for peer_id in [p for p in table if p not in self._peers]:
+                    del table[peer_id]
 
     def _order(self, peer_ids: Iterable[str]) -> list[str]:
         """Stable order: by stable name (kept across restarts), then peer id."""
