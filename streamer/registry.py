@@ -216,6 +216,7 @@ class Registry:
         """A peer (re)connects. A reconnect keeps what it reported and its leases: a peer
         that lost the broker for a moment still holds the versions it is reading."""
         previous = self.peers.get(peer_id)
+        self.relays.drop(peer_id)  # a new connection offers again when it subscribes
         if previous is None and len(self.peers) >= self.limits.peers:
             self._forget_gone(now, everyone=True)
             if len(self.peers) >= self.limits.peers:
@@ -235,7 +236,6 @@ class Registry:
             name=self._text(name) or f"{host}:{pid}",
         )
         if previous is not None:
-            self.relays.drop(peer_id)  # a new connection offers again when it subscribes
             state.applied = previous.applied
             state.applied_at = previous.applied_at
             state.last_pull_s = previous.last_pull_s
