@@ -56,6 +56,9 @@ __all__ = [
     "UNREADABLE_VERSIONS",
     "BrokerStats",
     "RegistryCollector",
+    "RelaySnapshot",
+    "relay_families",
+    "relay_snapshot",
     "render",
 ]
 
@@ -234,15 +237,27 @@ class RegistryCollector:
         for role, count in sorted(roles.items()):
             peers.add_metric([role], count)
         yield peers
-        yield from _relay_metrics(registry)
+        yield from relay_families(relay_snapshot(registry))
 
 
-def _relay_metrics(registry: Registry) -> Iterator[Metric]:
+RelaySnapshot = tuple[dict[str, int], dict[tuple[str, str], int]]
+"""Relay offers per model, and bytes served per (model, holder label)."""
+
+
+def relay_snapshot(registry: Registry) -> RelaySnapshot:
+    """Copy what the relay metrics show; on the event loop, which owns the registry."""
+    relays = registry.relays
+    return {name: len(offers) for name, offers in relays.offers.items()}, dict(relays.served_total)
+
+
+def relay_families(snapshot: RelaySnapshot) -> Iterator[Metric]:
+    """The relay gauges and counter from a `relay_snapshot` (any thread)."""
+    offers, served_total = snapshot
     offering = GaugeMetricFamily(
         RELAY_SUBSCRIBERS, "Subscribers offering to relay, per model.", labels=["model"]
     )
-    for name, offers in sorted(registry.relays.offers.items()):
-        offering.add_metric([name], len(offers))
+    for name, count in sorted(offers.items()):
+        offering.add_metric([name], count)
     yield offering
     # Labels: stable names of holders readers reported (capped, then "(other)"); the
     # trainer is "(trainer)".
@@ -251,7 +266,7 @@ def _relay_metrics(registry: Registry) -> Iterator[Metric]:
         "Bytes subscribers verified from each source (a relay holder, or the trainer), per model.",
         labels=["model", "holder"],
     )
-    for (name, holder), nbytes in sorted(registry.relays.served_total.items()):
+    for (name, holder), nbytes in sorted(served_total.items()):
         served.add_metric([name, holder], nbytes)
     yield served
 
