@@ -208,8 +208,10 @@ class Relays:
                     del table[peer_id]
 
     def _order(self, peer_ids: Iterable[str]) -> list[str]:
-        """Stable order: by stable name (kept across restarts), then peer id."""
-        return sorted(peer_ids, key=lambda p: (self._peers[p].name, p))
+        """Stable order: by stable name (kept across restarts), then peer id; peers the
+        registry no longer knows are left out."""
+        known = [p for p in peer_ids if p in self._peers]
+        return sorted(known, key=lambda p: (self._peers[p].name, p))
 
     def _live(self, peer_id: str, model: str) -> bool:
         peer = self._peers.get(peer_id)
@@ -263,7 +265,9 @@ class Relays:
             peer_id,
             model,
             version,
-            ",".join(self._peers[p].name if p else "trainer" for p in relay.routes[peer_id]),
+            ",".join(
+                self._peers[p].name if p else "trainer" for p in relay.routes.get(peer_id, ())
+            ),
         )
         return out
 
@@ -328,7 +332,12 @@ class Relays:
         for node in current.nodes if only is None else (only,):
             if self._done(node, model, version):
                 continue
-            parents = current.parents[node]
+            # A parent that offers nothing now (it said Hello again and has not subscribed
+            # again yet): that stripe comes from the trainer.
+            parents = tuple(
+                p if p == TRAINER or self._live(p, model) else TRAINER
+                for p in current.parents[node]
+            )
             if changed_only and relay.routes.get(node) == parents:
                 continue
             # Fallbacks: the stripes' ancestors above the parents, nearest first (a level of
@@ -390,7 +399,7 @@ class Relays:
         skip = {node, TRAINER, *parents}
         chosen: list[str] = []
         for candidate in fallbacks:
-            if candidate not in skip:
+            if candidate not in skip and self._live(candidate, model):
                 skip.add(candidate)
                 chosen.append(candidate)
                 if len(chosen) == MAX_FALLBACKS:

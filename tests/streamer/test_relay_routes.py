@@ -470,3 +470,21 @@ def test_the_broker_flag_sets_the_fanout_and_refuses_one_past_the_protocol() -> 
     assert broker_config_from(parser.parse_args([])).relay_fanout == 2
     with pytest.raises(ValueError, match="relay_fanout"):
         broker_config_from(parser.parse_args(["--relay-fanout", "65"]))
+
+
+def test_a_rejoining_relay_whose_tree_parent_is_between_hello_and_subscribe_reads_that_stripe_from_the_trainer() -> (
+    None
+):
+    registry = _registry_with_relays(["node-a", "node-b", "node-c"])
+    planned = _routes(registry.relay_routes(MODEL, 1))
+    assert parent_names(planned["relay-node-c"]) == ["node-a", "node-b"]
+    for name in ("node-b", "node-c"):  # both reconnect; node-b has not subscribed again yet
+        registry.hello(f"relay-{name}", "subscriber", "h", 2, 1.0, name=name)
+    offer = RelayOffer(endpoint="tcp://127.0.0.1:7102")
+    assert registry.subscribe("relay-node-c", MODEL, relay=offer) is not None
+
+    [(_, route)] = registry.relay_joined("relay-node-c", MODEL, 1)
+
+    assert isinstance(route, Route)
+    assert parent_names(route) == ["node-a", ""]  # node-b offers nothing now
+    assert "node-b" not in {f.name for f in route.fallbacks}
