@@ -279,8 +279,15 @@ class Registry:
                 self._relay_out += self.relays.departed(peer_id, name, versions)
 
     def _relay_routed(self) -> Outbox:
-        out, self._relay_out = self._relay_out, []
-        return out
+        """The Routes made since the last call: the newest per reader and version, and only
+        to readers still here (several relays can go in one tick)."""
+        made, self._relay_out = self._relay_out, []
+        newest: dict[tuple[str, str, int], tuple[str, Message]] = {}
+        for peer_id, route in reversed(made):
+            key = (peer_id, getattr(route, "model", ""), getattr(route, "version", -1))
+            if key not in newest and self.known(peer_id):
+                newest[key] = (peer_id, route)
+        return list(reversed(newest.values()))
 
     def _forget_gone(self, now: float, *, everyone: bool = False) -> None:
         ttl = 0.0 if everyone else self.limits.gone_peer_ttl_s

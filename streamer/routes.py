@@ -286,10 +286,10 @@ class Relays:
             sent = len(out)
             if relay.plan is not None and peer_id in relay.plan.nodes:
                 survivors = [n for n in relay.plan.nodes if self._live(n, model)]
-                relay.plan = (
-                    plan(survivors, source=TRAINER, fanout=self.fanout) if survivors else None
-                )
-                out += self._routes_from_plan(model, version, relay, changed_only=True)
+                relay.plan = None
+                if survivors:
+                    relay.plan = plan(survivors, source=TRAINER, fanout=self.fanout)
+                    out += self._routes_from_plan(model, version, relay, changed_only=True)
             planned = set(relay.plan.nodes) if relay.plan is not None else set()
             for reader in self._order(p for p in pulling if p not in planned):
                 if peer_id in relay.routes.get(reader, ()) and self._live(reader, model):

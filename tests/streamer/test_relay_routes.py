@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import zmq
 import zmq.asyncio
+from hypothesis import given, settings, strategies as st
 
 from schemas.codec import encode
 from schemas.messages import (
@@ -39,9 +40,10 @@ from schemas.messages import (
 )
 from streamer.__main__ import add_broker_arguments, broker_config as broker_config_from
 from streamer.client import BrokerClient, connect
+from streamer.errors import BrokerError
 from streamer.metrics import RELAY_SERVED_BYTES_TOTAL
 from streamer.planner import plan
-from streamer.registry import Registry
+from streamer.registry import Limits, Registry
 from tests.streamer.test_broker import raw_peer, receive, shard
 from tests.streamer.test_http import parse_prometheus
 from tests.support import RunningBroker, broker_config, eventually, run_broker
@@ -488,3 +490,69 @@ def test_a_rejoining_relay_whose_tree_parent_is_between_hello_and_subscribe_read
     assert isinstance(route, Route)
     assert parent_names(route) == ["node-a", ""]  # node-b offers nothing now
     assert "node-b" not in {f.name for f in route.fallbacks}
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["join", "rehello", "plain", "goodbye", "applied", "heartbeat", "publish", "tick"]
+        ),
+        st.integers(0, 3),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_OPS, fanout=st.integers(0, 3))
+def test_any_sequence_of_relay_events_keeps_routes_to_live_relays(ops, fanout) -> None:
+    """Joins, reconnects, departures, applies, versions and ticks in any order: the registry
+    raises nothing but BrokerError, and every Route it sends names only relays live then."""
+    registry = Registry(peer_timeout_s=5.0, limits=Limits(gone_peer_ttl_s=1.0), relay_fanout=fanout)
+    registry.hello("trainer-0", "publisher", "h", 1, 0.0)
+    now, version = 0.0, 0
+    for op, index in ops:
+        peer_id, name = f"relay-{index}", f"node-{index % 4}"  # names may repeat
+        now += 0.5
+        registry.touch("trainer-0", now)
+        out: list[tuple[str, Message]] = []
+        try:
+            if op in ("join", "rehello"):  # a (re)connect, then (join) a relay Subscribe
+                registry.hello(peer_id, "subscriber", "h", index, now, name=name)
+            if op in ("join", "plain") and registry.known(peer_id):
+                offer = RelayOffer(endpoint=f"tcp://127.0.0.1:{7100 + index}")
+                current = registry.subscribe(peer_id, MODEL, relay=offer if op == "join" else None)
+                if current is not None:
+                    out += registry.relay_joined(peer_id, MODEL, current.version)
+            elif op == "goodbye":
+                out += registry.goodbye(peer_id, now)
+            elif op == "applied" and registry.known(peer_id) and version:
+                out += registry.applied(peer_id, MODEL, version, 0.1, 0.01, now)
+            elif op == "heartbeat" and registry.known(peer_id) and version:
+                registry.touch(peer_id, now)
+                out += registry.heartbeat(peer_id, {MODEL: version}, now)
+            elif op == "publish":
+                version += 1
+                _, outbox = registry.publish("trainer-0", MODEL, version, 0, 1, shard(), now)
+                out += registry.relay_routes(MODEL, version) + outbox
+            elif op == "tick":
+                now += 3.0
+                registry.touch("trainer-0", now)
+                out += registry.expire(now)
+        except BrokerError:
+            continue
+        for peer, message in out:
+            if not isinstance(message, Route):
+                continue
+            assert registry.known(peer)
+            assert len(message.parents) == message.fanout == fanout
+            for source in [*message.parents, *message.fallbacks]:
+                if source is None:
+                    continue
+                holders = [
+                    p
+                    for p, o in registry.relays.offers.get(MODEL, {}).items()
+                    if registry.known(p) and o.endpoint == source.endpoint
+                ]
+                assert holders, f"{source} is not a live relay"
+                assert peer not in holders or source.name != registry.peers[peer].name
