@@ -41,7 +41,8 @@ from schemas.messages import (
 from streamer.__main__ import add_broker_arguments, broker_config as broker_config_from
 from streamer.client import BrokerClient, connect
 from streamer.errors import BrokerError
-from streamer.metrics import RELAY_SERVED_BYTES_TOTAL
+from streamer.http import fleet, relay_status
+from streamer.metrics import RELAY_SERVED_BYTES_TOTAL, relay_families, relay_snapshot
 from streamer.planner import plan
 from streamer.registry import Limits, Registry
 from tests.streamer.test_broker import raw_peer, receive, shard
@@ -495,7 +496,17 @@ def test_a_rejoining_relay_whose_tree_parent_is_between_hello_and_subscribe_read
 _OPS = st.lists(
     st.tuples(
         st.sampled_from(
-            ["join", "rehello", "plain", "goodbye", "applied", "heartbeat", "publish", "tick"]
+            [
+                "join",
+                "rehello",
+                "plain",
+                "goodbye",
+                "applied",
+                "heartbeat",
+                "progress",
+                "publish",
+                "tick",
+            ]
         ),
         st.integers(0, 3),
     ),
@@ -531,6 +542,9 @@ def test_any_sequence_of_relay_events_keeps_routes_to_live_relays(ops, fanout) -
             elif op == "heartbeat" and registry.known(peer_id) and version:
                 registry.touch(peer_id, now)
                 out += registry.heartbeat(peer_id, {MODEL: version}, now)
+            elif op == "progress" and registry.known(peer_id) and version:
+                sources = {"": index, "node-1": 2 * index, "nobody": 5}
+                registry.progress(peer_id, MODEL, version, 3, 9, 1.0, sources=sources)
             elif op == "publish":
                 version += 1
                 _, outbox = registry.publish("trainer-0", MODEL, version, 0, 1, shard(), now)
@@ -541,6 +555,10 @@ def test_any_sequence_of_relay_events_keeps_routes_to_live_relays(ops, fanout) -
                 out += registry.expire(now)
         except BrokerError:
             continue
+        # What status renders from this state (the HTTP handlers run on the broker's loop).
+        fleet(registry, now)
+        for number, record in registry.models[MODEL].versions.items() if version else ():
+            relay_status(registry, MODEL, number, record)
         for peer, message in out:
             if not isinstance(message, Route):
                 continue
@@ -556,3 +574,4 @@ def test_any_sequence_of_relay_events_keeps_routes_to_live_relays(ops, fanout) -
                 ]
                 assert holders, f"{source} is not a live relay"
                 assert peer not in holders or source.name != registry.peers[peer].name
+    list(relay_families(relay_snapshot(registry)))
