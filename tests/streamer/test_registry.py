@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from schemas.manifest import BucketSpec, FrameLocator, RegionSpec, Shard, TensorSpec
@@ -121,13 +122,40 @@ def test_goodbye_drops_the_peers_leases() -> None:
     assert not reg.known("sub")
 
 
-@pytest.mark.parametrize("version", [1, 3])
-def test_a_version_not_above_the_latest_is_rejected_as_stale(version: int) -> None:
+def test_a_version_not_above_the_latest_is_rejected_as_stale() -> None:
     reg = registry()
     publish(reg, 3)
     with pytest.raises(BrokerError, match="already at version 3") as raised:
-        reg.publish("pub", MODEL, version, 0, 1, shard("w"), now=0.0)
+        reg.publish("pub", MODEL, 1, 0, 1, shard("w"), now=0.0)
     assert raised.value.code == "stale_version"
+    # The latest version with other bytes is no second offer of it: stale too, and named.
+    with pytest.raises(BrokerError, match="only its locators may be offered again") as raised:
+        reg.publish("pub", MODEL, 3, 0, 1, shard("w", "x"), now=0.0)
+    assert raised.value.code == "stale_version"
+
+
+def test_the_same_shard_again_is_taken_once_and_more_locators_are_announced_again() -> None:
+    reg = registry()
+    reg.subscribe("sub", MODEL)
+    publish(reg, 3)
+    again, out = reg.publish("pub", MODEL, 3, 0, 1, shard("w"), now=0.0)
+    assert again
+    assert out == []  # a re-sent shard (a publish retried after a timeout) changes nothing
+    first = shard("w")
+    region = first.regions[0]
+    more = msgspec.structs.replace(
+        first,
+        regions=(
+            msgspec.structs.replace(
+                region, locators=(*region.locators, FrameLocator(endpoint="tcp://h:2", key="k"))
+            ),
+        ),
+    )
+    _, out = reg.publish("pub", MODEL, 3, 0, 1, more, now=0.0)
+    [(peer, announce)] = [(p, m) for p, m in out if isinstance(m, Announce)]
+    assert peer == "sub"
+    assert announce.manifest.version == 3
+    assert len(announce.manifest.regions[0].locators) == 2
 
 
 def test_lease_on_an_unknown_model_or_version_is_unavailable() -> None:
