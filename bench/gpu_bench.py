@@ -685,6 +685,10 @@ def main(args: argparse.Namespace) -> None:
             if name in cases:
                 import gpu_service  # type: ignore[import-not-found]
 
+                if name == "service-multi" and args.publish_mode == "colocated":
+                    # The trainer on GPU 0, an engine on each other GPU reading its copy GPU
+                    # to GPU (issue 14), each on its own: no node share.
+                    ranks, args.independent, args.first_gpu = nproc - 1, True, 1
                 results[name] = gpu_service.run_service(args, log, work, ranks, name=name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -790,7 +794,12 @@ def summarize(results: dict[str, Any]) -> list[str]:
                 / min(_ratio(r["own_bytes"] / GB, r["h2d_concurrent_s"]) for r in m)
             )
         anchor = a4["update_median_s"] if a4 else float("nan")
-        lines += gpu_service.service_lines(svm, floor, anchor, f"{svm['ranks']} GPUs (NodeShare)")
+        shape = (
+            "engines on GPUs 1.. read GPU 0's copy"
+            if svm.get("sources") == ["cuda_ipc_peer"]
+            else "NodeShare"
+        )
+        lines += gpu_service.service_lines(svm, floor, anchor, f"{svm['ranks']} GPUs ({shape})")
     elif "service-multi" in results:
         lines.append("multi-GPU service case: FAILED (see the log)")
     return lines

@@ -292,14 +292,14 @@ async def _subscribe_main(args: argparse.Namespace) -> tuple[dict[str, Any], Any
     if args.device == "cpu":
         device = torch.device("cpu")
     else:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", (args.first_gpu + rank) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     shapes = model_shapes(args.gb)
     params = {n: torch.empty(s, dtype=torch.bfloat16, device=device) for n, s in shapes}
     for p in params.values():
         p.fill_(-3.25)  # poison: a tensor never written cannot pass its digest
     node = barrier = None
-    if world > 1:
+    if world > 1 and not args.independent:
         import torch.distributed as dist
 
         from subscribers.node_share import NodeShare, exchange_shares
@@ -433,7 +433,9 @@ def run_service(
         if not ready.wait(timeout=args.timeout_s):
             log.line(f"=== {name}: the publisher did not get ready")
             return None
-        sub = [*common, "--endpoint", endpoint[0], "--mode", args.mode, "--result", str(sub_result)]
+        sub = [*common, "--endpoint", endpoint[0], "--mode", args.mode, "--result", str(sub_result),
+               "--first-gpu", str(getattr(args, "first_gpu", 0)),
+               *(["--independent"] if getattr(args, "independent", False) else [])]  # fmt: skip
         if nproc > 1:
             port = 29700 + os.getpid() % 200
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -544,6 +546,15 @@ def parse() -> argparse.Namespace:
         help="the broker in its own process (default, as deployed) or a thread of the trainer's",
     )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument(
+        "--first-gpu", type=int, default=0, help="subscriber rank r runs on GPU first+r"
+    )
+    ap.add_argument(
+        "--independent",
+        action="store_true",
+        help="several subscribers each read on their own (no node share): with colocated, every "
+        "engine reads the trainer's GPU copy GPU to GPU",
+    )
     ap.add_argument("--timeout-s", type=float, default=300)
     ap.add_argument("--version-timeout-s", type=float, default=90)
     ap.add_argument("--work", default=None)

@@ -18,6 +18,7 @@ import torch
 from schemas.ipc import CudaIpcBuffer
 
 __all__ = [
+    "device_index",
     "device_uuid",
     "export_buffer",
     "export_event",
@@ -95,6 +96,16 @@ def device_uuid(index: int) -> str:
         return str(torch.cuda.get_device_properties(index).uuid)
     except (AttributeError, RuntimeError):
         return ""
+
+
+def device_index(uuid: str) -> int | None:
+    """Our index of the GPU with this UUID, or None if this process does not see it."""
+    if not uuid or not torch.cuda.is_available():
+        return None
+    for index in range(torch.cuda.device_count()):
+        if device_uuid(index) == uuid:
+            return index
+    return None
 
 
 def local_device(buffer: CudaIpcBuffer) -> int:

@@ -196,15 +196,18 @@ class CudaStager:
     def pull_peer(
         self, peer_regions: Sequence[torch.Tensor], buckets: Sequence[BucketLike]
     ) -> PullResult:
-        """Copy every bucket device to device from a same-GPU peer's memory and verify it here.
+        """Copy every bucket device to device from a peer's GPU memory and verify it here.
 
-        `peer_regions[k]` is a 1-D uint8 tensor on this stager's device over region k (a
-        publisher's GPU copy, opened over CUDA IPC): the staging gets a private copy, verified
-        bucket by bucket, so nothing is ever swapped in from the peer's memory itself.
+        `peer_regions[k]` is a 1-D uint8 tensor over region k (a publisher's GPU copy, opened
+        over CUDA IPC) on this stager's device, or on another GPU of the host (then the copy
+        runs GPU to GPU, over NVLink where there is one): the staging gets a private copy,
+        verified on this device, so nothing is ever swapped in from the peer's memory itself.
         """
         for index, peer in enumerate(peer_regions):
-            if peer.dtype != torch.uint8 or peer.dim() != 1 or peer.device != self.device:
-                raise TypeError(f"peer region {index} must be a 1-D uint8 tensor on {self.device}")
+            if peer.dtype != torch.uint8 or peer.dim() != 1 or peer.device.type != self.device.type:
+                raise TypeError(
+                    f"peer region {index} must be a 1-D uint8 tensor on a {self.device.type} device"
+                )
         for bucket in buckets:
             if bucket.offset + bucket.nbytes > peer_regions[bucket.region].numel():
                 raise ValueError(

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from gpu.ipc import device_uuid, open_buffer
+from gpu.ipc import device_index, device_uuid, open_buffer
 from schemas.ipc import buffer_of
 from schemas.manifest import ALIGNMENT, CudaIpcLocator
 from streamer.errors import ChecksumMismatch, TransportError
@@ -81,7 +81,8 @@ class StageReport:
     """Host to device, verified, and the swap planned (registration excluded)."""
     register_s: float
     """Time spent registering host memory this time (0 once every buffer is registered)."""
-    source: Literal["host", "cuda_ipc"] = "host"
+    source: Literal["host", "cuda_ipc", "cuda_ipc_peer"] = "host"
+    """Where the bytes came from: host staging, this GPU's peer process, another GPU's."""
     """Where the bytes came from: the host regions, or the publisher's GPU copy (same GPU)."""
 
 
@@ -152,6 +153,8 @@ class CudaSwapper:
         """One stage at a time: a cancelled one still running keeps the next off the staging."""
         self._peers: dict[bytes, torch.Tensor] = {}
         self._offer_failed = False
+        self._peer_access: dict[int, bool] = {}
+        """Other GPUs' indices -> whether this GPU reads their memory directly."""
         self._plan_cache: tuple[object, SwapPlan] | None = None
         """A GPU offer failed to open: read host copies from then on."""
         """Same-GPU publishers' GPU copies opened over CUDA IPC, by handle (at most 8)."""
@@ -253,7 +256,7 @@ class CudaSwapper:
                 nbytes=result.nbytes,
                 seconds=time.perf_counter() - started,
                 register_s=register_s,
-                source="host" if peers is None else "cuda_ipc",
+                source=_source_of(peers, self.device),
             )
         logger.info(
             "staged model=%s version=%d bytes=%d seconds=%.3f register_s=%.3f device=%s source=%s",
@@ -286,23 +289,39 @@ class CudaSwapper:
         return plan
 
     def _same_gpu_offers(self, manifest: Manifest) -> list[CudaIpcLocator] | None:
-        """Each region's CUDA IPC offer on this GPU of this host, or None if one has none."""
+        """Each region's CUDA IPC offer on this host, on this GPU where there is one, else on
+        another GPU this one can read directly (peer access: NVLink or PCIe P2P); None if a
+        region has neither."""
         if self.device.type != "cuda":
             return None
-        here, gpu = host_id(), device_uuid(self.device.index or 0)
+        here, index = host_id(), self.device.index or 0
+        gpu = device_uuid(index)
         if not gpu:
-            return None  # torch cannot name this GPU: no way to tell it is the same one
+            return None  # torch cannot name this GPU: no way to tell which one an offer is on
         offers: list[CudaIpcLocator] = []
         for region in manifest.regions:
-            same_gpu = [
+            on_host = [
                 loc
                 for loc in region.locators
-                if isinstance(loc, CudaIpcLocator) and loc.host == here and loc.device_uuid == gpu
+                if isinstance(loc, CudaIpcLocator) and loc.host == here
             ]
-            if not same_gpu:
+            mine = [loc for loc in on_host if loc.device_uuid == gpu]
+            if mine:
+                offers.append(mine[0])
+                continue
+            peers = [loc for loc in on_host if self._can_read_gpu(index, loc.device_uuid)]
+            if not peers:
                 return None
-            offers.append(same_gpu[0])
+            offers.append(peers[0])
         return offers
+
+    def _can_read_gpu(self, index: int, uuid: str) -> bool:
+        other = device_index(uuid)
+        if other is None:
+            return False
+        if other not in self._peer_access:
+            self._peer_access[other] = bool(torch.cuda.can_device_access_peer(index, other))
+        return self._peer_access[other]
 
     def _peer_sources(self, manifest: Manifest) -> list[torch.Tensor] | None:
         """Each region in a same-GPU publisher's GPU copy, or None (then the host regions)."""
@@ -407,6 +426,14 @@ class CudaSwapper:
         if self.device.type == "cuda":
             return torch.cuda.device(self.device)
         return contextlib.nullcontext()
+
+
+def _source_of(
+    peers: Sequence[torch.Tensor] | None, device: torch.device
+) -> Literal["host", "cuda_ipc", "cuda_ipc_peer"]:
+    if peers is None:
+        return "host"
+    return "cuda_ipc" if all(p.device == device for p in peers) else "cuda_ipc_peer"
 
 
 def _staging_bytes(region_nbytes: Sequence[int]) -> int:

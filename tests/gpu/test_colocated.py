@@ -88,17 +88,27 @@ def test_a_pull_from_a_peers_memory_gives_a_private_verified_copy(device: str) -
         stager.pull_peer([r.view(torch.int16) for r in taken.regions], shard.buckets)
 
 
+two_gpus = pytest.mark.skipif(
+    not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs of one host"
+)
+
+
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("corrupt", [False, True])
+@pytest.mark.parametrize(
+    "engine_gpu", [0, pytest.param(1, marks=two_gpus)], ids=["same-gpu", "other-gpu"]
+)
 def test_the_engine_copies_the_trainers_gpu_copy_device_to_device_and_verifies_it(
-    corrupt: bool,
+    corrupt: bool, engine_gpu: int
 ) -> None:
+    """The trainer's copy is on GPU 0; an engine there copies it on the GPU, an engine on GPU 1
+    reads it GPU to GPU (NVLink where there is one); both verify on their own GPU."""
     ctx = mp.get_context("spawn")
     ours, theirs = ctx.Pipe()
     trainer = ctx.Process(target=_snapshot_trainer, args=(theirs, 3, corrupt))
     trainer.start()
-    engine = Engine("cuda")
+    engine = Engine(f"cuda:{engine_gpu}")
     staging = Staging(receivers=[], pin_memory=False)
     try:
         assert ours.poll(WAIT_S), "the trainer process sent no manifest"
@@ -120,7 +130,7 @@ def test_the_engine_copies_the_trainers_gpu_copy_device_to_device_and_verifies_i
         stage = engine.swapper.last_stage
         if not corrupt:
             assert stage is not None
-            assert stage.source == "cuda_ipc"
+            assert stage.source == ("cuda_ipc" if engine_gpu == 0 else "cuda_ipc_peer")
             assert stage.nbytes == manifest.total_bytes
     finally:
         engine.swapper.close()
