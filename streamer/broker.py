@@ -124,7 +124,8 @@ class Broker:
             limits=config.limits(),
         )
         self.stats = BrokerStats(started_at=time.time())
-        self.stats.registry.register(RegistryCollector(self.registry, self.stats))
+        self.stats.collector = RegistryCollector(self.registry, self.stats)
+        self.stats.registry.register(self.stats.collector)
         self._warned: OrderedDict[bytes, None] = OrderedDict()
         self._frames: OrderedDict[int, tuple[Message, bytes]] = OrderedDict()
         """id(announcement) -> (it, its frame): see `_encode`."""
