@@ -76,7 +76,7 @@ class Limits:
     fetches_per_manifest: int = 8
     """FetchManifest of one manifest a connection is served (a client fetches once, retries
     a few times); past it the broker answers Error("bad_request"), so a flood costs at most
-    this many bodies per manifest kept."""
+    this many bodies per manifest kept. Not a `BrokerConfig` field (yet)."""
 
 
 @dataclass
