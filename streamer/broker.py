@@ -36,19 +36,23 @@ import zmq.asyncio
 
 from schemas.codec import encode, request_id_of
 from schemas.messages import (
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     AcquireLease,
     AdminDone,
     Alive,
     Announce,
+    Announced,
     Applied,
     AppliedReached,
     DeleteModel,
     Error,
+    FetchManifest,
     Goodbye,
     Heartbeat,
     Hello,
     LeaseGranted,
+    ManifestBody,
     Message,
     Progress,
     Published,
@@ -96,6 +100,13 @@ _REDELIVER_PEERS = 1024
 _REDELIVER_PER_PEER = 64
 _REDELIVERED = (Retire, Withdraw, AppliedReached)
 """Messages that matter enough to re-send after the peer's next Hello."""
+_FRAMES_CACHED = 16
+"""Encoded announcements and manifest replies kept (the newest matter)."""
+_FRAMES_BYTES = 256 * 1024 * 1024
+"""... and at most this many bytes of them (the newest one is always kept)."""
+_BODIES_CACHED = 8
+"""ManifestBody replies kept by (digest, request_id): a homogeneous fleet's subscribers ask
+with the same request ids, and then share one frame instead of a copy of the body each."""
 _STATE_ERROR_LOG_S = 60.0
 _OWNERS_FILE = "owners.json"
 
@@ -119,8 +130,14 @@ class Broker:
             relay_fanout=config.relay_fanout,
         )
         self.stats = BrokerStats(started_at=time.time())
-        self.stats.registry.register(RegistryCollector(self.registry, self.stats))
+        self.stats.collector = RegistryCollector(self.registry, self.stats)
+        self.stats.registry.register(self.stats.collector)
         self._warned: OrderedDict[bytes, None] = OrderedDict()
+        self._frames: OrderedDict[int, tuple[Message, bytes]] = OrderedDict()
+        """id(announcement or manifest reply) -> (it, its frame): see `_encode`."""
+        self._frame_bytes = 0
+        self._bodies: OrderedDict[tuple[str, int], ManifestBody] = OrderedDict()
+        """(digest, request_id) -> the reply: see `_manifest_body`."""
         self._undelivered: OrderedDict[str, list[Message]] = OrderedDict()
         self._state_error_logged_at = 0.0
         self.security = security_mode(config)
@@ -160,6 +177,10 @@ class Broker:
             self._secure(config.key_file, config.allowlist_file, context)
         self.socket.bind(config.endpoint)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sender: zmq.Socket[bytes] = zmq.Socket.shadow(self.socket.underlying)
+        """The same socket, unwrapped, for `_send`'s non-blocking sends: no Future per
+        message (a fan-out to 10,000 peers is then ~1.6 x faster). pyzmq's asyncio wrapper
+        does the same for a NOBLOCK send, and `run()` has no receive waiting meanwhile."""
 
     def _restore(self, state: StateFile) -> None:
         """Check the state dir and load the state file; StateError says what to do."""
@@ -227,8 +248,7 @@ class Broker:
                     await self._send(outbox)
                 if time.monotonic() >= next_housekeeping:
                     await self._send(self.registry.expire(time.time()))
-                    for peer_id in [p for p in self._bound if p not in self.registry.peers]:
-                        del self._bound[peer_id]
+                    self._prune_bound()
                     self._persist()
                     next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
         finally:
@@ -236,6 +256,14 @@ class Broker:
             self.socket.close(linger=0)
             if self._authenticator is not None:
                 self._authenticator.stop()
+
+    def _prune_bound(self) -> None:
+        """Forget the keys of routing ids the registry forgot. Every peer's id is bound by
+        its Hello, so there are some exactly when more ids are bound than there are peers:
+        only then is there a scan, and a tick at 10,000 peers costs nothing."""
+        if len(self._bound) > len(self.registry.peers):
+            for peer_id in [p for p in self._bound if p not in self.registry.peers]:
+                del self._bound[peer_id]
 
     def _principal(self, frame: zmq.Frame) -> Principal:
         """The authenticated key behind a frame (everyone is ANONYMOUS without keys)."""
@@ -294,18 +322,29 @@ class Broker:
         model_state = registry.models.get(getattr(message, "model", ""))
         self.guard.authorize(principal, message, model_state.latest if model_state else None)
         if isinstance(message, Hello):
-            if message.protocol_version != PROTOCOL_VERSION:
+            if not MIN_PROTOCOL_VERSION <= message.protocol_version <= PROTOCOL_VERSION:
                 raise BrokerError(
                     "incompatible",
-                    f"broker speaks protocol {PROTOCOL_VERSION}, peer {message.protocol_version}",
+                    f"peer speaks protocol {message.protocol_version}; this broker serves "
+                    f"protocol {MIN_PROTOCOL_VERSION} up to protocol {PROTOCOL_VERSION}: "
+                    "upgrade the older side",
                 )
-            registry.hello(peer_id, message.role, message.host, message.pid, now, name=message.name)
+            registry.hello(
+                peer_id,
+                message.role,
+                message.host,
+                message.pid,
+                now,
+                name=message.name,
+                protocol=message.protocol_version,
+            )
             logger.info(
-                "peer joined peer=%s role=%s host=%s key=%s",
+                "peer joined peer=%s role=%s host=%s key=%s protocol=%d",
                 peer_id,
                 message.role,
                 message.host,
                 principal.name,
+                message.protocol_version,
             )
             welcome = Welcome(
                 broker_id=self.broker_id, heartbeat_interval_s=self.config.heartbeat_interval_s
@@ -341,7 +380,7 @@ class Broker:
                         version,
                         manifest.total_bytes,
                         len(manifest.tensors),
-                        sum(1 for _, m in outbox if isinstance(m, Announce)),
+                        sum(1 for _, m in outbox if isinstance(m, Announce | Announced)),
                     )
                 if announced:  # relay: each relay subscriber's Route, ahead of its announcement
                     outbox = registry.relay_routes(model, version) + outbox
@@ -357,7 +396,10 @@ class Broker:
                 if current is None:
                     return [(peer_id, subscribed)]
                 route = registry.relay_joined(peer_id, model, current.version)
-                return [(peer_id, subscribed), *route, (peer_id, Announce(manifest=current))]
+                announcement = registry.announcement(peer_id, current)
+                return [(peer_id, subscribed), *route, (peer_id, announcement)]
+            case FetchManifest():
+                return [(peer_id, self._manifest_body(peer_id, message))]
             case AcquireLease(request_id=rid, model=model, version=version):
                 ttl_s = registry.acquire_lease(peer_id, model, version, now)
                 return [
@@ -431,6 +473,36 @@ class Broker:
             case _:
                 raise BrokerError("protocol", f"a peer does not send {type(message).__name__}")
 
+    def _manifest_body(self, peer_id: str, message: FetchManifest) -> ManifestBody:
+        """Serve a manifest by digest: the bytes encoded once at its announcement (no
+        re-encoding per fetch). Replies that are equal (same digest and request id) are one
+        object, so `_encode` makes their frame once and every recipient's queue shares it."""
+        try:
+            body = self.registry.manifest_body(
+                peer_id, message.model, message.version, message.digest
+            )
+        except BrokerError:
+            self.stats.manifest_fetch_refused_total += 1
+            raise
+        self.stats.manifest_fetches_total += 1
+        self.stats.manifest_fetch_bytes_total += len(body)
+        key = (message.digest, message.request_id)
+        reply = self._bodies.get(key)
+        if reply is None or reply.body is not body:
+            reply = ManifestBody(request_id=message.request_id, digest=message.digest, body=body)
+            self._bodies[key] = reply
+            while len(self._bodies) > _BODIES_CACHED:
+                self._bodies.popitem(last=False)
+        self._bodies.move_to_end(key)
+        logger.debug(
+            "manifest served peer=%s model=%s version=%d bytes=%d",
+            peer_id,
+            message.model,
+            message.version,
+            len(body),
+        )
+        return reply
+
     # administration (admin keys over ZeroMQ, or the admin token over HTTP)
 
     def retire_version(self, model: str, version: int, *, by: str) -> Outbox:
@@ -453,11 +525,9 @@ class Broker:
         for peer_id, message in outbox:
             data = encoded.get(id(message))
             if data is None:
-                data = encoded[id(message)] = encode(message)
+                data = encoded[id(message)] = self._encode(message)
             try:
-                await self.socket.send_multipart(
-                    [peer_id.encode("latin-1"), data], flags=zmq.NOBLOCK
-                )
+                self._sender.send_multipart([peer_id.encode("latin-1"), data], flags=zmq.NOBLOCK)
             except zmq.Again:
                 logger.warning(
                     "dropped %s to peer=%s: its queue is full", type(message).__name__, peer_id
@@ -468,6 +538,28 @@ class Broker:
                     raise
                 logger.debug("peer=%s unreachable, held %s", peer_id, type(message).__name__)
                 self._hold(peer_id, message)
+
+    def _encode(self, message: Message) -> bytes:
+        """Announcements are one object per version (`VersionRecord.announcement`), sent again
+        on every Subscribe, and equal manifest replies one object (`_manifest_body`): keep
+        their frames, so a protocol-1 peer's whole-manifest Announce is encoded once per
+        version, not once per subscriber, and a manifest reply once per request id. The
+        cache holds the message itself, so its `id` cannot be reused while cached."""
+        if not isinstance(message, Announce | Announced | ManifestBody):
+            return encode(message)
+        cached = self._frames.get(id(message))
+        if cached is not None:
+            self._frames.move_to_end(id(message))
+            return cached[1]
+        data = encode(message)
+        self._frames[id(message)] = (message, data)
+        self._frame_bytes += len(data)
+        while len(self._frames) > _FRAMES_CACHED or (
+            self._frame_bytes > _FRAMES_BYTES and len(self._frames) > 1
+        ):
+            _, (_, dropped) = self._frames.popitem(last=False)
+            self._frame_bytes -= len(dropped)
+        return data
 
     def _hold(self, peer_id: str, message: Message) -> None:
         """Keep a message that matters for the peer's next Hello (bounded, oldest dropped)."""

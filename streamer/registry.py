@@ -20,6 +20,7 @@ Version life cycle, per model::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import deque
@@ -27,10 +28,21 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from schemas.codec import encode
 from schemas.manifest import Manifest, Shard
-from schemas.messages import Announce, AppliedReached, Message, RelayOffer, Retire, Withdraw
+from schemas.messages import (
+    PROTOCOL_VERSION,
+    Announce,
+    Announced,
+    AppliedReached,
+    Message,
+    RelayOffer,
+    Retire,
+    Withdraw,
+)
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest, validate_shard
 from streamer.errors import BrokerError, VersionUnavailable
+from streamer.peer_index import AppliedCounts, Liveness
 from streamer.routes import Relays, RelayVersion
 from streamer.waiters import Waiters
 
@@ -63,6 +75,10 @@ class Limits:
     """A gone peer (and its status rows) is forgotten this long after it went."""
     text_chars: int = 512
     """Failure reasons, hosts and names from peers are cut to this length."""
+    fetches_per_manifest: int = 8
+    """FetchManifest of one manifest a connection is served (a client fetches once, retries
+    a few times); past it the broker answers Error("bad_request"), so a flood costs at most
+    this many bodies per manifest kept. Not a `BrokerConfig` field (yet)."""
 
 
 @dataclass
@@ -99,6 +115,10 @@ class PeerState:
     """model -> the last version announced to this connection (no repeats on Subscribe)."""
     gone: bool = False
     gone_at: float = 0.0
+    protocol: int = PROTOCOL_VERSION
+    """The protocol its Hello spoke: 1 gets `Announce(manifest)`, 2 `Announced(digest)`."""
+    manifest_fetches: dict[str, int] = field(default_factory=dict)
+    """digest -> FetchManifest served to this connection (bounded, `Limits.fetches_per_manifest`)."""
 
 
 @dataclass
@@ -118,6 +138,41 @@ class VersionRecord:
     shards: list[Shard] | None = None
     """Each rank's shard as published (in memory only), so a rank can offer more locators."""
     job: str = ""
+    body: bytes = b""
+    """The manifest's msgpack encoding, made once (what `FetchManifest` serves)."""
+    digest: str = ""
+    """SHA-256 (hex) of `body`, computed once: what `Announced` names."""
+    announced: Announced | None = None
+    """The one protocol-2 announcement of this version, shared by every recipient."""
+    announce: Announce | None = None
+    """The one protocol-1 announcement (the whole manifest), made on first need."""
+
+    def __post_init__(self) -> None:
+        self.offer(self.manifest, body=self.body)
+
+    def offer(self, manifest: Manifest, *, body: bytes = b"") -> None:
+        """Take `manifest` (the first, or the same version offered in more places), encoded
+        and hashed once, its announcements made anew."""
+        self.manifest = manifest
+        self.body = body or encode(manifest)
+        self.digest = hashlib.sha256(self.body).hexdigest()
+        self.announce = None
+        self.announced = Announced(
+            model=self.manifest.model,
+            version=self.manifest.version,
+            digest=self.digest,
+            nbytes=len(self.body),
+        )
+
+    def announcement(self, protocol: int) -> Announce | Announced:
+        """What a peer speaking `protocol` is told: the same object for every such peer, so
+        the broker encodes it once however many receive it."""
+        if protocol >= 2:
+            assert self.announced is not None
+            return self.announced
+        if self.announce is None:
+            self.announce = Announce(manifest=self.manifest)
+        return self.announce
 
 
 @dataclass
@@ -171,6 +226,24 @@ class _Persisted(msgspec.Struct):
     pending: list[_PersistedPending] = []
 
 
+class _SavedVersion(msgspec.Struct):
+    """`_PersistedVersion` as `snapshot()` writes it: the manifest is the bytes encoded once at
+    its announcement (`VersionRecord.body`), not encoded again at every write."""
+
+    manifest: msgspec.Raw
+    publishers: list[str]
+    retiring: bool = False
+    leases: dict[str, float] = {}
+
+
+class _Saved(msgspec.Struct):
+    """`_Persisted` as written (the same bytes; read back as `_Persisted`)."""
+
+    versions: list[_SavedVersion]
+    history: dict[str, list[tuple[int, float]]]
+    pending: list[_PersistedPending] = []
+
+
 _HISTORY_LENGTH = 1000
 
 
@@ -211,6 +284,10 @@ class Registry:
         )
         self.dirty = False
         """True when something worth persisting changed since the last `snapshot()`."""
+        self._liveness = Liveness()
+        self._applied_counts = AppliedCounts()
+        self._subscriber_ids: list[str] | None = None
+        """Subscribers' peer ids, sorted (status pages them); None when it must be rebuilt."""
 
     def _text(self, value: str) -> str:
         limit = self.limits.text_chars
@@ -219,7 +296,15 @@ class Registry:
     # peers
 
     def hello(
-        self, peer_id: str, role: str, host: str, pid: int, now: float, *, name: str = ""
+        self,
+        peer_id: str,
+        role: str,
+        host: str,
+        pid: int,
+        now: float,
+        *,
+        name: str = "",
+        protocol: int = PROTOCOL_VERSION,
     ) -> None:
         """A peer (re)connects. A reconnect keeps what it reported and its leases: a peer
         that lost the broker for a moment still holds the versions it is reading."""
@@ -242,15 +327,49 @@ class Registry:
             connected_at=now,
             last_seen=now,
             name=self._text(name) or f"{host}:{pid}",
+            protocol=protocol,
         )
         if previous is not None:
+            self._uncount(previous)
             state.applied = previous.applied
             state.applied_at = previous.applied_at
             state.last_pull_s = previous.last_pull_s
             state.last_pause_s = previous.last_pause_s
             state.last_error = previous.last_error
             state.failed_version = previous.failed_version
+        if previous is None or previous.role != role:
+            self._subscriber_ids = None
         self.peers[peer_id] = state
+        self._count(state)
+        self._liveness.heard(peer_id, now)
+
+    def subscriber_ids(self) -> list[str]:
+        """Every subscriber's peer id, sorted; rebuilt only when one joins or is forgotten."""
+        if self._subscriber_ids is None:
+            self._subscriber_ids = sorted(
+                p.peer_id for p in self.peers.values() if p.role == "subscriber"
+            )
+        return self._subscriber_ids
+
+    # the peer indexes (streamer.peer_index): a live subscriber's applied versions are counted
+
+    def _count(self, peer: PeerState) -> None:
+        if peer.role == "subscriber" and not peer.gone:
+            for model, version in peer.applied.items():
+                self._applied_counts.add(model, version)
+
+    def _uncount(self, peer: PeerState) -> None:
+        if peer.role == "subscriber" and not peer.gone:
+            for model, version in peer.applied.items():
+                self._applied_counts.remove(model, version)
+
+    def _set_applied(self, peer: PeerState, model: str, version: int) -> None:
+        if peer.role == "subscriber" and not peer.gone:
+            previous = peer.applied.get(model)
+            if previous is not None:
+                self._applied_counts.remove(model, previous)
+            self._applied_counts.add(model, version)
+        peer.applied[model] = version
 
     def known(self, peer_id: str) -> bool:
         peer = self.peers.get(peer_id)
@@ -259,6 +378,7 @@ class Registry:
     def touch(self, peer_id: str, now: float) -> None:
         peer = self.peers[peer_id]
         peer.last_seen = now
+        self._liveness.heard(peer_id, now)
         for model in self.models.values():
             for record in model.versions.values():
                 if peer_id in record.leases:
@@ -271,6 +391,8 @@ class Registry:
         return self._withdraw_unreadable(now) + self._retire_unleased(now) + self._relay_routed()
 
     def _mark_gone(self, peer: PeerState, now: float) -> None:
+        self._uncount(peer)
+        self._liveness.went(peer.peer_id, now)
         peer.gone = True
         peer.gone_at = now
         peer.progress.clear()
@@ -299,21 +421,20 @@ class Registry:
 
     def _forget_gone(self, now: float, *, everyone: bool = False) -> None:
         ttl = 0.0 if everyone else self.limits.gone_peer_ttl_s
-        for peer_id in [
-            p.peer_id for p in self.peers.values() if p.gone and now - p.gone_at >= ttl
-        ]:
+        for peer_id in self._liveness.gone_since(now=now, ttl_s=ttl):
             del self.peers[peer_id]
+            self._liveness.forgot(peer_id)
+            self._subscriber_ids = None
 
     def expire(self, now: float) -> Outbox:
         """The housekeeping tick: silent peers gone, gone peers forgotten after their TTL,
         leases past their time dropped, pending versions and waiters past theirs expired,
         versions nobody can read withdrawn."""
-        for peer in self.peers.values():
-            if not peer.gone and now - peer.last_seen > self.peer_timeout_s:
-                logger.warning(
-                    "peer gone peer=%s silent_s=%.1f", peer.peer_id, now - peer.last_seen
-                )
-                self._mark_gone(peer, now)
+        # Only the silent front of the liveness order is read: O(peers gone), not O(peers).
+        for peer_id in self._liveness.silent(now=now, timeout_s=self.peer_timeout_s):
+            peer = self.peers[peer_id]
+            logger.warning("peer gone peer=%s silent_s=%.1f", peer_id, now - peer.last_seen)
+            self._mark_gone(peer, now)
         self._forget_gone(now)
         out: Outbox = []
         for name, model in self.models.items():
@@ -483,13 +604,12 @@ class Registry:
             validate_manifest(manifest, self.manifest_limits)
         except (ValueError, InvalidManifest) as exc:
             raise BrokerError("invalid_manifest", f"{name} version {version}: {exc}") from exc
-        record.manifest = manifest
+        record.offer(manifest)
         record.publishers.add(peer_id)
         self.dirty = True
         logger.info("offered again model=%s version=%d rank=%d", name, version, rank)
-        announce = Announce(manifest=manifest)
         return [
-            (peer.peer_id, announce)
+            (peer.peer_id, record.announcement(peer.protocol))
             for peer in self.peers.values()
             if name in peer.subscriptions and not peer.gone
         ]
@@ -546,11 +666,11 @@ class Registry:
         for old, record in model.versions.items():
             if old not in readable:
                 record.retiring = True
-        announce = Announce(manifest=manifest)
+        record = model.versions[version]
         for peer in self.peers.values():
             if name in peer.subscriptions and not peer.gone:
                 peer.announced[name] = version
-                out.append((peer.peer_id, announce))
+                out.append((peer.peer_id, record.announcement(peer.protocol)))
         return out + self._retire_unleased(now)
 
     def _retire_unleased(self, now: float) -> Outbox:
@@ -687,6 +807,43 @@ class Registry:
         peer.announced[model_name] = record.manifest.version
         return record.manifest
 
+    def announcement(self, peer_id: str, manifest: Manifest) -> Announce | Announced:
+        """How `manifest` (a version this registry keeps) is announced to this peer."""
+        record = self.models[manifest.model].versions[manifest.version]
+        return record.announcement(self.peers[peer_id].protocol)
+
+    def manifest_body(self, peer_id: str, model_name: str, version: int, digest: str) -> bytes:
+        """The encoded manifest whose SHA-256 is `digest`, for `FetchManifest`: the bytes made
+        once at the announcement, never encoded again. Any version the registry still keeps
+        (readable or retiring) is served; `VersionUnavailable` says why not otherwise."""
+        model = self.models.get(model_name)
+        record = model.versions.get(version) if model else None
+        if record is None or record.digest != digest:
+            kept = sorted(model.versions) if model else []
+            raise VersionUnavailable(
+                "version_unavailable",
+                f"no manifest with digest {digest[:16]}... for {model_name} version {version} "
+                f"(versions kept: {kept}); wait for the next announcement",
+            )
+        if record.unreadable is not None:
+            raise VersionUnavailable(
+                "version_unavailable",
+                f"{model_name} version {version} is no longer readable ({record.unreadable})",
+            )
+        peer = self.peers[peer_id]
+        served = peer.manifest_fetches.get(digest, 0)
+        if served >= self.limits.fetches_per_manifest:
+            raise BrokerError(
+                "bad_request",
+                f"this connection already fetched manifest {digest[:16]}... {served} times "
+                "(limits.fetches_per_manifest); cache it by digest",
+            )
+        peer.manifest_fetches[digest] = served + 1
+        # One entry per manifest fetched: keep the newest few (a version's fetches come together).
+        while len(peer.manifest_fetches) > 2 * self.limits.subscriptions_per_peer:
+            del peer.manifest_fetches[next(iter(peer.manifest_fetches))]
+        return record.body
+
     def readable_latest(self, model_name: str) -> VersionRecord | None:
         model = self.models.get(model_name)
         if model is None:
@@ -767,7 +924,7 @@ class Registry:
         if model not in peer.applied and len(peer.applied) >= self.limits.subscriptions_per_peer:
             return []
         if version >= peer.applied.get(model, -1):
-            peer.applied[model] = version
+            self._set_applied(peer, model, version)
             peer.applied_at[model] = now
         peer.progress.pop(model, None)
         peer.last_pull_s[model] = pull_s
@@ -796,7 +953,7 @@ class Registry:
             ):
                 break
             if version > peer.applied.get(model, -1):
-                peer.applied[model] = version
+                self._set_applied(peer, model, version)
                 peer.applied_at[model] = now
                 self._clear_error(peer, model)
                 out += self._wake(model, version)
@@ -828,13 +985,8 @@ class Registry:
         return len(self.waiters)
 
     def count_applied(self, model: str, version: int) -> int:
-        return sum(
-            1
-            for peer in self.peers.values()
-            if not peer.gone
-            and peer.role == "subscriber"
-            and peer.applied.get(model, -1) >= version
-        )
+        """Live subscribers running `version` of `model` or newer (from the index: O(versions))."""
+        return self._applied_counts.at_least(model, version)
 
     def _wake(self, model: str, version: int) -> Outbox:
         return self.waiters.wake(model, version, self.count_applied)
@@ -846,8 +998,8 @@ class Registry:
         leased) with their leases, incomplete versions' shards, and version history."""
         self.dirty = False
         versions = [
-            _PersistedVersion(
-                manifest=record.manifest,
+            _SavedVersion(
+                manifest=msgspec.Raw(record.body),
                 publishers=sorted(record.publishers),
                 retiring=record.retiring,
                 leases=dict(record.leases),
@@ -870,9 +1022,7 @@ class Registry:
             for version, p in model.pending.items()
         ]
         history = {name: model.history for name, model in self.models.items()}
-        return msgspec.msgpack.encode(
-            _Persisted(versions=versions, history=history, pending=pending)
-        )
+        return msgspec.msgpack.encode(_Saved(versions=versions, history=history, pending=pending))
 
     def restore(self, data: bytes, now: float | None = None) -> None:
         """Load a snapshot; raises msgspec.DecodeError/ValidationError if it is damaged.

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from schemas.manifest import BucketSpec, FrameLocator, RegionSpec, Shard, TensorSpec
-from schemas.messages import Announce, AppliedReached, Retire
+from schemas.messages import Announced, AppliedReached, Retire
 from streamer.errors import BrokerError, VersionUnavailable
 from streamer.registry import Outbox, Registry
 
@@ -138,6 +138,7 @@ def test_the_same_shard_again_is_taken_once_and_more_locators_are_announced_agai
     reg = registry()
     reg.subscribe("sub", MODEL)
     publish(reg, 3)
+    first_digest = reg.models[MODEL].versions[3].digest
     again, out = reg.publish("pub", MODEL, 3, 0, 1, shard("w"), now=0.0)
     assert again
     assert out == []  # a re-sent shard (a publish retried after a timeout) changes nothing
@@ -152,10 +153,12 @@ def test_the_same_shard_again_is_taken_once_and_more_locators_are_announced_agai
         ),
     )
     _, out = reg.publish("pub", MODEL, 3, 0, 1, more, now=0.0)
-    [(peer, announce)] = [(p, m) for p, m in out if isinstance(m, Announce)]
+    [(peer, announced)] = [(p, m) for p, m in out if isinstance(m, Announced)]
     assert peer == "sub"
-    assert announce.manifest.version == 3
-    assert len(announce.manifest.regions[0].locators) == 2
+    record = reg.models[MODEL].versions[3]
+    assert (announced.version, announced.digest) == (3, record.digest)
+    assert announced.digest != first_digest  # a new manifest, served by its own digest
+    assert len(record.manifest.regions[0].locators) == 2
 
 
 def test_lease_on_an_unknown_model_or_version_is_unavailable() -> None:
@@ -181,8 +184,9 @@ def test_a_multi_rank_version_is_announced_only_once_every_rank_is_in() -> None:
     assert announced
     [(peer, message)] = out
     assert peer == "sub"
-    assert isinstance(message, Announce)
-    manifest = message.manifest
+    assert isinstance(message, Announced)
+    manifest = reg.models[MODEL].versions[1].manifest
+    assert message.digest == reg.models[MODEL].versions[1].digest
     assert manifest.world_size == 2
     # Rank order, not arrival order: rank 0's region first.
     assert [(t.name, t.region) for t in manifest.tensors] == [("a", 0), ("b", 1)]
@@ -266,7 +270,7 @@ def test_announcements_reach_subscribers_only() -> None:
 
     out = publish(reg, 1)
 
-    assert [peer for peer, m in out if isinstance(m, Announce)] == ["sub"]
+    assert [peer for peer, m in out if isinstance(m, Announced)] == ["sub"]
     assert reg.subscribe("sub2", MODEL) is not None  # a late joiner gets the latest at once
 
 
