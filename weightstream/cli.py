@@ -461,6 +461,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse versions without BLAKE3 bucket digests (needs --trust)",
     )
+    subscribe.add_argument(
+        "--relay-listen",
+        metavar="HOST[:PORT]",
+        help="serve the verified buckets this subscriber holds to other subscribers, on "
+        "this address (what they reach it at; port 0 or none: a free one); keeps two "
+        "stagings so the applied version stays readable while the next one is pulled",
+    )
+    subscribe.add_argument(
+        "--relay-encrypt",
+        action="store_true",
+        help="serve relay reads over CURVE (the key travels to readers via the broker)",
+    )
+    subscribe.add_argument(
+        "--relay-timeout-s",
+        type=float,
+        default=5.0,
+        help="how long one bucket may take from a relay before it is read elsewhere (default 5)",
+    )
 
     status = commands.add_parser("status", parents=[common], help="show models and subscribers")
     status.add_argument(
@@ -640,6 +658,7 @@ def _subscribe(args: argparse.Namespace, client: Any) -> int:
                 "pull_timeout_s": args.pull_timeout_s,
                 "max_attempts": args.max_attempts,
                 "require_digests": args.require_digests,
+                "relay_timeout_s": args.relay_timeout_s,
             },
             PullConfig,
         )
@@ -657,8 +676,25 @@ def _subscribe(args: argparse.Namespace, client: Any) -> int:
         dump_all=args.dump_all,
         exit_after_version=args.exit_after_version,
         trusted_keys=load_trusted_keys(args.trust) if args.trust else None,
+        relay_listen=_relay_address(args.relay_listen) if args.relay_listen else None,
+        relay_encrypt=args.relay_encrypt,
     )
     return _run(run_subscribe(job))
+
+
+def _relay_address(value: str) -> tuple[str, int]:
+    """`HOST[:PORT]` -> (host, port); port 0 (or none) picks a free one."""
+    host, colon, port = value.rpartition(":")
+    if not colon:
+        host, port = value, "0"
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--relay-listen {value!r}: expected HOST[:PORT], e.g. 10.0.0.5:7100")
+    if host in {"*", "0.0.0.0", "::"}:  # noqa: S104  (refused, not bound)
+        raise ValueError(
+            f"--relay-listen {value!r}: give the address other subscribers reach this one at "
+            "(it is offered to them as is), not a wildcard"
+        )
+    return host, int(port)
 
 
 if __name__ == "__main__":

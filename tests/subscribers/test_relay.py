@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -33,10 +34,22 @@ from subscribers.relay import RelayClient, RelayError, RelayServer
 from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
 from subscribers.swap import TorchSwapper
+from tests.e2e.procs import (
+    assert_dump_equals,
+    expected,
+    file_exists,
+    publish_args,
+    start_broker,
+    subscribe_args,
+    wait_for,
+)
 from tests.support import RunningBroker, until
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from schemas.manifest import Manifest
+    from tests.e2e.procs import Fleet
 
 MODEL = "org/relay"
 MODEL_BYTES = 512 << 10
@@ -541,3 +554,76 @@ async def test_relay_subscriber_stops_serving_at_the_hold_deadline_and_goes_on(
         assert not subscriber.relay.holds(MODEL, 1)
         with pytest.raises(RelayError, match="not_held"):
             await read_bucket(relay_client, subscriber.relay, first, 0)
+
+
+# Real processes: `weightstream subscribe --relay-listen` serves what it applied.
+
+PROCESS_MODEL_BYTES = 2_000_000
+
+
+def free_port() -> int:
+    context = zmq.Context()
+    try:
+        socket = context.socket(zmq.ROUTER)
+        port = socket.bind_to_random_port("tcp://127.0.0.1")
+    finally:
+        context.destroy(linger=0)
+    return port
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_relay_listen_subscriber_process_serves_the_version_it_applied(
+    fleet: Fleet,
+    tmp_path: Path,
+    zmq_ctx,
+    receiver: ZmqFrameReceiver,
+    relay_client: RelayClient,
+    stagings: Callable[[int], list[Staging]],
+) -> None:
+    broker = await start_broker(fleet)
+    dump = tmp_path / "relay"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    relay = await fleet.start(
+        "relay",
+        *subscribe_args(broker.endpoint, dump, transport="zmq"),
+        "--relay-listen",
+        endpoint.removeprefix("tcp://"),
+    )
+    args = publish_args(broker.endpoint, size=PROCESS_MODEL_BYTES, versions="1", transport="zmq")
+    await fleet.start("trainer", *args, "--serve")
+    await wait_for(
+        partial(file_exists, dump / "v1.safetensors"), timeout_s=60, what="v1", fleet=fleet
+    )
+    assert_dump_equals(dump / "v1.safetensors", PROCESS_MODEL_BYTES, 1)
+    async with connect(broker.client_config(), role="subscriber", context=zmq_ctx) as client:
+        await client.subscribe("llama")
+        async with asyncio.timeout(10):
+            manifest = await client.next_manifest("llama", after=0)
+    # A hostile frame first: answered, and the process lives on.
+    context = zmq.Context()
+    try:
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(endpoint)
+        dealer.send(b"\x91" * 5000 + b"\xc0")
+        assert dealer.poll(10_000), relay.tail()
+        assert decode_relay_reply(dealer.recv_multipart()[0]).code == "protocol"
+    finally:
+        context.destroy(linger=0)
+    [read] = stagings(1)
+    source = RelaySource(name="relay", endpoint=endpoint)
+    report = await pull(
+        manifest,
+        read,
+        [receiver],
+        route=Route(model="llama", version=1, fanout=1, parents=[source]),
+        relay_client=relay_client,
+        relay_timeout_s=5.0,
+        deadline=time.monotonic() + 30,
+    )
+    assert report.sources == {"relay": total(manifest)}
+    want = expected(PROCESS_MODEL_BYTES, 1)
+    for spec in manifest.tensors:
+        assert torch.equal(read.tensor(spec).view(torch.uint8), want[spec.name].view(torch.uint8))
+    assert relay.process.returncode is None
+    assert await fleet.stop(relay) == 0
