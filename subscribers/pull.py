@@ -20,7 +20,11 @@ trainer's locators. Each relay read has its own short deadline (`relay_timeout_s
 pull's), and its bytes are verified against the trainer's manifest like any other: a relay
 that refuses, times out or serves bytes that fail the checksum (or digest) moves the bucket to
 the next source, and is not asked again during this pull (so a dead parent costs one relay
-deadline, not one per bucket). Only the trainer's failures fail the pull. `on_verified(i)`
+deadline, not one per bucket); one that answers it has not verified the bucket yet (alive, but
+behind: its own parent died, say) only loses that bucket. The deadline starts when the read
+is sent, not while it queues. With `routes` the newest `Route` is taken as each bucket
+starts, so a re-plan (a holder gone) applies mid-pull. Only the trainer's failures fail the
+pull. `on_verified(i)`
 runs as bucket i passes (a relay holder serves it from then on); `PullReport.sources` counts
 the verified bytes per source ("" for the trainer).
 """
@@ -41,6 +45,7 @@ from streamer.errors import ChecksumMismatch, StreamerError, TransportError
 from streamer.signing import digest_matches
 from streamer.transport.base import BulkReceiver, Fetch
 from streamer.transport.shm import ShmReceiver
+from subscribers.relay import RelayError
 
 if TYPE_CHECKING:
     import torch
@@ -146,6 +151,7 @@ async def pull(
     map_shared: bool = False,
     deadline: float | None = None,
     route: Route | None = None,
+    routes: Callable[[], Route | None] | None = None,
     relay_client: RelayClient | None = None,
     relay_timeout_s: float = 5.0,
     on_verified: Callable[[int], None] | None = None,
@@ -161,7 +167,8 @@ async def pull(
     a device. `deadline` (a `time.monotonic()` value) bounds every fetch (`FetchTimeout`).
 
     `route` and `relay_client` read buckets from relay holders first (the module docstring);
-    relays need `verify=True`. `sources`, if given, is filled as buckets verify (bytes per
+    relays need `verify=True`. `routes`, instead of `route`, gives the newest route whenever a
+    bucket starts (the broker re-plans when a holder goes, mid-pull). `sources`, if given, is filled as buckets verify (bytes per
     source), so a progress callback can report it.
     """
     if manifest.checksum_algorithm not in SUPPORTED_ALGORITHMS:
@@ -170,7 +177,7 @@ async def pull(
             f"{manifest.checksum_algorithm!r}, which this subscriber cannot verify (it knows "
             f"{ALGORITHM!r}): upgrade the older side so both use the same weightstream"
         )
-    if route is not None and (relay_client is None or not verify):
+    if (route is not None or routes is not None) and (relay_client is None or not verify):
         raise ValueError("reading from relays needs a relay_client and verify=True")
     readers = [_receiver_for(manifest, r, receivers) for r in range(len(manifest.regions))]
     mapped: dict[int, torch.Tensor] = {}
@@ -200,15 +207,20 @@ async def pull(
         await asyncio.wrap_future(pool.submit(receiver.fetch, [request], deadline=deadline))
 
     async def from_relay(bucket: BucketSpec, source: RelaySource) -> bool:
-        """Read and verify `bucket` from one relay; False (and the relay is marked) if not."""
+        """Read and verify `bucket` from one relay; False if not (a dead, frozen or lying
+        relay is then not asked again in this pull; one that is only behind is)."""
         assert relay_client is not None
-        relay_deadline = time.monotonic() + relay_timeout_s
-        if deadline is not None:
-            relay_deadline = min(relay_deadline, deadline)
+        peer = (source.endpoint, source.name)
         address = staging.address(bucket.region, bucket.offset)
-        try:
-            async with slots:
-                await throttle.wait(bucket.nbytes)
+        async with slots:
+            if peer in failed_relays:  # it failed another bucket while this one queued
+                return False
+            await throttle.wait(bucket.nbytes)
+            # The relay deadline starts once the read is sent, not while it queues.
+            relay_deadline = time.monotonic() + relay_timeout_s
+            if deadline is not None:
+                relay_deadline = min(relay_deadline, deadline)
+            try:
                 await asyncio.wrap_future(
                     pool.submit(
                         relay_client.read,
@@ -222,22 +234,28 @@ async def pull(
                         relay_deadline,
                     )
                 )
-        except TransportError as exc:
-            failed = str(exc)
-        else:
+            except TransportError as exc:
+                failed = str(exc)
+                behind = isinstance(exc, RelayError) and exc.behind
+            else:
+                failed = ""
+                behind = False
+        if not failed:
             outcome = await asyncio.wrap_future(pool.submit(_verify, staging, bucket, True))
             if outcome is None:
                 return True
             failed = f"its bytes fail the {outcome}"
-        failed_relays.add((source.endpoint, source.name))
+        if not behind:
+            failed_relays.add(peer)
         logger.warning(
             "relay read failed, trying the next source model=%s version=%d relay=%s "
-            "region=%d offset=%d reason=%s",
+            "region=%d offset=%d asked_again=%s reason=%s",
             manifest.model,
             manifest.version,
             source.name or source.endpoint,
             bucket.region,
             bucket.offset,
+            behind,
             failed,
         )
         return False
@@ -275,7 +293,8 @@ async def pull(
     async def one(index: int, bucket: BucketSpec) -> None:
         nonlocal done, refetched, last_report
         source_name = TRAINER
-        for source in _relay_sources(route, index):
+        current = routes() if routes is not None else route
+        for source in _relay_sources(current, index):
             if (source.endpoint, source.name) in failed_relays:
                 continue
             if await from_relay(bucket, source):

@@ -94,7 +94,20 @@ def _view(address: int, nbytes: int) -> memoryview:
 
 
 class RelayError(TransportError):
-    """A relay refused a read, sent something malformed, or is unreachable."""
+    """A relay refused a read, sent something malformed, or is unreachable.
+
+    `code` is the relay's refusal (`RelayReply.code`), or "" when it did not answer properly.
+    `behind` is True when the relay is alive but had not verified the bucket in time (it is
+    still pulling it itself): worth asking again for later buckets, unlike a dead or lying one.
+    """
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def behind(self) -> bool:
+        return self.code in {"not_verified", "busy"}
 
 
 class RelayTimeout(RelayError, TimeoutError):
@@ -391,6 +404,9 @@ class RelayClient:
         healthy = False
         try:
             request_id = secrets.randbits(40)
+            # The relay answers `not_verified` a little before our deadline, so that a holder
+            # that is alive but behind is told apart from a dead or frozen one (no answer).
+            left_s = max(0.0, deadline - time.monotonic())
             read = RelayRead(
                 request_id=request_id,
                 model=model,
@@ -398,7 +414,7 @@ class RelayClient:
                 region=region,
                 offset=offset,
                 nbytes=nbytes,
-                wait_s=min(MAX_RELAY_WAIT_S, max(0.0, deadline - time.monotonic())),
+                wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(0.25, left_s / 5))),
             )
             socket.send(_encoder.encode(read))
             while True:
@@ -419,7 +435,8 @@ class RelayClient:
                 healthy = True  # the relay answered: the socket is in step
                 raise RelayError(
                     f"relay {source.name or source.endpoint} refused a read ({reply.code}): "
-                    f"{reply.detail}"
+                    f"{reply.detail}",
+                    code=reply.code,
                 )
             payload = frames[1].buffer if len(frames) == 2 else b""
             if len(payload) != nbytes:

@@ -370,7 +370,7 @@ class Subscriber:
                     verify=not shared,
                     map_shared=shared,
                     deadline=started + limit_s,
-                    route=route,
+                    routes=self._newest_route(manifest.version) if route is not None else None,
                     relay_client=self._relay_client if route is not None else None,
                     relay_timeout_s=self.config.relay_timeout_s,
                     on_verified=on_verified if relay is not None else None,
@@ -416,12 +416,33 @@ class Subscriber:
                     self.config.route_wait_s,
                 )
                 return None
-        if route is None or self.relay is None:
+        return route if route is None else self._without_self(route)
+
+    def _without_self(self, route: Route) -> Route:
+        """`route` less any source that is this subscriber's own relay server."""
+        if self.relay is None:
             return route
         own = self.relay.endpoint
         parents = [p if p is not None and p.endpoint != own else None for p in route.parents]
         fallbacks = [f for f in route.fallbacks if f.endpoint != own]
         return msgspec.structs.replace(route, parents=parents, fallbacks=fallbacks)
+
+    def _newest_route(self, version: int) -> Callable[[], Route | None]:
+        """The broker's newest Route for `version`, asked as each bucket starts (it re-plans
+        when a holder goes); filtered once per Route it sends."""
+        first = self._route
+        latest: list[tuple[Route, Route]] = []
+        """(the broker's newest Route, it filtered): one entry, replaced when a new one comes."""
+
+        def newest() -> Route | None:
+            route = self.client.route(self.model, version)
+            if route is None or first is None:
+                return first
+            if not latest or latest[0][0] is not route:
+                latest[:] = [(route, self._without_self(route))]
+            return latest[0][1]
+
+        return newest
 
     async def _free_for_pull(self, staging: Staging) -> None:
         """Make sure the relay no longer serves from `staging` before a pull rewrites it:

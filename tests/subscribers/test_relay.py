@@ -292,6 +292,36 @@ async def test_lying_holder_costs_a_refetch_from_the_fallback_holder(
     assert report.refetched >= 1
 
 
+async def test_holder_that_is_behind_loses_only_the_buckets_it_has_not_verified(
+    broker: RunningBroker,
+    zmq_ctx,
+    receiver: ZmqFrameReceiver,
+    relay_client: RelayClient,
+    stagings: Callable[[int], list[Staging]],
+) -> None:
+    """A holder that answers `not_verified` is alive (its own parent is slow, say): that
+    bucket goes elsewhere, the next ones are still read from it."""
+    async with trainer(broker, zmq_ctx) as (_, manifest):
+        [held, read] = stagings(2)
+        with relay_servers(1) as [server]:
+            server.hold(manifest, held)
+            await pull(manifest, held, [receiver])
+            for index in range(1, len(manifest.buckets)):  # bucket 0 never verifies
+                server.mark_verified(MODEL, 1, index)
+            report = await pull(
+                manifest,
+                read,
+                [receiver],
+                route=route_via(("holder", server)),
+                relay_client=relay_client,
+                relay_timeout_s=RELAY_TIMEOUT_S,
+                deadline=time.monotonic() + 20,
+            )
+            assert holds_version(read, manifest, 1)
+    first = manifest.buckets[0].nbytes
+    assert report.sources == {TRAINER: first, "holder": total(manifest) - first}
+
+
 async def test_frozen_holder_costs_one_relay_deadline_then_the_trainer(
     broker: RunningBroker,
     zmq_ctx,
