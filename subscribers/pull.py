@@ -21,7 +21,8 @@ pull's), and its bytes are verified against the trainer's manifest like any othe
 that refuses, times out or serves bytes that fail the checksum (or digest) moves the bucket to
 the next source, and is not asked again during this pull (so a dead parent costs one relay
 deadline, not one per bucket); one that answers it has not verified the bucket yet (alive, but
-behind: its own parent died, say) only loses that bucket. The deadline starts when the read
+behind: its own parent died, say) only loses that bucket, up to `MAX_BEHIND` times. Reads
+from each relay queue on their own (`max_inflight` each), apart from the trainer's. The deadline starts when the read
 is sent, not while it queues. With `routes` the newest `Route` is taken as each bucket
 starts, so a re-plan (a holder gone) applies mid-pull. Only the trainer's failures fail the
 pull. `on_verified(i)`
@@ -60,6 +61,8 @@ __all__ = ["PullReport", "PullTimeout", "pull"]
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, float], Awaitable[None]]
+MAX_BEHIND = 2
+"""A relay that is behind (alive, bucket not verified in time) this often is not asked again."""
 TRAINER = ""
 """The source name of the trainer's own locators in `PullReport.sources` and `Progress`."""
 
@@ -192,7 +195,9 @@ async def pull(
     refetched = 0
     counts: dict[str, int] = {} if sources is None else sources
     failed_relays: set[tuple[str, str]] = set()
-    """Relays that failed a read in this pull: not asked again (bounded by the route)."""
+    """Relays that failed a read in this pull: not asked again (bounded by the routes)."""
+    behind_counts: dict[tuple[str, str], int] = {}
+    relay_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
     started = time.perf_counter()
     last_report = started
     slots = asyncio.Semaphore(max_inflight)
@@ -212,7 +217,11 @@ async def pull(
         assert relay_client is not None
         peer = (source.endpoint, source.name)
         address = staging.address(bucket.region, bucket.offset)
-        async with slots:
+        # One queue per relay, not the pull's slots: a read waiting for a holder that is behind
+        # must not block reads from other holders (two holders, each waiting on a read from
+        # the other's stripe, would otherwise stall each other until their deadlines).
+        queue = relay_slots.setdefault(peer, asyncio.Semaphore(max_inflight))
+        async with queue:
             if peer in failed_relays:  # it failed another bucket while this one queued
                 return False
             await throttle.wait(bucket.nbytes)
@@ -245,7 +254,8 @@ async def pull(
             if outcome is None:
                 return True
             failed = f"its bytes fail the {outcome}"
-        if not behind:
+        behind_counts[peer] = behind_counts.get(peer, 0) + behind
+        if not behind or behind_counts[peer] >= MAX_BEHIND:
             failed_relays.add(peer)
         logger.warning(
             "relay read failed, trying the next source model=%s version=%d relay=%s "
@@ -293,16 +303,24 @@ async def pull(
     async def one(index: int, bucket: BucketSpec) -> None:
         nonlocal done, refetched, last_report
         source_name = TRAINER
-        current = routes() if routes is not None else route
-        for source in _relay_sources(current, index):
-            if (source.endpoint, source.name) in failed_relays:
-                continue
+        tried: set[tuple[str, str]] = set()
+        while True:
+            # The newest route at each step: a re-plan made while this bucket waited counts.
+            current = routes() if routes is not None else route
+            untried = [
+                source
+                for source in _relay_sources(current, index)
+                if (source.endpoint, source.name) not in failed_relays | tried
+            ]
+            if not untried:
+                await from_trainer(bucket)
+                break
+            source = untried[0]
+            tried.add((source.endpoint, source.name))
             if await from_relay(bucket, source):
                 source_name = source.name
                 break
             refetched += 1
-        else:
-            await from_trainer(bucket)
         counts[source_name] = counts.get(source_name, 0) + bucket.nbytes
         if on_verified is not None:
             on_verified(index)
