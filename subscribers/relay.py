@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from schemas.codec import request_id_of
 from schemas.frames import (
@@ -373,8 +374,34 @@ class RelayServer:
             self._socket.send_multipart([identity, _encoder.encode(reply)], flags=zmq.NOBLOCK)
 
 
+@dataclass
+class _Link:
+    """A DEALER to one relay and its monitor (which tells a closed connection at once)."""
+
+    socket: zmq.Socket[bytes]
+    monitor: zmq.Socket[bytes]
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+        self.socket.close(linger=0)
+
+
+_GONE_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+"""A relay whose connection closes (a killed process), refuses us, or fails the handshake."""
+
+
 class RelayClient:
     """Reads buckets from other subscribers' relay servers (blocking; call it in a thread).
+
+    A relay that goes (its process killed: the connection closes) fails the read at once, by
+    the socket's monitor; a frozen one (connection open, no answer) at the read's deadline.
 
     >>> client = RelayClient()
     >>> client.read(source, manifest.model, manifest.version, bucket, address, deadline)  # doctest: +SKIP
@@ -382,8 +409,8 @@ class RelayClient:
 
     def __init__(self) -> None:
         self._ctx = zmq.Context()
-        self._idle: dict[tuple[str, str], list[zmq.Socket[bytes]]] = defaultdict(list)
-        self._sockets: list[zmq.Socket[bytes]] = []
+        self._idle: dict[tuple[str, str], list[_Link]] = defaultdict(list)
+        self._links: list[_Link] = []
         self._client_keys: tuple[bytes, bytes] | None = None
         self._lock = threading.Lock()
 
@@ -400,7 +427,9 @@ class RelayClient:
     ) -> None:
         """Read one bucket from `source` into `address`, by `deadline` (`time.monotonic()`)."""
         peer = (source.endpoint, source.server_key)
-        socket = self._checkout(peer)
+        name = source.name or source.endpoint
+        link = self._checkout(peer)
+        socket = link.socket
         healthy = False
         try:
             request_id = secrets.randbits(40)
@@ -417,13 +446,26 @@ class RelayClient:
                 wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(0.25, left_s / 5))),
             )
             socket.send(_encoder.encode(read))
+            poller = zmq.Poller()
+            poller.register(socket, zmq.POLLIN)
+            poller.register(link.monitor, zmq.POLLIN)
             while True:
                 left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-                if not socket.poll(left_ms):
+                events = dict(poller.poll(left_ms))
+                if not events:
                     raise RelayTimeout(
-                        f"relay {source.name or source.endpoint} did not serve {model} version "
-                        f"{version} region {region} offset {offset} in time"
+                        f"relay {name} did not serve {model} version {version} region "
+                        f"{region} offset {offset} in time"
                     )
+                if link.monitor in events:
+                    event = parse_monitor_message(link.monitor.recv_multipart())
+                    if event["event"] & _GONE_EVENTS:
+                        raise RelayError(
+                            f"relay {name} at {source.endpoint} is gone (connection closed, "
+                            "refused, or its handshake failed)"
+                        )
+                if socket not in events:
+                    continue
                 frames = socket.recv_multipart(copy=False)
                 try:
                     reply = decode_relay_reply(frames[0].buffer)
@@ -434,8 +476,7 @@ class RelayClient:
             if reply.code != "ok":
                 healthy = True  # the relay answered: the socket is in step
                 raise RelayError(
-                    f"relay {source.name or source.endpoint} refused a read ({reply.code}): "
-                    f"{reply.detail}",
+                    f"relay {name} refused a read ({reply.code}): {reply.detail}",
                     code=reply.code,
                 )
             payload = frames[1].buffer if len(frames) == 2 else b""
@@ -447,20 +488,20 @@ class RelayClient:
             healthy = True
         finally:
             if healthy:
-                self._checkin(peer, socket)
+                self._checkin(peer, link)
             else:
-                self._drop(socket)
+                self._drop(link)
 
     def keep_only(self, sources: Iterable[RelaySource]) -> None:
         """Close idle sockets to relays not among `sources` (bounds the sockets kept)."""
         keep = {(source.endpoint, source.server_key) for source in sources}
         with self._lock:
             for peer in [peer for peer in self._idle if peer not in keep]:
-                for socket in self._idle.pop(peer):
-                    self._sockets.remove(socket)
-                    socket.close(linger=0)
+                for link in self._idle.pop(peer):
+                    self._links.remove(link)
+                    link.close()
 
-    def _checkout(self, peer: tuple[str, str]) -> zmq.Socket[bytes]:
+    def _checkout(self, peer: tuple[str, str]) -> _Link:
         with self._lock:
             if self._idle.get(peer):
                 return self._idle[peer].pop()
@@ -469,6 +510,7 @@ class RelayClient:
         socket.setsockopt(zmq.SNDHWM, _HWM)
         socket.setsockopt(zmq.RCVHWM, _HWM)
         socket.setsockopt(zmq.LINGER, 0)
+        link = _Link(socket, socket.get_monitor_socket(_GONE_EVENTS))
         try:
             if server_key:
                 socket.curve_serverkey = server_key.encode("ascii")
@@ -480,26 +522,26 @@ class RelayClient:
                 socket.curve_secretkey = secret
             socket.connect(endpoint)
         except (zmq.ZMQError, UnicodeEncodeError) as exc:
-            socket.close(linger=0)
+            link.close()
             raise RelayError(f"cannot connect to relay {endpoint}: {exc}") from exc
         with self._lock:
-            self._sockets.append(socket)
-        return socket
+            self._links.append(link)
+        return link
 
-    def _checkin(self, peer: tuple[str, str], socket: zmq.Socket[bytes]) -> None:
+    def _checkin(self, peer: tuple[str, str], link: _Link) -> None:
         with self._lock:
-            self._idle[peer].append(socket)
+            self._idle[peer].append(link)
 
-    def _drop(self, socket: zmq.Socket[bytes]) -> None:
-        """A socket that timed out or got garbage is not lent out again."""
+    def _drop(self, link: _Link) -> None:
+        """A link that timed out, closed or got garbage is not lent out again."""
         with self._lock:
-            self._sockets.remove(socket)
-        socket.close(linger=0)
+            self._links.remove(link)
+        link.close()
 
     def close(self) -> None:
         with self._lock:
-            for socket in self._sockets:
-                socket.close(linger=0)
-            self._sockets.clear()
+            for link in self._links:
+                link.close()
+            self._links.clear()
             self._idle.clear()
         self._ctx.term()

@@ -57,6 +57,8 @@ BUCKET_BYTES = 32 << 10
 SLOW_BYTES_PER_S = 2 << 20
 """A throttled pull of the model takes ~0.25 s: long enough to act in the middle of it."""
 RELAY_TIMEOUT_S = 0.5
+DEAD_RELAY_TIMEOUT_S = 20.0
+"""Long: a dead relay (connection closed) must be noticed at once, not at this deadline."""
 
 
 def weights(version: int) -> dict[str, torch.Tensor]:
@@ -241,6 +243,7 @@ async def test_holder_that_dies_mid_serve_costs_a_refetch_from_the_trainer(
                 if len(verified) == 4:
                     server.close()  # the holder dies after serving four buckets
 
+            started = time.monotonic()
             report = await pull(
                 manifest,
                 read,
@@ -248,12 +251,15 @@ async def test_holder_that_dies_mid_serve_costs_a_refetch_from_the_trainer(
                 max_bytes_per_s=SLOW_BYTES_PER_S,
                 route=route_via(("holder", server)),
                 relay_client=relay_client,
-                relay_timeout_s=RELAY_TIMEOUT_S,
+                relay_timeout_s=DEAD_RELAY_TIMEOUT_S,
                 on_verified=reader_verified,
-                deadline=time.monotonic() + 20,
+                deadline=time.monotonic() + 3 * DEAD_RELAY_TIMEOUT_S,
             )
+            elapsed_s = time.monotonic() - started
         finally:
             server.close()
+    # Its connection closed: the read failed at once, not at the relay deadline.
+    assert elapsed_s < DEAD_RELAY_TIMEOUT_S / 2
     assert holds_version(read, manifest, 1)
     assert report.sources["holder"] >= 4 * BUCKET_BYTES
     assert report.sources[TRAINER] >= BUCKET_BYTES
