@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int, float], Awaitable[None]]
 MAX_BEHIND = 2
 """A relay that is behind (alive, bucket not verified in time) this often is not asked again."""
+MAX_RELAY_THREADS = 16
+"""Relays whose reads get threads of their own (more share them)."""
 TRAINER = ""
 """The source name of the trainer's own locators in `PullReport.sources` and `Progress`."""
 
@@ -139,6 +141,10 @@ def _relay_sources(route: Route | None, index: int) -> list[RelaySource]:
             seen.add((fallback.endpoint, fallback.name))
             sources.append(fallback)
     return sources
+
+
+def _all_sources(route: Route) -> list[RelaySource]:
+    return [parent for parent in route.parents if parent is not None] + list(route.fallbacks)
 
 
 async def pull(
@@ -332,7 +338,12 @@ async def pull(
 
     # Our own pool, so that a failed pull can wait for every fetch still writing into staging
     # before it returns: no stray write may land in the next version's staging.
-    pool = ThreadPoolExecutor(max_workers=max_inflight + 2, thread_name_prefix="pull")
+    # Each relay has its own queue of `max_inflight` reads (which may wait on a holder that
+    # is behind): a thread for each, so they never starve the trainer's fetches or the checks.
+    first = routes() if routes is not None else route
+    relays = 0 if first is None else len({(s.endpoint, s.name) for s in _all_sources(first)})
+    workers = max_inflight * (1 + min(relays, MAX_RELAY_THREADS)) + 2
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pull")
     try:
         async with asyncio.TaskGroup() as group:
             for index, bucket in enumerate(manifest.buckets):

@@ -355,7 +355,7 @@ class Subscriber:
 
         if route is not None:
             self._relay_client.keep_only(
-                [s for s in route.parents if s is not None] + list(route.fallbacks)
+                [p for p in route.parents if p is not None] + list(route.fallbacks)
             )
         try:
             async with asyncio.timeout(limit_s):

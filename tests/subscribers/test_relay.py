@@ -363,6 +363,53 @@ async def test_frozen_holder_costs_one_relay_deadline_then_the_trainer(
     assert elapsed_s < len(manifest.buckets) * 1.0 / 2
 
 
+async def test_encrypted_relay_serves_readers_with_its_key_only(
+    broker: RunningBroker,
+    zmq_ctx,
+    receiver: ZmqFrameReceiver,
+    relay_client: RelayClient,
+    stagings: Callable[[int], list[Staging]],
+) -> None:
+    async with trainer(broker, zmq_ctx) as (_, manifest):
+        [held, read, wrong] = stagings(3)
+        server = RelayServer(encrypt=True)
+        try:
+            await hold_and_pull(server, manifest, held, receiver)
+            assert len(server.server_key) == 40
+            keyed = RelaySource(
+                name="holder", endpoint=server.endpoint, server_key=server.server_key
+            )
+            report = await pull(
+                manifest,
+                read,
+                [receiver],
+                route=Route(model=MODEL, version=1, fanout=1, parents=[keyed]),
+                relay_client=relay_client,
+                relay_timeout_s=DEAD_RELAY_TIMEOUT_S,
+                deadline=time.monotonic() + 3 * DEAD_RELAY_TIMEOUT_S,
+            )
+            # Another key (an impostor's, or a stale one): the handshake fails, at once.
+            impostor = msgspec.structs.replace(keyed, server_key=zmq.curve_keypair()[0].decode())
+            started = time.monotonic()
+            refused = await pull(
+                manifest,
+                wrong,
+                [receiver],
+                route=Route(model=MODEL, version=1, fanout=1, parents=[impostor]),
+                relay_client=relay_client,
+                relay_timeout_s=DEAD_RELAY_TIMEOUT_S,
+                deadline=time.monotonic() + 3 * DEAD_RELAY_TIMEOUT_S,
+            )
+            elapsed_s = time.monotonic() - started
+            assert holds_version(read, manifest, 1)
+            assert holds_version(wrong, manifest, 1)
+        finally:
+            server.close()
+    assert report.sources == {"holder": total(manifest)}
+    assert refused.sources == {TRAINER: total(manifest)}
+    assert elapsed_s < DEAD_RELAY_TIMEOUT_S / 2
+
+
 async def test_hostile_relay_frames_get_an_error_reply_and_kill_nothing(
     broker: RunningBroker,
     zmq_ctx,
