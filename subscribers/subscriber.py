@@ -31,9 +31,9 @@ It holds what others read with two alternating stagings (`spare_staging`, requir
 applied version stays in one while the next is pulled into the other. Before a pull reuses
 a staging that still serves an older version, it waits for the broker's `Retire` of that
 version (readers hold leases while they read, so a retire means no reader is left), at most
-`relay_hold_s` (default twice the lease TTL); past that it stops serving the version first
-(its readers fail over) and then reuses the staging. The swap only reads staging, so
-serving never races the engine's own update.
+`relay_hold_s` (default the lease TTL: a reader silent that long has lost its lease); past
+that it stops serving the version first (its readers fail over) and then reuses the staging.
+The swap only reads staging, so serving never races the engine's own update.
 
     Retire(v) from the broker ──> relay.drop(v) ──> a pull waiting to reuse v's staging goes on
 """
@@ -102,7 +102,8 @@ class PullConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     from the trainer."""
     relay_hold_s: Positive | None = None
     """Relay: how long a pull waits for the broker's `Retire` of the version held in the
-    staging it reuses, before it stops serving it; None: twice the broker's lease TTL."""
+    staging it reuses, before it stops serving it; None: the broker's lease TTL (a reader
+    silent that long has lost its lease)."""
 
 
 class Subscriber:
@@ -452,7 +453,7 @@ class Subscriber:
             return
         relay = self.relay
         if relay.holds(self.model, version):
-            limit_s = self.config.relay_hold_s or 2 * (self._lease_ttl_s or 15.0)
+            limit_s = self.config.relay_hold_s or self._lease_ttl_s or 30.0
             self.waiting_for_retire = version
             try:
                 async with asyncio.timeout(limit_s), self._retire_changed:
