@@ -463,6 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     subscribe.add_argument(
         "--relay-listen",
+        type=_relay_address,
         metavar="HOST[:PORT]",
         help="serve the verified buckets this subscriber holds to other subscribers, on "
         "this address (what they reach it at; port 0 or none: a free one); keeps two "
@@ -676,7 +677,7 @@ def _subscribe(args: argparse.Namespace, client: Any) -> int:
         dump_all=args.dump_all,
         exit_after_version=args.exit_after_version,
         trusted_keys=load_trusted_keys(args.trust) if args.trust else None,
-        relay_listen=_relay_address(args.relay_listen) if args.relay_listen else None,
+        relay_listen=args.relay_listen,
         relay_encrypt=args.relay_encrypt,
     )
     return _run(run_subscribe(job))
@@ -688,11 +689,13 @@ def _relay_address(value: str) -> tuple[str, int]:
     if not colon:
         host, port = value, "0"
     if not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"--relay-listen {value!r}: expected HOST[:PORT], e.g. 10.0.0.5:7100")
+        raise argparse.ArgumentTypeError(
+            f"bad relay address {value!r}: write HOST[:PORT], e.g. 10.0.0.5:7100"
+        )
     if host in {"*", "0.0.0.0", "::"}:  # noqa: S104  (refused, not bound)
-        raise ValueError(
-            f"--relay-listen {value!r}: give the address other subscribers reach this one at "
-            "(it is offered to them as is), not a wildcard"
+        raise argparse.ArgumentTypeError(
+            f"bad relay address {value!r}: give the address other subscribers reach this one "
+            "at (it is offered to them as is), not a wildcard"
         )
     return host, int(port)
 

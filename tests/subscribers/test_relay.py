@@ -22,10 +22,11 @@ import pytest
 import torch
 import zmq
 import zmq.asyncio
+from hypothesis import given, settings, strategies as st
 
 from publishers.publisher import Publisher, open_publisher
 from publishers.sources import synthetic_llama
-from schemas.frames import RelayRead, decode_relay_reply
+from schemas.frames import RelayRead, decode_relay_read, decode_relay_reply
 from schemas.messages import RelaySource, Retire, Route
 from streamer.client import connect
 from streamer.transport import ZmqFrameReceiver, ZmqFrameSender
@@ -44,6 +45,7 @@ from tests.e2e.procs import (
     wait_for,
 )
 from tests.support import RunningBroker, until
+from weightstream.cli import main
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -710,3 +712,33 @@ async def test_relay_listen_subscriber_process_serves_the_version_it_applied(
         assert torch.equal(read.tensor(spec).view(torch.uint8), want[spec.name].view(torch.uint8))
     assert relay.process.returncode is None
     assert await fleet.stop(relay) == 0
+
+
+# Decoders and the command line.
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=6000) | st.builds(lambda n: b"\x91" * n + b"\xc0", st.integers(0, 5000)))
+def test_relay_decoders_raise_only_decode_error(data: bytes) -> None:
+    for decode in (decode_relay_read, decode_relay_reply):
+        with contextlib.suppress(msgspec.DecodeError):
+            decode(data)
+
+
+@pytest.mark.parametrize(
+    ("address", "needle"),
+    [
+        ("0.0.0.0:7100", "not a wildcard"),
+        ("10.0.0.5:port", "write HOST[:PORT]"),
+        (":7100", "write"),
+    ],
+)
+def test_bad_relay_listen_addresses_are_usage_errors(
+    address: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["subscribe", "--broker", "tcp://127.0.0.1:1", "--relay-listen", address])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert needle in error
+    assert len(error.strip().splitlines()) == 1
