@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
@@ -710,6 +711,29 @@ async def test_relay_listen_subscriber_process_serves_the_version_it_applied(
     want = expected(PROCESS_MODEL_BYTES, 1)
     for spec in manifest.tensors:
         assert torch.equal(read.tensor(spec).view(torch.uint8), want[spec.name].view(torch.uint8))
+    # Frozen (SIGSTOP): its connection stays open and nothing answers; one relay deadline,
+    # then every bucket comes from the trainer, bit exact.
+    relay.process.send_signal(signal.SIGSTOP)
+    try:
+        [frozen_read] = stagings(1)
+        started = time.monotonic()
+        frozen = await pull(
+            manifest,
+            frozen_read,
+            [receiver],
+            route=Route(model="llama", version=1, fanout=1, parents=[source]),
+            relay_client=relay_client,
+            relay_timeout_s=1.0,
+            deadline=time.monotonic() + 30,
+        )
+        elapsed_s = time.monotonic() - started
+    finally:
+        relay.process.send_signal(signal.SIGCONT)
+    assert frozen.sources == {TRAINER: total(manifest)}
+    assert elapsed_s < len(manifest.buckets) * 1.0 / 2  # one deadline, not one per bucket
+    for spec in manifest.tensors:
+        live = frozen_read.tensor(spec).view(torch.uint8)
+        assert torch.equal(live, want[spec.name].view(torch.uint8))
     assert relay.process.returncode is None
     assert await fleet.stop(relay) == 0
 
