@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.codec import guarded_decode
-from schemas.manifest import MAX_REGIONS, Key, ModelName, NonNegative, Version
+from schemas.manifest import MAX_REGIONS, Address, Key, ModelName, NonNegative, Version
 
 __all__ = [
     "MAX_FRAME_HEADER_BYTES",
@@ -75,6 +75,9 @@ class RelayRead(msgspec.Struct, frozen=True, kw_only=True, tag="relay_read"):
     wait_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_RELAY_WAIT_S)] = 0.0
     """How long the reader waits for the holder to verify the bucket (the server caps it)."""
     protocol: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = RELAY_PROTOCOL
+    locate: bool = False
+    """Ask where the bucket is (a mooncake one-sided read) rather than for its bytes; a relay
+    without mooncake sends the bytes anyway."""
 
 
 class RelayReply(msgspec.Struct, frozen=True, kw_only=True, tag="relay_reply"):
@@ -83,6 +86,11 @@ class RelayReply(msgspec.Struct, frozen=True, kw_only=True, tag="relay_reply"):
     request_id: NonNegative
     code: RelayCode
     detail: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    session: Address = ""
+    """With `locate` and code "ok": read the bucket one-sided from this mooncake engine
+    (`host:rpc_port`) at `address`, instead of from a payload frame."""
+    address: NonNegative = 0
+    mooncake_protocol: Annotated[str, msgspec.Meta(max_length=16)] = "tcp"
 
 
 _read_decoder = msgspec.msgpack.Decoder(FrameRead)

@@ -162,6 +162,7 @@ async def pull(
     route: Route | None = None,
     routes: Callable[[], Route | None] | None = None,
     relay_client: RelayClient | None = None,
+    relay_one_sided: BulkReceiver | None = None,
     relay_timeout_s: float = 5.0,
     on_verified: Callable[[int], None] | None = None,
     sources: dict[str, int] | None = None,
@@ -177,7 +178,8 @@ async def pull(
 
     `route` and `relay_client` read buckets from relay holders first (the module docstring);
     relays need `verify=True`. `routes`, instead of `route`, gives the newest route whenever a
-    bucket starts (the broker re-plans when a holder goes, mid-pull). `sources`, if given, is filled as buckets verify (bytes per
+    bucket starts (the broker re-plans when a holder goes, mid-pull). `relay_one_sided` (a
+    mooncake receiver `staging` is registered with) reads from relays that offer it one-sided. `sources`, if given, is filled as buckets verify (bytes per
     source), so a progress callback can report it.
     """
     if manifest.checksum_algorithm not in SUPPORTED_ALGORITHMS:
@@ -247,6 +249,7 @@ async def pull(
                         bucket.nbytes,
                         address,
                         relay_deadline,
+                        relay_one_sided,
                     )
                 )
             except TransportError as exc:

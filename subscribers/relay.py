@@ -29,6 +29,13 @@ let go of every zero-copy payload it sent from that staging, so bytes are not re
 a send in flight; readers verify every byte anyway (`subscribers.pull`), so a holder that
 drops, dies or lies costs them a re-fetch, never a wrong version.
 
+One-sided (`RelayServer(one_sided=<its MooncakeReceiver>)`): a read with `locate` set is
+answered, once the bucket is verified, with where it is (the holder's mooncake session and the
+staging address) instead of its bytes, and the reader reads it one-sided over mooncake. The
+request, the pipelined wait and every refusal stay on ZeroMQ; a holder without mooncake just
+sends the bytes. The holder cannot see those reads, so `drop` cannot wait for them: the
+broker's leases and the reader's verification cover them.
+
 `RelayClient` is the reading side: one DEALER per relay endpoint and fetch at a time (kept
 idle between reads), CURVE client when the source names a server key. The payload is copied
 into the reader's staging by the reading thread itself: once `read` returns or raises,
@@ -63,13 +70,17 @@ from schemas.frames import (
     decode_relay_read,
     decode_relay_reply,
 )
+from schemas.manifest import MooncakeLocator
 from streamer.errors import TransportError
+from streamer.transport.base import Fetch
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from schemas.manifest import Manifest
     from schemas.messages import RelaySource
+    from streamer.transport.base import BulkReceiver
+    from streamer.transport.mooncake import MooncakeReceiver
     from subscribers.staging import Staging
 
 __all__ = ["RelayClient", "RelayError", "RelayServer", "RelayTimeout"]
@@ -143,9 +154,19 @@ class RelayServer:
     >>> relay.mark_verified(manifest.model, manifest.version, 0)  # doctest: +SKIP
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, encrypt: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        encrypt: bool = False,
+        one_sided: MooncakeReceiver | None = None,
+    ) -> None:
         """`host` is bound and offered to the broker as is: readers must reach it there.
-        `port` 0 picks a free one. `encrypt` makes it a CURVE server (key in `server_key`)."""
+        `port` 0 picks a free one. `encrypt` makes it a CURVE server (key in `server_key`).
+        `one_sided`: the mooncake engine the stagings are registered with; a reader that asks
+        (`RelayRead.locate`) is then told where a verified bucket is and reads it itself."""
+        self._one_sided = one_sided
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.SNDHWM, _HWM)
@@ -188,6 +209,8 @@ class RelayServer:
         """Owned by the server thread."""
         self.served_bytes = 0
         """Payload bytes sent to readers (all versions)."""
+        self.located_bytes = 0
+        """Bytes of buckets readers were told to read one-sided (mooncake)."""
         self.refused = 0
         """Reads answered with an error, or dropped (all causes)."""
         self._stop = threading.Event()
@@ -354,6 +377,17 @@ class RelayServer:
                 return True
             if not held.verified[index]:
                 return False
+            if read.locate and self._one_sided is not None:
+                located = RelayReply(
+                    request_id=read.request_id,
+                    code="ok",
+                    session=self._one_sided.session,
+                    address=held.staging.address(read.region, read.offset),
+                    mooncake_protocol=self._one_sided.protocol,
+                )
+                self._socket.send_multipart([identity, _encoder.encode(located)])
+                self.located_bytes += read.nbytes
+                return True
             payload = _view(held.staging.address(read.region, read.offset), read.nbytes)
             reply = _encoder.encode(RelayReply(request_id=read.request_id, code="ok"))
             # Sent under the lock, so `drop` cannot pull the staging between the check and here.
@@ -424,8 +458,12 @@ class RelayClient:
         nbytes: int,
         address: int,
         deadline: float,
+        one_sided: BulkReceiver | None = None,
     ) -> None:
-        """Read one bucket from `source` into `address`, by `deadline` (`time.monotonic()`)."""
+        """Read one bucket from `source` into `address`, by `deadline` (`time.monotonic()`).
+
+        With `one_sided` (a mooncake receiver our staging is registered with) the relay is
+        asked where the bucket is, and it is read one-sided, if the relay offers that."""
         peer = (source.endpoint, source.server_key)
         name = source.name or source.endpoint
         link = self._checkout(peer)
@@ -444,6 +482,7 @@ class RelayClient:
                 offset=offset,
                 nbytes=nbytes,
                 wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(0.25, left_s / 5))),
+                locate=one_sided is not None,
             )
             socket.send(_encoder.encode(read))
             poller = zmq.Poller()
@@ -479,6 +518,16 @@ class RelayClient:
                     f"relay {name} refused a read ({reply.code}): {reply.detail}",
                     code=reply.code,
                 )
+            healthy = True  # the relay answered in step; the bytes are checked below
+            if reply.session and one_sided is not None:
+                locator = MooncakeLocator(
+                    session=reply.session, address=reply.address, protocol=reply.mooncake_protocol
+                )
+                if not one_sided.accepts(locator):
+                    raise RelayError(f"relay {name} offers mooncake {reply.mooncake_protocol}")
+                # TransportError (FetchTimeout included) as it is: the caller fails over.
+                one_sided.fetch([Fetch(locator, 0, nbytes, address)], deadline=deadline)
+                return
             payload = frames[1].buffer if len(frames) == 2 else b""
             if len(payload) != nbytes:
                 raise RelayError(

@@ -54,6 +54,7 @@ from schemas.messages import RelayOffer
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest
 from streamer.errors import StreamerError
 from streamer.signing import UntrustedVersion
+from streamer.transport.mooncake import MooncakeReceiver
 from subscribers.pull import PullReport, PullTimeout, pull
 from subscribers.relay import RelayClient
 from subscribers.staging import Staging
@@ -373,6 +374,9 @@ class Subscriber:
                     deadline=started + limit_s,
                     routes=self._newest_route(manifest.version) if route is not None else None,
                     relay_client=self._relay_client if route is not None else None,
+                    relay_one_sided=next(
+                        (r for r in self.receivers if isinstance(r, MooncakeReceiver)), None
+                    ),
                     relay_timeout_s=self.config.relay_timeout_s,
                     on_verified=on_verified if relay is not None else None,
                     sources=self._sources,

@@ -475,6 +475,12 @@ def _parser() -> argparse.ArgumentParser:
         help="serve relay reads over CURVE (the key travels to readers via the broker)",
     )
     subscribe.add_argument(
+        "--relay-one-sided",
+        action="store_true",
+        help="let readers read the relayed buckets one-sided over this subscriber's mooncake "
+        "engine (needs --transport with mooncake; a trusted fabric: mooncake has no auth)",
+    )
+    subscribe.add_argument(
         "--relay-timeout-s",
         type=float,
         default=5.0,
@@ -533,6 +539,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "subscribe" and args.require_digests and not args.trust:
         parser.error("--require-digests needs --trust KEYFILE: unsigned digests prove nothing")
+    from streamer.transport.choice import receiver_names
+
+    if args.command == "subscribe" and args.relay_one_sided and not args.relay_listen:
+        parser.error("--relay-one-sided needs --relay-listen HOST[:PORT]")
+    if (
+        args.command == "subscribe"
+        and args.relay_one_sided
+        and "mooncake" not in receiver_names(args.transport)
+    ):
+        parser.error("--relay-one-sided needs a mooncake transport (--transport mooncake,...)")
     configure_logging(args.log_level, args.log_format)
     # mooncake's glog is loud at INFO; its levels are TRACE, INFO, WARNING, ERROR (another
     # value means INFO).
@@ -679,6 +695,7 @@ def _subscribe(args: argparse.Namespace, client: Any) -> int:
         trusted_keys=load_trusted_keys(args.trust) if args.trust else None,
         relay_listen=args.relay_listen,
         relay_encrypt=args.relay_encrypt,
+        relay_one_sided=args.relay_one_sided,
     )
     return _run(run_subscribe(job))
 

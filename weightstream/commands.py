@@ -26,6 +26,7 @@ from schemas.validate import InvalidManifest, validate_manifest
 from streamer.client import connect
 from streamer.signing import UntrustedVersion
 from streamer.transport.choice import make_receivers, make_senders
+from streamer.transport.mooncake import MooncakeReceiver
 from subscribers.dtypes import torch_dtype
 from subscribers.relay import RelayServer
 from subscribers.staging import Staging
@@ -245,6 +246,8 @@ class SubscribeJob:
     relay_listen: tuple[str, int] | None = None
     """Serve what this subscriber holds to others there (host, port; 0: a free port)."""
     relay_encrypt: bool = False
+    relay_one_sided: bool = False
+    """Readers may read relayed buckets one-sided over our mooncake receiver's engine."""
 
 
 def _tensors_for(manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -296,7 +299,15 @@ async def run_subscribe(job: SubscribeJob) -> None:
     try:
         if job.relay_listen is not None:
             host, port = job.relay_listen
-            relay = RelayServer(host=host, port=port, encrypt=job.relay_encrypt)
+            engines = [r for r in receivers if isinstance(r, MooncakeReceiver)]
+            if job.relay_one_sided and not engines:
+                raise ValueError("--relay-one-sided needs a mooncake transport")
+            relay = RelayServer(
+                host=host,
+                port=port,
+                encrypt=job.relay_encrypt,
+                one_sided=engines[0] if job.relay_one_sided else None,
+            )
         async with connect(job.client, role="subscriber", context=ctx) as client:
             offer = (
                 None

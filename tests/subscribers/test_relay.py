@@ -45,7 +45,7 @@ from tests.e2e.procs import (
     subscribe_args,
     wait_for,
 )
-from tests.support import RunningBroker, until
+from tests.support import MooncakeEngines, RunningBroker, until
 from weightstream.cli import main
 
 if TYPE_CHECKING:
@@ -411,6 +411,41 @@ async def test_encrypted_relay_serves_readers_with_its_key_only(
     assert report.sources == {"holder": total(manifest)}
     assert refused.sources == {TRAINER: total(manifest)}
     assert elapsed_s < DEAD_RELAY_TIMEOUT_S / 2
+
+
+async def test_one_sided_relay_tells_where_a_verified_bucket_is_and_mooncake_reads_it(
+    broker: RunningBroker,
+    zmq_ctx,
+    receiver: ZmqFrameReceiver,
+    relay_client: RelayClient,
+    mooncake: MooncakeEngines,
+) -> None:
+    holder_engine, reader_engine = mooncake.receiver(), mooncake.receiver()
+    held = Staging(receivers=[receiver, holder_engine], pin_memory=False)
+    read = Staging(receivers=[receiver, reader_engine], pin_memory=False)
+    server = RelayServer(one_sided=holder_engine)
+    try:
+        async with trainer(broker, zmq_ctx) as (_, manifest):
+            await hold_and_pull(server, manifest, held, receiver)
+            report = await pull(
+                manifest,
+                read,
+                [receiver],
+                route=route_via(("holder", server)),
+                relay_client=relay_client,
+                relay_one_sided=reader_engine,
+                relay_timeout_s=5.0,
+                deadline=time.monotonic() + 20,
+            )
+            assert holds_version(read, manifest, 1)
+    finally:
+        server.close()
+        held.close()
+        read.close()
+    assert report.sources == {"holder": total(manifest)}
+    # No payload went over ZeroMQ: every bucket was located, then read one-sided.
+    assert server.served_bytes == 0
+    assert server.located_bytes == total(manifest)
 
 
 async def test_hostile_relay_frames_get_an_error_reply_and_kill_nothing(
