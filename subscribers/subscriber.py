@@ -305,7 +305,7 @@ class Subscriber:
             except BaseException:
                 if self.relay is not None:
                     # Half a version: stop serving it (its readers fail over), so the retry
-                    # may rewrite this staging. Brief: only sends in flight are waited for.
+                    # may rewrite this staging (waiting briefly for the sends in flight).
                     self._served.pop(id(self.staging), None)
                     self.relay.drop(self.model, manifest.version, wait_s=0.2)
                 raise
