@@ -198,6 +198,12 @@ async def pull(
             mapping = await asyncio.to_thread(receiver.mapping, locator)
             mapped[region] = staging.segment(locator.name, mapping)
     staging.prepare(manifest, mapped)
+    if route is not None or routes is not None:
+        # Relay bytes are copied in by the relay client, not by these receivers: first let any
+        # read a receiver gave up earlier (a mooncake read past a deadline) end, so that none
+        # lands over what the relays bring (a receiver's own fetches do this themselves).
+        for receiver in {id(r): r for r in [*receivers, relay_one_sided] if r is not None}.values():
+            await asyncio.to_thread(receiver.fetch, [], deadline=deadline)
     total = sum(bucket.nbytes for bucket in manifest.buckets)
     done = 0
     refetched = 0

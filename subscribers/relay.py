@@ -39,7 +39,8 @@ broker's leases and the reader's verification cover them.
 `RelayClient` is the reading side: one DEALER per relay endpoint and fetch at a time (kept
 idle between reads), CURVE client when the source names a server key. The payload is copied
 into the reader's staging by the reading thread itself: once `read` returns or raises,
-nothing of it writes there again. With `encrypt=True` the server is a CURVE server whose
+nothing of it writes there again (a one-sided read given up at its deadline is waited for,
+within mooncake's own transfer timeout, before `read` raises). With `encrypt=True` the server is a CURVE server whose
 public key the subscriber offers the broker (`RelayOffer.server_key`).
 """
 
@@ -72,7 +73,7 @@ from schemas.frames import (
 )
 from schemas.manifest import MooncakeLocator
 from streamer.errors import TransportError
-from streamer.transport.base import Fetch
+from streamer.transport.base import Fetch, FetchTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -525,8 +526,15 @@ class RelayClient:
                 )
                 if not one_sided.accepts(locator):
                     raise RelayError(f"relay {name} offers mooncake {reply.mooncake_protocol}")
-                # TransportError (FetchTimeout included) as it is: the caller fails over.
-                one_sided.fetch([Fetch(locator, 0, nbytes, address)], deadline=deadline)
+                try:
+                    one_sided.fetch([Fetch(locator, 0, nbytes, address)], deadline=deadline)
+                except FetchTimeout:
+                    # Given up, the read may still land: wait for it (mooncake's own transfer
+                    # timeout bounds it) before the bucket is read elsewhere and verified, so
+                    # that no late write lands over verified bytes. Then fail over.
+                    with contextlib.suppress(FetchTimeout):
+                        one_sided.fetch([], deadline=None)
+                    raise
                 return
             payload = frames[1].buffer if len(frames) == 2 else b""
             if len(payload) != nbytes:
