@@ -499,6 +499,12 @@ async def test_hostile_relay_frames_get_an_error_reply_and_kill_nothing(
                 dealer.send_multipart([b"two", b"frames"])
                 assert dealer.poll(5000)
                 codes["two frames"] = decode_relay_reply(dealer.recv_multipart()[0]).code
+                # Past MAX_REQUEST_BYTES ZeroMQ drops the frame (and that connection) unread.
+                flooder = context.socket(zmq.DEALER)
+                flooder.setsockopt(zmq.LINGER, 0)
+                flooder.connect(server.endpoint)
+                flooder.send(b"\x00" * (1 << 20))
+                flooder.close(linger=2000)  # until the frame is out (or two seconds)
             finally:
                 context.destroy(linger=0)
             # Alive: a valid read still gets its bucket, and a whole pull still works.
