@@ -16,7 +16,14 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.codec import guarded_decode
-from schemas.manifest import MAX_REGIONS, Address, Key, ModelName, NonNegative, Version
+from schemas.manifest import (
+    MAX_REGIONS,
+    Key,
+    ModelName,
+    MooncakeLocator,
+    NonNegative,
+    Version,
+)
 
 __all__ = [
     "MAX_FRAME_HEADER_BYTES",
@@ -86,11 +93,9 @@ class RelayReply(msgspec.Struct, frozen=True, kw_only=True, tag="relay_reply"):
     request_id: NonNegative
     code: RelayCode
     detail: Annotated[str, msgspec.Meta(max_length=1024)] = ""
-    session: Address = ""
-    """With `locate` and code "ok": read the bucket one-sided from this mooncake engine
-    (`host:rpc_port`) at `address`, instead of from a payload frame."""
-    address: NonNegative = 0
-    mooncake_protocol: Annotated[str, msgspec.Meta(max_length=16)] = "tcp"
+    located: MooncakeLocator | None = None
+    """With `locate` and code "ok": where the bucket is (the holder's mooncake engine, the
+    bucket's address in its staging), to be read one-sided instead of from a payload frame."""
 
 
 _read_decoder = msgspec.msgpack.Decoder(FrameRead)

@@ -379,13 +379,12 @@ class RelayServer:
             if not held.verified[index]:
                 return False
             if read.locate and self._one_sided is not None:
-                located = RelayReply(
-                    request_id=read.request_id,
-                    code="ok",
+                locator = MooncakeLocator(
                     session=self._one_sided.session,
                     address=held.staging.address(read.region, read.offset),
-                    mooncake_protocol=self._one_sided.protocol,
+                    protocol=self._one_sided.protocol,
                 )
+                located = RelayReply(request_id=read.request_id, code="ok", located=locator)
                 self._socket.send_multipart([identity, _encoder.encode(located)])
                 self.located_bytes += read.nbytes
                 return True
@@ -520,12 +519,10 @@ class RelayClient:
                     code=reply.code,
                 )
             healthy = True  # the relay answered in step; the bytes are checked below
-            if reply.session and one_sided is not None:
-                locator = MooncakeLocator(
-                    session=reply.session, address=reply.address, protocol=reply.mooncake_protocol
-                )
+            locator = reply.located
+            if locator is not None and one_sided is not None:
                 if not one_sided.accepts(locator):
-                    raise RelayError(f"relay {name} offers mooncake {reply.mooncake_protocol}")
+                    raise RelayError(f"relay {name} offers mooncake over {locator.protocol}")
                 try:
                     one_sided.fetch([Fetch(locator, 0, nbytes, address)], deadline=deadline)
                 except FetchTimeout:
