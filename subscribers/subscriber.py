@@ -131,8 +131,8 @@ class Subscriber:
         relay: RelayServer | None = None,
     ) -> None:
         """`trusted_keys`: apply only versions signed by these publisher keys (`streamer.signing`).
-        `relay`: serve what this subscriber holds to others (needs `spare_staging`); the
-        caller owns it (and closes it)."""
+        `relay`: serve what this subscriber holds to others (needs `spare_staging`, and
+        `run()`, which follows the broker's Retires); the caller owns it (and closes it)."""
         if not receivers:
             raise ValueError("a subscriber needs at least one receiver")
         if relay is not None and spare_staging is None:
