@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
     from schemas.manifest import BucketSpec, Manifest
     from schemas.messages import RelaySource, Route
-    from subscribers.relay import RelayClient
+    from subscribers.relay_client import RelayClient
     from subscribers.staging import Staging
 
 __all__ = ["PullReport", "PullTimeout", "pull"]

@@ -56,7 +56,7 @@ from streamer.errors import StreamerError
 from streamer.signing import UntrustedVersion
 from streamer.transport.mooncake import MooncakeReceiver
 from subscribers.pull import PullReport, PullTimeout, pull
-from subscribers.relay import RelayClient
+from subscribers.relay_client import RelayClient
 from subscribers.staging import Staging
 from subscribers.swap import SwapError, Swapper, SwapReport
 

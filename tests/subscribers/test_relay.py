@@ -32,7 +32,8 @@ from schemas.messages import RelaySource, Retire, Route
 from streamer.client import connect
 from streamer.transport import ZmqFrameReceiver, ZmqFrameSender
 from subscribers.pull import TRAINER, pull
-from subscribers.relay import RelayClient, RelayError, RelayServer
+from subscribers.relay import RelayError, RelayServer
+from subscribers.relay_client import RelayClient
 from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
 from subscribers.swap import TorchSwapper
