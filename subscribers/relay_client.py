@@ -122,7 +122,7 @@ class RelayClient:
                 region=region,
                 offset=offset,
                 nbytes=nbytes,
-                wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(0.25, left_s / 5))),
+                wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(1.0, left_s / 4))),
                 locate=one_sided is not None,
             )
             socket.send(_encoder.encode(read))
