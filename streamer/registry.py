@@ -593,8 +593,9 @@ class Registry:
         if _without_locators(shard) != _without_locators(record.shards[rank]):
             raise BrokerError(
                 "stale_version",
-                f"version {version} of {name} is already announced with other bytes for rank "
-                f"{rank}: only its locators may be offered again; publish a new version",
+                f"{name} is already at version {model.latest}: version {version} was announced "
+                f"with other bytes for rank {rank}, and only its locators may be offered again; "
+                "publish a new version",
             )
         record.shards[rank] = shard
         try:
