@@ -1,0 +1,989 @@
+"""The control plane at fleet scale (issue 10): one broker process, thousands of subscribers.
+
+    PYTHONPATH=. python bench/fleet_bench.py [--subscribers 10000] [--workers 4] [--rounds 5]
+        [--sizes small,large] [--protocols 2,1] [--fetch subscriber|process] [--no-curve]
+        [--status] [--json out.json]
+
+`weightstream broker` runs as a real process (CURVE keys and an allowlist, like the tests;
+`--no-curve` for a plain socket). The subscribers are raw ZeroMQ DEALER sockets spread over
+`--workers` processes, speaking the real protocol with the project's wire types: Hello,
+Subscribe, a Heartbeat from every socket at the broker's interval (Welcome says it), and:
+
+    protocol 2   Announced(model, version, digest) -> FetchManifest -> ManifestBody, whose
+                 SHA-256 the subscriber checks against the digest (each subscriber fetches
+                 the digest it lacks: `--fetch subscriber`, the honest measure; or one fetch
+                 per worker process, the others waiting on it: `--fetch process`, what a
+                 node-local or relayed manifest cache would give)
+    protocol 1   Announce(manifest): today's design, the manifest in every announcement
+
+A subscriber is *notified* once it holds the announcement and the manifest. Each round
+publishes one version (a shard built with `publishers.packing`, a new digest each version)
+and times publish -> every subscriber notified (p50/p99/max, monotonic clock, one host).
+Protocols alternate round by round in the same run: between rounds every socket says Hello
+again with the other protocol version and re-subscribes. A protocol-1 round whose fan-out
+(subscribers x manifest) exceeds `--max-fanout-gib` is not run (it would queue that much in
+the broker: say 10,000 x 2 MB = 20 GB per version) and is reported as such.
+
+Also measured: broker CPU per version (utime+stime from /proc/<pid>/stat over the round,
+less the heartbeat-only rate measured before the rounds), broker RSS per subscriber (VmRSS
+after everyone subscribed, less before anyone connected, / N), and peers the broker marked
+gone (`/v1/subscribers?state=gone`) and `unknown_peer` errors the subscribers got, which must
+stay 0. With `--status`: `/v1/subscribers` (pages, filters) and `weightstream status` timed
+at that scale while heartbeats flow, and the announce latency measured while a client polls
+status in a loop (the ZeroMQ loop shares the broker's event loop with HTTP).
+
+Validation: every message is decoded through the project's typed decoder, except that a
+worker process decodes a large frame (> 4 KiB) that is byte-identical to the one before it
+only once (protocol 1 sends the same bytes to all); every ManifestBody's SHA-256 is checked
+per subscriber and its manifest validated (`schemas.validate`) once per digest per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import zmq
+import zmq.asyncio
+
+from schemas.codec import decode_manifest, decode_message, encode
+from schemas.messages import (
+    Alive,
+    Announce,
+    Announced,
+    Error,
+    FetchManifest,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    ManifestBody,
+    Subscribe,
+    Subscribed,
+    Welcome,
+)
+from schemas.validate import ManifestLimits, validate_manifest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from schemas.manifest import Shard
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "fleet"
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_SAME_FRAME_BYTES = 4096
+"""Frames larger than this that equal the previous one are decoded once per process."""
+
+# ----------------------------------------------------------------------------------------
+# manifests: the project's packing over tensors that have shapes and no storage
+
+
+def llama_shard(layers: int, *, hidden: int = 4096, rank: int = 0, world_size: int = 1) -> Shard:
+    """A llama-shaped shard of `layers` layers (9 tensors each, bf16), laid out by
+    `publishers.packing.plan` into 1 GiB regions and 64 MiB buckets, locators on mooncake tcp,
+    checksums of the right form (nothing is ever read: the fleet only needs the manifest)."""
+    import torch  # the broker and the clients need no torch: only the manifest builder does
+
+    from publishers.packing import plan
+
+    inter = hidden * 11 // 4
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(rank, layers, world_size):
+        p = f"model.layers.{layer}"
+        shapes[f"{p}.input_layernorm.weight"] = (hidden,)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}.self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{p}.mlp.up_proj.weight"] = (inter, hidden)
+        shapes[f"{p}.mlp.down_proj.weight"] = (hidden, inter)
+    tensors = {
+        name: torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        for name, shape in shapes.items()
+    }
+    return shard_of(plan(tensors), rank)
+
+
+def shard_of(layout: Any, rank: int) -> Shard:
+    """`Layout.shard` with a mooncake locator per region (as `Publisher` builds them) and a
+    wmix128-sized checksum per bucket."""
+    from schemas.manifest import MooncakeLocator
+
+    session = f"10.0.{rank // 250}.{rank % 250 + 1}:17812"
+    locators = [
+        [MooncakeLocator(session=session, address=(1 << 40) + i * (1 << 32))]
+        for i in range(len(layout.region_bytes))
+    ]
+    checksums = [f"{i:032x}" for i in range(len(layout.bucket_ranges()))]
+    shard: Shard = layout.shard(locators, checksums, rank)
+    return shard
+
+
+SIZES: dict[str, Callable[[], Shard]] = {
+    # ~44 KB: the issue's small manifest (a 32-layer 7B-shaped llama, 290 tensors)
+    "small": lambda: llama_shard(32),
+    # ~2 MB: the large one (a 1,500-layer llama-shaped stack, 13,500 tensors)
+    "large": lambda: llama_shard(1500, hidden=1024),
+}
+
+# ----------------------------------------------------------------------------------------
+# the subscriber processes: raw DEALER sockets, one poll loop, no asyncio
+
+
+@dataclass
+class WorkerSpec:
+    index: int
+    count: int
+    endpoint: str
+    model: str
+    fetch: str
+    curve: tuple[bytes, bytes, bytes] | None
+    """(client public, client secret, broker public), z85."""
+
+
+@dataclass
+class _Sock:
+    socket: zmq.Socket[bytes]
+    protocol: int = 2
+    welcomed: bool = False
+    subscribed: bool = False
+    latest: int | None = None
+    held: int | None = None
+    """The newest version this subscriber is notified of (announcement and manifest)."""
+    digests: set[str] = field(default_factory=set)
+    fetching: str | None = None
+
+
+class _Worker:
+    """`count` subscribers in one process; answers the orchestrator over a Pipe."""
+
+    def __init__(self, spec: WorkerSpec, conn: multiprocessing.connection.Connection) -> None:
+        self.spec = spec
+        self.conn = conn
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
+        self.context.set(zmq.MAX_SOCKETS, spec.count + 64)
+        self.socks: list[_Sock] = []
+        self.by_socket: dict[zmq.Socket[bytes], int] = {}
+        self.poller = zmq.Poller()
+        self.interval_s = 1.0
+        self.hb_epoch: float | None = None
+        self.hb_sent = 0
+        self.hb_late_max_s = 0.0
+        self.heartbeat_bytes: dict[int | None, bytes] = {}
+        self.counts: dict[str, int] = {}
+        self.expect: int | None = None
+        self.t_announce: list[float] = []
+        self.t_notified: list[float] = []
+        self.reported = True
+        self.process_digests: set[str] = set()
+        self.waiting: dict[str, list[int]] = {}
+        """process fetch mode: digest -> sockets waiting on the one fetch in flight."""
+        self.validated: set[str] = set()
+        self.versions_of: dict[str, int] = {}
+        self.notified_count = 0
+        self.last_frame: bytes = b""
+        self.last_message: Any = None
+        self.request_ids = 0
+        self.ready_pending = False
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def open(self) -> None:
+        for i in range(self.spec.count):
+            s: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
+            s.setsockopt(zmq.ROUTING_ID, f"fleet-{self.spec.index}-{i}".encode())
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 1000)
+            s.setsockopt(zmq.RCVHWM, 1000)
+            if self.spec.curve is not None:
+                public, secret, server = self.spec.curve
+                s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server
+            s.connect(self.spec.endpoint)
+            self.socks.append(_Sock(socket=s))
+            self.by_socket[s] = i
+            self.poller.register(s, zmq.POLLIN)
+
+    def hello(self, protocol: int) -> None:
+        self.ready_pending = True
+        for i, sock in enumerate(self.socks):
+            sock.protocol, sock.welcomed, sock.subscribed = protocol, False, False
+            sock.fetching = None
+            hello = Hello(
+                peer_id=f"fleet-{self.spec.index}-{i}",
+                role="subscriber",
+                protocol_version=protocol,
+                host="fleet-bench",
+                pid=os.getpid(),
+                name=f"fleet-{self.spec.index}-{i}",
+            )
+            self._send(sock, hello)
+
+    def _send(self, sock: _Sock, message: Any) -> None:
+        try:
+            sock.socket.send(encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.count("send_full")
+
+    def _ready(self) -> bool:
+        return all(
+            s.welcomed and s.subscribed and (s.latest is None or s.held == s.latest)
+            for s in self.socks
+        )
+
+    def _decode(self, data: bytes) -> Any:
+        if len(data) > _SAME_FRAME_BYTES and data == self.last_frame:
+            return self.last_message
+        message = decode_message(data)
+        if len(data) > _SAME_FRAME_BYTES:
+            self.last_frame, self.last_message = data, message
+        return message
+
+    def _notified(self, i: int, version: int, now: float) -> None:
+        sock = self.socks[i]
+        sock.held = max(sock.held or 0, version)
+        if version == self.expect and not self.t_notified[i]:
+            self.t_notified[i] = now
+            self.notified_count += 1
+
+    def _fetch(self, i: int, version: int, digest: str) -> None:
+        sock = self.socks[i]
+        self.request_ids += 1
+        sock.fetching = digest
+        self._send(
+            sock,
+            FetchManifest(
+                request_id=self.request_ids, model=self.spec.model, version=version, digest=digest
+            ),
+        )
+
+    def handle(self, i: int, data: bytes, now: float) -> None:
+        sock = self.socks[i]
+        message = self._decode(data)
+        match message:
+            case Alive():
+                self.count("alive")
+            case Announce(manifest=manifest):
+                self.count("announce")
+                if manifest.version == self.expect and not self.t_announce[i]:
+                    self.t_announce[i] = now
+                self._notified(i, manifest.version, now)
+            case Announced(version=version, digest=digest):
+                self.count("announced")
+                if version == self.expect and not self.t_announce[i]:
+                    self.t_announce[i] = now
+                if self.spec.fetch == "process":
+                    if digest in self.process_digests:
+                        self._notified(i, version, now)
+                    elif digest in self.waiting:
+                        self.waiting[digest].append(i)
+                    else:
+                        self.waiting[digest] = [i]
+                        self._fetch(i, version, digest)
+                elif digest in sock.digests:
+                    self._notified(i, version, now)
+                else:
+                    self._fetch(i, version, digest)
+                sock.latest = max(sock.latest or 0, version)
+            case ManifestBody(digest=digest, body=body):
+                self.count("manifest_body")
+                if hashlib.sha256(body).hexdigest() != digest or sock.fetching != digest:
+                    self.count("bad_manifest_body")
+                    return
+                if digest not in self.validated:
+                    manifest = decode_manifest(body)
+                    validate_manifest(manifest, ManifestLimits())
+                    self.validated.add(digest)
+                    self.versions_of[digest] = manifest.version
+                sock.fetching = None
+                version = self.versions_of[digest]
+                sock.digests.add(digest)
+                if self.spec.fetch == "process":
+                    self.process_digests.add(digest)
+                    for j in self.waiting.pop(digest, [i]):
+                        self.socks[j].digests.add(digest)
+                        self._notified(j, version, now)
+                else:
+                    self._notified(i, version, now)
+            case Welcome(heartbeat_interval_s=interval):
+                sock.welcomed = True
+                self.interval_s = interval
+                if self.hb_epoch is None:
+                    self.hb_epoch = time.monotonic()
+                self.request_ids += 1
+                self._send(sock, Subscribe(request_id=self.request_ids, model=self.spec.model))
+            case Subscribed(latest=latest):
+                sock.subscribed = True
+                sock.latest = latest
+            case Error(code=code):
+                self.count(f"error_{code}")
+                if code == "unknown_peer":
+                    self.hello_one(i)
+            case _:
+                self.count(type(message).__name__)
+
+    def hello_one(self, i: int) -> None:
+        sock = self.socks[i]
+        sock.welcomed = sock.subscribed = False
+        self._send(
+            sock,
+            Hello(
+                peer_id=f"fleet-{self.spec.index}-{i}",
+                role="subscriber",
+                protocol_version=sock.protocol,
+                host="fleet-bench",
+                pid=os.getpid(),
+            ),
+        )
+
+    def heartbeats(self, now: float) -> None:
+        if self.hb_epoch is None:
+            return
+        n = len(self.socks)
+        due = int((now - self.hb_epoch) / self.interval_s * n)
+        while self.hb_sent < due:
+            sock = self.socks[self.hb_sent % n]
+            scheduled = self.hb_epoch + self.hb_sent * self.interval_s / n
+            self.hb_late_max_s = max(self.hb_late_max_s, now - scheduled)
+            self.hb_sent += 1
+            if not sock.welcomed:
+                continue
+            data = self.heartbeat_bytes.get(sock.held)
+            if data is None:
+                applied = {} if sock.held is None else {self.spec.model: sock.held}
+                data = self.heartbeat_bytes[sock.held] = encode(Heartbeat(applied=applied))
+            try:
+                sock.socket.send(data, flags=zmq.NOBLOCK)
+                self.count("heartbeat")
+            except zmq.Again:
+                self.count("heartbeat_full")
+
+    def command(self, cmd: tuple[Any, ...]) -> bool:
+        match cmd:
+            case ("hello", protocol):
+                self.hello(protocol)
+            case ("expect", version):
+                self.expect = version
+                self.t_announce = [0.0] * len(self.socks)
+                self.t_notified = [0.0] * len(self.socks)
+                self.notified_count = 0
+                self.reported = False
+                self.conn.send(("expecting", version))
+            case ("report",):
+                self.report()
+            case ("stats",):
+                self.conn.send(("stats", dict(self.counts), self.hb_late_max_s))
+                self.hb_late_max_s = 0.0
+            case ("stop",):
+                for sock in self.socks:
+                    self._send(sock, Goodbye(reason="bench done"))
+                return False
+        return True
+
+    def report(self) -> None:
+        self.reported = True
+        self.conn.send(("report", self.expect, self.t_announce, self.t_notified))
+
+    def run(self) -> None:
+        self.open()
+        self.hello(2)
+        fd = self.conn.fileno()
+        self.poller.register(fd, zmq.POLLIN)
+        running = True
+        next_check = 0.0
+        while running:
+            now = time.monotonic()
+            if now >= next_check + 0.02:
+                next_check = now
+            self.heartbeats(now)
+            events = self.poller.poll(timeout=20)
+            for target, _ in events:
+                if target == fd:
+                    while running and self.conn.poll():
+                        running = self.command(self.conn.recv())
+                    continue
+                i = self.by_socket[target]
+                for _ in range(64):
+                    try:
+                        data = target.recv(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(i, data, time.monotonic())
+            if not self.reported and self.notified_count == len(self.socks):
+                self.report()
+            if self.ready_pending and now >= next_check and self._ready():
+                self.ready_pending = False
+                self.conn.send(("ready", self.spec.index))
+        time.sleep(0.2)  # let the Goodbyes leave before the sockets close
+        self.context.destroy(linger=0)
+
+
+def _worker_main(spec: WorkerSpec, conn: multiprocessing.connection.Connection) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        _Worker(spec, conn).run()
+
+
+# ----------------------------------------------------------------------------------------
+# the orchestrator: broker process, workers, publisher, rounds
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_rss(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Fleet:
+    """A running broker, its subscriber workers and a publisher."""
+
+    args: argparse.Namespace
+    workdir: Path
+    broker: subprocess.Popen[bytes] | None = None
+    endpoint: str = ""
+    http: str = ""
+    keys: dict[str, Path] = field(default_factory=dict)
+    conns: list[multiprocessing.connection.Connection] = field(default_factory=list)
+    workers: list[multiprocessing.process.BaseProcess] = field(default_factory=list)
+    protocol: int = 2
+    version: int = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.broker is not None
+        return self.broker.pid
+
+    def start_broker(self) -> None:
+        args = self.args
+        config = self.workdir / "broker.toml"
+        config.write_text(
+            f"heartbeat_interval_s = {args.heartbeat_s}\npeer_timeout_s = {args.peer_timeout_s}\n"
+            f"retention = 2\n"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "weightstream",
+            "broker",
+            "--config",
+            str(config),
+            "--endpoint",
+            "tcp://127.0.0.1:0",
+            "--http-port",
+            "0",
+            "--log-level",
+            args.broker_log_level,
+            "--ready-file",
+            str(self.workdir / "ready.json"),
+        ]
+        if args.curve:
+            from streamer.auth import make_local_keys
+
+            self.keys = make_local_keys(self.workdir / "keys", model=MODEL)
+            cmd += ["--key-file", str(self.keys["broker"])]
+            cmd += ["--allowlist-file", str(self.keys["allowlist"])]
+        env = {**os.environ, "PYTHONPATH": args.broker_pythonpath or str(ROOT)}
+        log = (self.workdir / "broker.log").open("wb")
+        self.broker = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.broker_pythonpath or ROOT
+        )
+        ready = self.workdir / "ready.json"
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if self.broker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(
+                    f"broker did not start:\n{(self.workdir / 'broker.log').read_text()}"
+                )
+            time.sleep(0.05)
+        time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.endpoint, self.http = info["endpoint"], f"http://127.0.0.1:{info['http_port']}"
+
+    def curve(self) -> tuple[bytes, bytes, bytes] | None:
+        if not self.args.curve:
+            return None
+        from streamer.auth import load_keys, load_public_key
+
+        client = load_keys(self.keys["subscriber"])
+        return client.public, client.secret, load_public_key(self.keys["broker.public"])
+
+    def start_workers(self) -> None:
+        n, w = self.args.subscribers, self.args.workers
+        spawn = multiprocessing.get_context("spawn")
+        for index in range(w):
+            count = n // w + (1 if index < n % w else 0)
+            ours, theirs = spawn.Pipe()
+            spec = WorkerSpec(index, count, self.endpoint, MODEL, self.args.fetch, self.curve())
+            process = spawn.Process(target=_worker_main, args=(spec, theirs), daemon=True)
+            process.start()
+            self.conns.append(ours)
+            self.workers.append(process)
+
+    async def gather(self, kind: str, timeout_s: float) -> list[tuple[Any, ...]]:
+        """One `kind` message from every worker (other kinds are dropped), within the deadline."""
+        replies: dict[int, tuple[Any, ...]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < len(self.conns):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.conns) - len(replies)} workers sent no {kind!r}")
+            for index, conn in enumerate(self.conns):
+                while index not in replies and conn.poll():
+                    reply = conn.recv()
+                    if reply[0] == kind:
+                        replies[index] = reply
+            await asyncio.sleep(0.002)
+        return [replies[i] for i in range(len(self.conns))]
+
+    def tell(self, *cmd: Any) -> None:
+        for conn in self.conns:
+            conn.send(cmd)
+
+    async def switch(self, protocol: int) -> float:
+        """Every socket says Hello with `protocol` and re-subscribes; returns the seconds."""
+        started = time.monotonic()
+        self.tell("hello", protocol)
+        await self.gather("ready", self.args.timeout_s)
+        self.protocol = protocol
+        return time.monotonic() - started
+
+    async def stats(self) -> tuple[dict[str, int], float]:
+        self.tell("stats")
+        totals: dict[str, int] = {}
+        late = 0.0
+        for _, counts, late_s in await self.gather("stats", 30):
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + v
+            late = max(late, late_s)
+        return totals, late
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tell("stop")
+        for process in self.workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        if self.broker is not None and self.broker.poll() is None:
+            self.broker.terminate()
+            try:
+                self.broker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()
+
+
+@dataclass
+class Round:
+    size: str
+    protocol: int
+    version: int
+    manifest_bytes: int
+    subscribers: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    announce_p99_ms: float
+    missing: int
+    cpu_s: float
+    cpu_net_s: float
+    window_s: float
+    label: str = ""
+
+    def line(self) -> str:
+        return (
+            f"{self.label or self.size:>8} p{self.protocol} v{self.version:<4} "
+            f"manifest={self.manifest_bytes / 1e3:8.1f} KB  notified p50/p99/max="
+            f"{self.p50_ms:7.1f}/{self.p99_ms:7.1f}/{self.max_ms:7.1f} ms  announce p99="
+            f"{self.announce_p99_ms:7.1f} ms  broker cpu={self.cpu_s * 1e3:6.0f} ms "
+            f"(net {self.cpu_net_s * 1e3:6.0f})  missing={self.missing}"
+        )
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, fleet: Fleet) -> None:
+        self.args = args
+        self.fleet = fleet
+        self.shards: dict[str, Shard] = {}
+        self.manifest_bytes: dict[str, int] = {}
+        self.idle_cpu_rate = 0.0
+        self.rounds: list[Round] = []
+        self.skipped: list[str] = []
+
+    async def publish_round(
+        self, client: Any, size: str, protocol: int, label: str = ""
+    ) -> Round | None:
+        fleet, args = self.fleet, self.args
+        nbytes = self.manifest_bytes[size]
+        if protocol == 1 and args.subscribers * nbytes > args.max_fanout_gib * (1 << 30):
+            note = (
+                f"protocol 1, {size} manifest ({nbytes / 1e6:.2f} MB) x {args.subscribers} "
+                f"subscribers = {args.subscribers * nbytes / 1e9:.1f} GB per version: not run "
+                f"(over --max-fanout-gib {args.max_fanout_gib})"
+            )
+            if note not in self.skipped:
+                self.skipped.append(note)
+            return None
+        if fleet.protocol != protocol:
+            await fleet.switch(protocol)
+        fleet.version += 1
+        version = fleet.version
+        fleet.tell("expect", version)
+        await fleet.gather("expecting", 30)
+        cpu0 = proc_cpu_s(fleet.pid)
+        t0 = time.monotonic()
+        published = await client.publish(MODEL, version, 0, 1, self.shards[size])
+        assert published.complete, published
+        try:
+            reports = await fleet.gather("report", args.timeout_s)
+        except TimeoutError:
+            fleet.tell("report")
+            reports = await fleet.gather("report", 30)
+        window = time.monotonic() - t0
+        cpu = proc_cpu_s(fleet.pid) - cpu0
+        notified = [t - t0 for _, _, _, ts in reports for t in ts if t]
+        announced = [t - t0 for _, _, ts, _ in reports for t in ts if t]
+        missing = args.subscribers - len(notified)
+        if not notified:
+            notified = announced = [float("nan")]
+        result = Round(
+            size=size,
+            protocol=protocol,
+            version=version,
+            manifest_bytes=nbytes,
+            subscribers=args.subscribers,
+            p50_ms=pct(notified, 0.5) * 1e3,
+            p99_ms=pct(notified, 0.99) * 1e3,
+            max_ms=max(notified) * 1e3,
+            announce_p99_ms=pct(announced, 0.99) * 1e3,
+            missing=missing,
+            cpu_s=cpu,
+            cpu_net_s=max(0.0, cpu - self.idle_cpu_rate * window),
+            window_s=window,
+            label=label,
+        )
+        print(result.line(), flush=True)
+        self.rounds.append(result)
+        return result
+
+    async def idle_cpu(self, seconds: float) -> float:
+        pid = self.fleet.pid
+        cpu0, t0 = proc_cpu_s(pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        return (proc_cpu_s(pid) - cpu0) / (time.monotonic() - t0)
+
+
+async def http_times(
+    session: aiohttp.ClientSession, url: str, repeats: int
+) -> tuple[list[float], dict[str, Any]]:
+    times: list[float] = []
+    body: dict[str, Any] = {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        async with session.get(url) as response:
+            body = await response.json()
+            status = response.status
+        times.append(time.perf_counter() - t0)
+        if status != 200:
+            return [float("nan")], body
+    return times, body
+
+
+async def status_phase(bench: Bench, client: Any, session: aiohttp.ClientSession) -> dict[str, Any]:
+    """`/v1/subscribers` and `weightstream status` at full scale, and announce latency while
+    a client polls status back to back."""
+    fleet, args = bench.fleet, bench.args
+    n = args.subscribers
+    queries = {
+        "first page (1000)": "/v1/subscribers",
+        "page 5 of 1000": "/v1/subscribers?limit=1000&offset=4000",
+        "limit=100": "/v1/subscribers?limit=100",
+        f"model={MODEL}": f"/v1/subscribers?model={MODEL}&limit=100",
+        "state=idle": "/v1/subscribers?state=idle&limit=100",
+        "state=gone": "/v1/subscribers?state=gone&limit=100",
+        "lag>=1": "/v1/subscribers?min_lag=1&limit=100",
+        f"all {n} rows": f"/v1/subscribers?limit={min(n, 10_000)}",
+        "/v1/models": "/v1/models",
+    }
+    out: dict[str, Any] = {"queries": {}}
+    for label, path in queries.items():
+        times, body = await http_times(session, fleet.http + path, args.status_repeats)
+        entry = {
+            "path": path,
+            "p50_ms": statistics.median(times) * 1e3,
+            "max_ms": max(times) * 1e3,
+            "total": body.get("total"),
+            "rows": len(body.get("subscribers", [])),
+        }
+        if times == [float("nan")]:
+            entry["error"] = str(body)[:200]
+        out["queries"][label] = entry
+        print(
+            f"  status {label:>20}: p50 {entry['p50_ms']:7.1f} ms  max {entry['max_ms']:7.1f} ms"
+            f"  rows={entry['rows']} total={entry['total']}"
+            + (f"  ERROR {entry['error']}" if "error" in entry else ""),
+            flush=True,
+        )
+    cli: list[float] = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(3):
+        t0 = time.perf_counter()
+        done = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "weightstream",
+            "status",
+            "--http",
+            fleet.http,
+            stdout=asyncio.subprocess.DEVNULL,
+            env=env,
+        )
+        await done.wait()
+        cli.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    startup = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import weightstream.status", env=env
+    )
+    await startup.wait()
+    startup_s = time.perf_counter() - t0
+    out["cli_wall_ms"] = statistics.median(cli) * 1e3
+    out["cli_import_ms"] = startup_s * 1e3
+    print(
+        f"  weightstream status: {out['cli_wall_ms']:.0f} ms wall (of which "
+        f"{startup_s * 1e3:.0f} ms interpreter start and imports)",
+        flush=True,
+    )
+
+    # announce latency with and without status polling, alternating
+    stop = asyncio.Event()
+    polls: list[float] = []
+
+    async def poll() -> None:
+        while not stop.is_set():
+            t = await http_times(session, fleet.http + "/v1/subscribers", 1)
+            polls.extend(t[0])
+
+    for _ in range(args.rounds):
+        await bench.publish_round(client, "small", 2, label="quiet")
+        task = asyncio.create_task(poll())
+        await asyncio.sleep(0.2)
+        await bench.publish_round(client, "small", 2, label="polling")
+        stop.set()
+        await task
+        stop.clear()
+    out["polls"] = len(polls)
+    out["poll_p50_ms"] = statistics.median(polls) * 1e3 if polls else None
+    return out
+
+
+def summarize(rounds: list[Round]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, int], list[Round]] = {}
+    for r in rounds:
+        groups.setdefault((r.label or r.size, r.protocol), []).append(r)
+    table = []
+    for (label, protocol), rs in groups.items():
+        table.append(
+            {
+                "case": label,
+                "protocol": protocol,
+                "rounds": len(rs),
+                "manifest_kb": rs[0].manifest_bytes / 1e3,
+                "p50_ms": statistics.median(r.p50_ms for r in rs),
+                "p99_ms": statistics.median(r.p99_ms for r in rs),
+                "max_ms": statistics.median(r.max_ms for r in rs),
+                "announce_p99_ms": statistics.median(r.announce_p99_ms for r in rs),
+                "cpu_ms": statistics.median(r.cpu_s for r in rs) * 1e3,
+                "cpu_net_ms": statistics.median(r.cpu_net_s for r in rs) * 1e3,
+                "missing": sum(r.missing for r in rs),
+            }
+        )
+    return table
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from streamer.client import connect
+    from streamer.config import ClientConfig
+
+    workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    fleet = Fleet(args, workdir)
+    bench = Bench(args, fleet)
+    sizes = args.sizes.split(",")
+    for size in sizes:
+        bench.shards[size] = SIZES[size]()
+    results: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}",
+        "load_before": os.getloadavg(),
+        "subscribers": args.subscribers,
+        "workers": args.workers,
+        "curve": args.curve,
+        "fetch": args.fetch,
+        "heartbeat_s": args.heartbeat_s,
+    }
+    fleet.start_broker()
+    context = zmq.asyncio.Context()
+    try:
+        await asyncio.sleep(0.5)
+        rss0 = proc_rss(fleet.pid)
+        t0 = time.monotonic()
+        fleet.start_workers()
+        await fleet.gather("ready", args.timeout_s)
+        results["connect_s"] = time.monotonic() - t0
+        print(f"{args.subscribers} subscribers ready in {results['connect_s']:.1f} s", flush=True)
+        await asyncio.sleep(1.0)
+        rss1 = proc_rss(fleet.pid)
+        results["rss_before_mb"] = rss0 / 1e6
+        results["rss_per_subscriber_kb"] = (rss1 - rss0) / args.subscribers / 1e3
+        config = ClientConfig(
+            broker=fleet.endpoint,
+            key_file=str(fleet.keys["trainer"]) if args.curve else None,
+            broker_key_file=str(fleet.keys["broker.public"]) if args.curve else None,
+            request_timeout_s=args.timeout_s,
+        )
+        async with (
+            connect(config, role="publisher", context=context) as client,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+        ):
+            # one version of each size first: everyone holds one, and encoding sizes are known
+            for size in sizes:
+                fleet.version += 1
+                await client.publish(MODEL, fleet.version, 0, 1, bench.shards[size])
+                bench.manifest_bytes[size] = int(
+                    (await http_times(session, f"{fleet.http}/v1/models/{MODEL}", 1))[1].get(
+                        "manifest_bytes", 0
+                    )
+                    or len(encode(_assembled(bench.shards[size], fleet.version)))
+                )
+            await fleet.switch(2)
+            bench.idle_cpu_rate = await bench.idle_cpu(3.0)
+            results["idle_cpu_rate"] = bench.idle_cpu_rate
+            results["rss_after_versions_per_subscriber_kb"] = (
+                (proc_rss(fleet.pid) - rss0) / args.subscribers / 1e3
+            )
+            print(
+                f"broker RSS {rss0 / 1e6:.0f} MB -> +{results['rss_per_subscriber_kb']:.1f} KB per "
+                f"subscriber; heartbeat-only CPU {bench.idle_cpu_rate * 100:.0f} % of a core",
+                flush=True,
+            )
+            protocols = [int(p) for p in args.protocols.split(",")]
+            for size in sizes:
+                for r in range(args.rounds):
+                    order = protocols if r % 2 == 0 else protocols[::-1]
+                    for protocol in order:
+                        await bench.publish_round(client, size, protocol)
+            if args.status:
+                if fleet.protocol != 2:
+                    await fleet.switch(2)
+                results["status"] = await status_phase(bench, client, session)
+            counts, late = await fleet.stats()
+            gone = (
+                await http_times(session, f"{fleet.http}/v1/subscribers?state=gone&limit=1", 1)
+            )[1]
+            results["gone"] = gone.get("total")
+            results["client_counts"] = counts
+            results["heartbeat_send_late_max_s"] = late
+            results["rss_end_per_subscriber_kb"] = (
+                (proc_rss(fleet.pid) - rss0) / args.subscribers / 1e3
+            )
+    finally:
+        fleet.stop()
+        context.destroy(linger=0)
+    results["rounds"] = [r.__dict__ for r in bench.rounds]
+    results["summary"] = summarize(bench.rounds)
+    results["skipped"] = bench.skipped
+    results["load_after"] = os.getloadavg()
+    results["broker_log_tail"] = (workdir / "broker.log").read_text(errors="replace")[-2000:]
+    return results
+
+
+def _assembled(shard: Shard, version: int) -> Any:
+    from schemas.manifest import Manifest
+
+    return Manifest.assemble(MODEL, version, [shard])
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    print()
+    print(
+        f"{results['subscribers']} subscribers, {results['workers']} worker processes, "
+        f"curve={results['curve']}, fetch={results['fetch']}, heartbeat {results['heartbeat_s']} s"
+    )
+    print(
+        "| case | protocol | rounds | manifest | notified p50 | p99 | max | announce p99 "
+        "| broker CPU / version (net of heartbeats) | missing |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in results["summary"]:
+        print(
+            f"| {row['case']} | {row['protocol']} | {row['rounds']} | {row['manifest_kb']:.1f} KB "
+            f"| {row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | {row['max_ms']:.1f} ms "
+            f"| {row['announce_p99_ms']:.1f} ms | {row['cpu_ms']:.0f} ms ({row['cpu_net_ms']:.0f}) "
+            f"| {row['missing']} |"
+        )
+    for note in results["skipped"]:
+        print(f"- {note}")
+    print(
+        f"- broker RSS per subscriber: {results['rss_per_subscriber_kb']:.1f} KB after Hello + "
+        f"Subscribe, {results['rss_end_per_subscriber_kb']:.1f} KB at the end"
+    )
+    print(
+        f"- heartbeats: {results['client_counts'].get('heartbeat', 0)} sent, "
+        f"{results['client_counts'].get('alive', 0)} Alive back; gone={results['gone']}, "
+        f"unknown_peer={results['client_counts'].get('error_unknown_peer', 0)}, "
+        f"latest heartbeat sent {results['heartbeat_send_late_max_s'] * 1e3:.0f} ms late at most"
+    )
+    print(f"- load average before {results['load_before']}, after {results['load_after']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--subscribers", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=4, help="subscriber processes")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per size and protocol")
+    parser.add_argument("--sizes", default="small,large", help=f"of {list(SIZES)}")
+    parser.add_argument("--protocols", default="2,1", help="alternated round by round")
+    parser.add_argument("--fetch", choices=("subscriber", "process"), default="subscriber")
+    parser.add_argument("--no-curve", dest="curve", action="store_false")
+    parser.add_argument("--heartbeat-s", type=float, default=1.0, help="the broker's interval")
+    parser.add_argument("--peer-timeout-s", type=float, default=10.0)
+    parser.add_argument("--max-fanout-gib", type=float, default=2.0)
+    parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument("--status", action="store_true", help="also the status phase")
+    parser.add_argument("--status-repeats", type=int, default=10)
+    parser.add_argument("--broker-log-level", default="WARNING")
+    parser.add_argument(
+        "--broker-pythonpath", help="run the broker of another checkout (a same-run baseline)"
+    )
+    parser.add_argument("--json", help="write every figure here")
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    print_summary(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
