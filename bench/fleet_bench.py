@@ -136,12 +136,15 @@ def shard_of(layout: Any, rank: int) -> Shard:
     return shard
 
 
-SIZES: dict[str, Callable[[], Shard]] = {
-    # ~44 KB: the issue's small manifest (a 32-layer 7B-shaped llama, 290 tensors)
-    "small": lambda: llama_shard(32),
-    # ~2 MB: the large one (a 1,500-layer llama-shaped stack, 13,500 tensors)
-    "large": lambda: llama_shard(1500, hidden=1024),
+SIZES: dict[str, Callable[[], list[Shard]]] = {
+    # ~49 KB: the issue's small manifest (a 32-layer 7B-shaped llama, 290 tensors)
+    "small": lambda: [llama_shard(32)],
+    # ~1.5 MB: the large one (a 1,500-layer llama-shaped stack, 13,500 tensors)
+    "large": lambda: [llama_shard(1500, hidden=1024)],
 }
+"""Manifests by name: the shards of one version, in rank order (bench/manifest_bench.py adds
+a Kimi-K2-shaped one of 64 ranks)."""
+
 
 # ----------------------------------------------------------------------------------------
 # the subscriber processes: raw DEALER sockets, one poll loop, no asyncio
@@ -627,7 +630,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, fleet: Fleet) -> None:
         self.args = args
         self.fleet = fleet
-        self.shards: dict[str, Shard] = {}
+        self.shards: dict[str, list[Shard]] = {}
         self.manifest_bytes: dict[str, int] = {}
         self.idle_cpu_rate = 0.0
         self.rounds: list[Round] = []
@@ -653,9 +656,13 @@ class Bench:
         version = fleet.version
         fleet.tell("expect", version)
         await fleet.gather("expecting", 30)
+        shards = self.shards[size]
+        for rank, shard in enumerate(shards[:-1]):
+            await client.publish(MODEL, version, rank, len(shards), shard)
+        # t0: the last rank's shard leaves; the broker assembles, validates and announces
         cpu0 = proc_cpu_s(fleet.pid)
         t0 = time.monotonic()
-        published = await client.publish(MODEL, version, 0, 1, self.shards[size])
+        published = await client.publish(MODEL, version, len(shards) - 1, len(shards), shards[-1])
         assert published.complete, published
         try:
             reports = await fleet.gather("report", args.timeout_s)
@@ -870,13 +877,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # one version of each size first: everyone holds one, and encoding sizes are known
             for size in sizes:
                 fleet.version += 1
-                await client.publish(MODEL, fleet.version, 0, 1, bench.shards[size])
-                bench.manifest_bytes[size] = int(
-                    (await http_times(session, f"{fleet.http}/v1/models/{MODEL}", 1))[1].get(
-                        "manifest_bytes", 0
-                    )
-                    or len(encode(_assembled(bench.shards[size], fleet.version)))
-                )
+                shards = bench.shards[size]
+                for rank, shard in enumerate(shards):
+                    await client.publish(MODEL, fleet.version, rank, len(shards), shard)
+                bench.manifest_bytes[size] = len(encode(_assembled(shards, fleet.version)))
             await fleet.switch(2)
             bench.idle_cpu_rate = await bench.idle_cpu(3.0)
             results["idle_cpu_rate"] = bench.idle_cpu_rate
@@ -919,10 +923,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _assembled(shard: Shard, version: int) -> Any:
+def _assembled(shards: list[Shard], version: int) -> Any:
     from schemas.manifest import Manifest
 
-    return Manifest.assemble(MODEL, version, [shard])
+    return Manifest.assemble(MODEL, version, shards, published_at=time.time())
 
 
 def print_summary(results: dict[str, Any]) -> None:
@@ -958,7 +962,7 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"- load average before {results['load_before']}, after {results['load_after']}")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--subscribers", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=4, help="subscriber processes")
@@ -978,7 +982,11 @@ def main() -> None:
         "--broker-pythonpath", help="run the broker of another checkout (a same-run baseline)"
     )
     parser.add_argument("--json", help="write every figure here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     results = asyncio.run(run(args))
     print_summary(results)
     if args.json:
