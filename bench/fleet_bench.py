@@ -919,7 +919,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results["summary"] = summarize(bench.rounds)
     results["skipped"] = bench.skipped
     results["load_after"] = os.getloadavg()
-    results["broker_log_tail"] = (workdir / "broker.log").read_text(errors="replace")[-2000:]
+    log = (workdir / "broker.log").read_text(errors="replace")
+    results["gone_logged"] = log.count("peer gone")
+    results["broker_log_tail"] = log[-2000:]
     return results
 
 
@@ -955,7 +957,8 @@ def print_summary(results: dict[str, Any]) -> None:
     )
     print(
         f"- heartbeats: {results['client_counts'].get('heartbeat', 0)} sent, "
-        f"{results['client_counts'].get('alive', 0)} Alive back; gone={results['gone']}, "
+        f"{results['client_counts'].get('alive', 0)} Alive back; gone now={results['gone']}, "
+        f"'peer gone' in the broker's log={results['gone_logged']}, "
         f"unknown_peer={results['client_counts'].get('error_unknown_peer', 0)}, "
         f"latest heartbeat sent {results['heartbeat_send_late_max_s'] * 1e3:.0f} ms late at most"
     )
