@@ -48,6 +48,7 @@ from schemas.messages import (
     AcquireLease,
     Applied,
     DeleteModel,
+    FetchManifest,
     Heartbeat,
     Message,
     Progress,
@@ -359,10 +360,13 @@ class Guard:
         match message:
             case PublishShard(model=model, version=version):
                 self._publish(principal, model, version, latest)
-            case Subscribe(model=model) if principal.may_publish(model):
+            case Subscribe(model=model) | FetchManifest(model=model) if principal.may_publish(
+                model
+            ):
                 pass  # a trainer may follow its own model (`publish --versions next:N`)
             case (
                 Subscribe(model=model)
+                | FetchManifest(model=model)
                 | AcquireLease(model=model)
                 | ReleaseLease(model=model)
                 | Progress(model=model)

@@ -36,19 +36,23 @@ import zmq.asyncio
 
 from schemas.codec import encode, request_id_of
 from schemas.messages import (
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     AcquireLease,
     AdminDone,
     Alive,
     Announce,
+    Announced,
     Applied,
     AppliedReached,
     DeleteModel,
     Error,
+    FetchManifest,
     Goodbye,
     Heartbeat,
     Hello,
     LeaseGranted,
+    ManifestBody,
     Message,
     Progress,
     Published,
@@ -96,6 +100,8 @@ _REDELIVER_PEERS = 1024
 _REDELIVER_PER_PEER = 64
 _REDELIVERED = (Retire, Withdraw, AppliedReached)
 """Messages that matter enough to re-send after the peer's next Hello."""
+_FRAMES_CACHED = 16
+"""Encoded announcements kept (two per version at most; the newest versions matter)."""
 _STATE_ERROR_LOG_S = 60.0
 _OWNERS_FILE = "owners.json"
 
@@ -120,6 +126,8 @@ class Broker:
         self.stats = BrokerStats(started_at=time.time())
         self.stats.registry.register(RegistryCollector(self.registry, self.stats))
         self._warned: OrderedDict[bytes, None] = OrderedDict()
+        self._frames: OrderedDict[int, tuple[Message, bytes]] = OrderedDict()
+        """id(announcement) -> (it, its frame): see `_encode`."""
         self._undelivered: OrderedDict[str, list[Message]] = OrderedDict()
         self._state_error_logged_at = 0.0
         self.security = security_mode(config)
@@ -293,18 +301,29 @@ class Broker:
         model_state = registry.models.get(getattr(message, "model", ""))
         self.guard.authorize(principal, message, model_state.latest if model_state else None)
         if isinstance(message, Hello):
-            if message.protocol_version != PROTOCOL_VERSION:
+            if not MIN_PROTOCOL_VERSION <= message.protocol_version <= PROTOCOL_VERSION:
                 raise BrokerError(
                     "incompatible",
-                    f"broker speaks protocol {PROTOCOL_VERSION}, peer {message.protocol_version}",
+                    f"peer speaks protocol {message.protocol_version}; this broker serves "
+                    f"protocol {MIN_PROTOCOL_VERSION} up to protocol {PROTOCOL_VERSION}: "
+                    "upgrade the older side",
                 )
-            registry.hello(peer_id, message.role, message.host, message.pid, now, name=message.name)
+            registry.hello(
+                peer_id,
+                message.role,
+                message.host,
+                message.pid,
+                now,
+                name=message.name,
+                protocol=message.protocol_version,
+            )
             logger.info(
-                "peer joined peer=%s role=%s host=%s key=%s",
+                "peer joined peer=%s role=%s host=%s key=%s protocol=%d",
                 peer_id,
                 message.role,
                 message.host,
                 principal.name,
+                message.protocol_version,
             )
             welcome = Welcome(
                 broker_id=self.broker_id, heartbeat_interval_s=self.config.heartbeat_interval_s
@@ -340,7 +359,7 @@ class Broker:
                         version,
                         manifest.total_bytes,
                         len(manifest.tensors),
-                        sum(1 for _, m in outbox if isinstance(m, Announce)),
+                        sum(1 for _, m in outbox if isinstance(m, Announce | Announced)),
                     )
                 self._persist()
                 reply = Published(request_id=rid, model=model, version=version, complete=announced)
@@ -353,7 +372,9 @@ class Broker:
                 subscribed = Subscribed(request_id=rid, model=model, latest=latest, newest=newest)
                 if current is None:
                     return [(peer_id, subscribed)]
-                return [(peer_id, subscribed), (peer_id, Announce(manifest=current))]
+                return [(peer_id, subscribed), (peer_id, registry.announcement(peer_id, current))]
+            case FetchManifest():
+                return [(peer_id, self._manifest_body(peer_id, message))]
             case AcquireLease(request_id=rid, model=model, version=version):
                 ttl_s = registry.acquire_lease(peer_id, model, version, now)
                 return [
@@ -426,6 +447,27 @@ class Broker:
             case _:
                 raise BrokerError("protocol", f"a peer does not send {type(message).__name__}")
 
+    def _manifest_body(self, peer_id: str, message: FetchManifest) -> ManifestBody:
+        """Serve a manifest by digest: the bytes encoded once at its announcement (no
+        re-encoding per fetch, only the copy into the reply frame)."""
+        try:
+            body = self.registry.manifest_body(
+                peer_id, message.model, message.version, message.digest
+            )
+        except BrokerError:
+            self.stats.manifest_fetch_refused_total += 1
+            raise
+        self.stats.manifest_fetches_total += 1
+        self.stats.manifest_fetch_bytes_total += len(body)
+        logger.debug(
+            "manifest served peer=%s model=%s version=%d bytes=%d",
+            peer_id,
+            message.model,
+            message.version,
+            len(body),
+        )
+        return ManifestBody(request_id=message.request_id, digest=message.digest, body=body)
+
     # administration (admin keys over ZeroMQ, or the admin token over HTTP)
 
     def retire_version(self, model: str, version: int, *, by: str) -> Outbox:
@@ -448,7 +490,7 @@ class Broker:
         for peer_id, message in outbox:
             data = encoded.get(id(message))
             if data is None:
-                data = encoded[id(message)] = encode(message)
+                data = encoded[id(message)] = self._encode(message)
             try:
                 await self.socket.send_multipart(
                     [peer_id.encode("latin-1"), data], flags=zmq.NOBLOCK
@@ -463,6 +505,23 @@ class Broker:
                     raise
                 logger.debug("peer=%s unreachable, held %s", peer_id, type(message).__name__)
                 self._hold(peer_id, message)
+
+    def _encode(self, message: Message) -> bytes:
+        """Announcements are one object per version (`VersionRecord.announcement`), sent again
+        on every Subscribe: keep their frames, so a protocol-1 peer's whole-manifest Announce
+        is encoded once per version, not once per subscriber. The cache holds the message
+        itself, so its `id` cannot be reused while cached."""
+        if not isinstance(message, Announce | Announced):
+            return encode(message)
+        cached = self._frames.get(id(message))
+        if cached is not None:
+            self._frames.move_to_end(id(message))
+            return cached[1]
+        data = encode(message)
+        self._frames[id(message)] = (message, data)
+        while len(self._frames) > _FRAMES_CACHED:
+            self._frames.popitem(last=False)
+        return data
 
     def _hold(self, peer_id: str, message: Message) -> None:
         """Keep a message that matters for the peer's next Hello (bounded, oldest dropped)."""

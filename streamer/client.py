@@ -12,6 +12,8 @@ overflow and is queued again as room appears, never silently dropped.
     caller ── request(msg) ──> send ──> broker
                  ▲ future                 │
     _receive() ──┴── replies, Announce (-> latest manifest per model), Retire (-> queue)
+                 └── Announced (protocol 2: a digest) -> one fetch per digest -> SHA-256
+                     checked, decoded, cached by digest -> as an Announce
     _heartbeat() ── Heartbeat every interval (also renews leases); the broker answers Alive
     watch()      ── the socket's handshake events: a refused CURVE key fails the client
 
@@ -24,32 +26,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from schemas.codec import encode
+from schemas.codec import MAX_MESSAGE_BYTES, decode_manifest, encode
 from schemas.messages import (
     AcquireLease,
     AdminDone,
     Alive,
     Announce,
+    Announced,
     Applied,
     AppliedReached,
     DeleteModel,
     Error,
+    FetchManifest,
     Goodbye,
     Heartbeat,
     Hello,
     LeaseGranted,
+    ManifestBody,
     Message,
     Progress,
     Published,
@@ -82,13 +90,37 @@ if TYPE_CHECKING:
     from schemas.messages import ErrorCode
     from streamer.config import ClientConfig
 
-__all__ = ["BrokerClient", "BrokerTimeout", "connect"]
+__all__ = ["BrokerClient", "BrokerTimeout", "ManifestMismatch", "connect"]
 
 logger = logging.getLogger(__name__)
+
+_MANIFESTS_CACHED = 8
+"""Manifests kept by digest (a re-announcement after a reconnect costs no fetch)."""
+_FETCHES_IN_FLIGHT = 16
+"""Distinct manifests being fetched at once; an announcement past it waits for the next one."""
+_FETCH_ATTEMPTS = 3
+_FETCH_RETRY_S = 0.5
+"""Pause before the next attempt, times the attempt number."""
 
 
 class BrokerTimeout(StreamerError, TimeoutError):
     """The broker did not take or answer a message in time (frozen, gone, or overloaded)."""
+
+
+class ManifestMismatch(ProtocolError):
+    """A fetched manifest's bytes do not hash to the digest its announcement named: the
+    announcement is ignored (never applied) and the fetch retried."""
+
+    def __init__(self, *, model: str, version: int, expected: str, got: str) -> None:
+        super().__init__(
+            f"the manifest fetched for {model} version {version} has SHA-256 {got}, not "
+            f"{expected} as announced: refused (a broken or hostile broker or relay); "
+            "it is fetched again"
+        )
+        self.model = model
+        self.version = version
+        self.expected = expected
+        self.got = got
 
 
 class BrokerClient:
@@ -136,6 +168,14 @@ class BrokerClient:
         """model -> the newest version announced, from our last Subscribed (one per model)."""
         self._manifests: dict[str, Manifest] = {}
         self._manifest_changed = asyncio.Condition()
+        self._by_digest: OrderedDict[str, Manifest] = OrderedDict()
+        """digest -> verified manifest, the newest `_MANIFESTS_CACHED`."""
+        self._fetching: dict[str, tuple[Announced, asyncio.Task[None]]] = {}
+        """digest -> its one fetch under way (at most `_FETCHES_IN_FLIGHT`)."""
+        self.manifest_fetches = 0
+        """FetchManifest requests sent (one per manifest, plus retries)."""
+        self.manifest_error: StreamerError | None = None
+        """Why the last manifest fetch failed (None once one succeeds)."""
         self.retired: asyncio.Queue[Retire] = asyncio.Queue(maxsize=config.queue_size)
         self._retired_overflow: dict[tuple[str, int], Retire] = {}
         """Retires that found `retired` full, queued again as room appears (<= queue_size)."""
@@ -376,20 +416,17 @@ class BrokerClient:
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_result(message)
             case Announce(manifest=manifest):
-                current = self._manifests.get(manifest.model)
-                if current is None or manifest.version > current.version:
-                    self._manifests[manifest.model] = manifest
-                    logger.debug(
-                        "announcement model=%s version=%d", manifest.model, manifest.version
-                    )
-                    asyncio.get_running_loop().create_task(self._notify()).add_done_callback(
-                        _discard
-                    )
+                self._take_manifest(manifest)
+            case Announced():
+                self._announced(message)
             case Withdraw(model=model, version=version, reason=reason):
                 # Nobody can read it: forget it, so that next_manifest waits for the next one.
                 current = self._manifests.get(model)
                 if current is not None and current.version == version:
                     del self._manifests[model]
+                for announced, task in list(self._fetching.values()):
+                    if (announced.model, announced.version) == (model, version):
+                        task.cancel()
                 logger.warning("withdrawn model=%s version=%d reason=%s", model, version, reason)
             case Retire():
                 self._queue_retire(message)
@@ -408,12 +445,142 @@ class BrokerClient:
                 logger.warning("broker error code=%s detail=%s", code, detail)
             case Alive():
                 pass  # _last_heard is already fresh
-            case Published() | Subscribed() | LeaseGranted() | AppliedReached() | AdminDone():
+            case (
+                Published()
+                | Subscribed()
+                | LeaseGranted()
+                | AppliedReached()
+                | AdminDone()
+                | ManifestBody()
+            ):
                 entry = self._pending.get(message.request_id)
                 if entry is not None and not entry[1].done():
                     entry[1].set_result(message)
             case _:
                 logger.warning("ignored unexpected %s from the broker", type(message).__name__)
+
+    def _take_manifest(self, manifest: Manifest) -> None:
+        """A version is announced (whole, or fetched by digest): the newest one is kept."""
+        current = self._manifests.get(manifest.model)
+        if current is None or manifest.version > current.version:
+            self._manifests[manifest.model] = manifest
+            logger.debug("announcement model=%s version=%d", manifest.model, manifest.version)
+            asyncio.get_running_loop().create_task(self._notify()).add_done_callback(_discard)
+
+    # manifests by digest (protocol 2)
+
+    def _announced(self, message: Announced) -> None:
+        """Use the cached manifest of this digest, or start its one fetch."""
+        current = self._manifests.get(message.model)
+        if current is not None and current.version >= message.version:
+            return
+        cached = self._by_digest.get(message.digest)
+        if cached is not None:
+            self._by_digest.move_to_end(message.digest)
+            self._take_manifest(cached)
+            return
+        if message.digest in self._fetching:
+            return
+        if message.nbytes > MAX_MESSAGE_BYTES or len(self._fetching) >= _FETCHES_IN_FLIGHT:
+            logger.warning(
+                "ignored announcement model=%s version=%d bytes=%d: over %d bytes, or %d "
+                "manifests already being fetched",
+                message.model,
+                message.version,
+                message.nbytes,
+                MAX_MESSAGE_BYTES,
+                len(self._fetching),
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._fetch_announced(message))
+        self._fetching[message.digest] = (message, task)
+        task.add_done_callback(lambda _: self._fetching.pop(message.digest, None))
+        task.add_done_callback(_discard)
+
+    async def _fetch_announced(self, message: Announced) -> None:
+        """Fetch, verify and apply one announced manifest; a bounded number of attempts, each
+        within the request deadline. A wrong body is never applied."""
+        for attempt in range(1, _FETCH_ATTEMPTS + 1):
+            current = self._manifests.get(message.model)
+            if current is not None and current.version >= message.version:
+                return  # a newer version came meanwhile
+            try:
+                manifest = await self._load_manifest(message)
+            except VersionUnavailable as exc:
+                self.manifest_error = exc
+                logger.warning(
+                    "manifest unavailable model=%s version=%d: %s",
+                    message.model,
+                    message.version,
+                    exc,
+                )
+                return  # retired already: the next announcement brings a newer one
+            except (BrokerTimeout, ProtocolError) as exc:
+                self.manifest_error = exc
+                logger.warning(
+                    "manifest fetch failed model=%s version=%d attempt=%d/%d: %s",
+                    message.model,
+                    message.version,
+                    attempt,
+                    _FETCH_ATTEMPTS,
+                    exc,
+                )
+                if attempt < _FETCH_ATTEMPTS:
+                    await asyncio.sleep(_FETCH_RETRY_S * attempt)
+                continue
+            except BrokerError as exc:
+                self.manifest_error = exc
+                logger.warning(
+                    "manifest refused model=%s version=%d: %s", message.model, message.version, exc
+                )
+                return
+            self.manifest_error = None
+            self._take_manifest(manifest)
+            return
+        logger.error(
+            "gave up on the manifest of model=%s version=%d after %d attempts; waiting for "
+            "the next announcement",
+            message.model,
+            message.version,
+            _FETCH_ATTEMPTS,
+        )
+
+    async def _load_manifest(self, message: Announced) -> Manifest:
+        """The manifest `message` names: fetched, its SHA-256 checked against the digest,
+        decoded through the guarded codec, and cached by digest."""
+        body = await self._fetch_manifest_body(message.model, message.version, message.digest)
+        got = hashlib.sha256(body).hexdigest()
+        if got != message.digest:
+            raise ManifestMismatch(
+                model=message.model, version=message.version, expected=message.digest, got=got
+            )
+        try:
+            manifest = decode_manifest(body)
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(
+                f"the manifest of {message.model} version {message.version} "
+                f"(digest {message.digest}) does not decode: {exc}"
+            ) from exc
+        if (manifest.model, manifest.version) != (message.model, message.version):
+            raise ProtocolError(
+                f"digest {message.digest} was announced as {message.model} version "
+                f"{message.version} but is {manifest.model} version {manifest.version}"
+            )
+        self._by_digest[message.digest] = manifest
+        while len(self._by_digest) > _MANIFESTS_CACHED:
+            self._by_digest.popitem(last=False)
+        return manifest
+
+    async def _fetch_manifest_body(self, model: str, version: int, digest: str) -> bytes:
+        """The encoded manifest of `digest`, unverified, from the broker (the one source
+        today; a relay peer can be a second one here). Raises BrokerTimeout, BrokerError."""
+        self.manifest_fetches += 1
+        reply = await self._request(
+            FetchManifest(request_id=next(self._ids), model=model, version=version, digest=digest)
+        )
+        if not isinstance(reply, ManifestBody):
+            raise ProtocolError(f"the broker answered FetchManifest with {type(reply).__name__}")
+        return reply.body
 
     def _queue_retire(self, message: Retire) -> None:
         self._requeue_retires()
@@ -589,6 +756,7 @@ async def connect(
             await client.goodbye()
         if client._rehello is not None:
             tasks.append(client._rehello)
+        tasks.extend(task for _, task in list(client._fetching.values()))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

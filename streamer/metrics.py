@@ -39,6 +39,9 @@ __all__ = [
     "FORBIDDEN_TOTAL",
     "INSECURE",
     "LATEST_VERSION",
+    "MANIFEST_FETCHES_TOTAL",
+    "MANIFEST_FETCH_BYTES_TOTAL",
+    "MANIFEST_FETCH_REFUSED_TOTAL",
     "MESSAGES_TOTAL",
     "PAUSE_SECONDS",
     "PEERS",
@@ -74,6 +77,9 @@ PAUSE_SECONDS = "weightstream_pause_seconds"
 ANNOUNCE_TO_APPLIED_SECONDS = "weightstream_announce_to_applied_seconds"
 FORBIDDEN_TOTAL = "weightstream_broker_forbidden_total"
 INSECURE = "weightstream_broker_insecure"
+MANIFEST_FETCHES_TOTAL = "weightstream_broker_manifest_fetches_total"
+MANIFEST_FETCH_BYTES_TOTAL = "weightstream_broker_manifest_fetch_bytes_total"
+MANIFEST_FETCH_REFUSED_TOTAL = "weightstream_broker_manifest_fetch_refused_total"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -93,6 +99,10 @@ class BrokerStats:
         self.applied_total = 0
         self.pull_failures_total = 0
         self.forbidden_total = 0
+        self.manifest_fetches_total = 0
+        """FetchManifest answered with the body (protocol 2: about one per subscriber and version)."""
+        self.manifest_fetch_bytes_total = 0
+        self.manifest_fetch_refused_total = 0
         self.security = "loopback"
         """`curve`, `loopback` (no keys, loopback only) or `insecure` (no keys, off loopback)."""
         self.state_write_errors_total = 0
@@ -162,6 +172,21 @@ class RegistryCollector:
                 FORBIDDEN_TOTAL,
                 "Messages refused because the sender's key has no right.",
                 stats.forbidden_total,
+            ),
+            (
+                MANIFEST_FETCHES_TOTAL,
+                "Manifests served by digest (FetchManifest).",
+                stats.manifest_fetches_total,
+            ),
+            (
+                MANIFEST_FETCH_BYTES_TOTAL,
+                "Bytes of manifests served by digest.",
+                stats.manifest_fetch_bytes_total,
+            ),
+            (
+                MANIFEST_FETCH_REFUSED_TOTAL,
+                "FetchManifest refused (unknown digest, unreadable version, over the per-connection cap).",
+                stats.manifest_fetch_refused_total,
             ),
         ):
             counter = CounterMetricFamily(name, text)

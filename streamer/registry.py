@@ -20,6 +20,7 @@ Version life cycle, per model::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import deque
@@ -27,8 +28,17 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from schemas.codec import encode
 from schemas.manifest import Manifest, Shard
-from schemas.messages import Announce, AppliedReached, Message, Retire, Withdraw
+from schemas.messages import (
+    PROTOCOL_VERSION,
+    Announce,
+    Announced,
+    AppliedReached,
+    Message,
+    Retire,
+    Withdraw,
+)
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest, validate_shard
 from streamer.errors import BrokerError, VersionUnavailable
 from streamer.waiters import Waiters
@@ -62,6 +72,10 @@ class Limits:
     """A gone peer (and its status rows) is forgotten this long after it went."""
     text_chars: int = 512
     """Failure reasons, hosts and names from peers are cut to this length."""
+    fetches_per_manifest: int = 8
+    """FetchManifest of one manifest a connection is served (a client fetches once, retries
+    a few times); past it the broker answers Error("bad_request"), so a flood costs at most
+    this many bodies per manifest kept."""
 
 
 @dataclass
@@ -98,6 +112,10 @@ class PeerState:
     """model -> the last version announced to this connection (no repeats on Subscribe)."""
     gone: bool = False
     gone_at: float = 0.0
+    protocol: int = PROTOCOL_VERSION
+    """The protocol its Hello spoke: 1 gets `Announce(manifest)`, 2 `Announced(digest)`."""
+    manifest_fetches: dict[str, int] = field(default_factory=dict)
+    """digest -> FetchManifest served to this connection (bounded, `Limits.fetches_per_manifest`)."""
 
 
 @dataclass
@@ -112,6 +130,35 @@ class VersionRecord:
     """Why nobody can read it any more (a publisher is gone); None while readable."""
     restored_at: float | None = None
     """Set when restored from the state file: its publishers get time to say Hello again."""
+    body: bytes = b""
+    """The manifest's msgpack encoding, made once (what `FetchManifest` serves)."""
+    digest: str = ""
+    """SHA-256 (hex) of `body`, computed once: what `Announced` names."""
+    announced: Announced | None = None
+    """The one protocol-2 announcement of this version, shared by every recipient."""
+    announce: Announce | None = None
+    """The one protocol-1 announcement (the whole manifest), made on first need."""
+
+    def __post_init__(self) -> None:
+        if not self.body:
+            self.body = encode(self.manifest)
+            self.digest = hashlib.sha256(self.body).hexdigest()
+        self.announced = Announced(
+            model=self.manifest.model,
+            version=self.manifest.version,
+            digest=self.digest,
+            nbytes=len(self.body),
+        )
+
+    def announcement(self, protocol: int) -> Announce | Announced:
+        """What a peer speaking `protocol` is told: the same object for every such peer, so
+        the broker encodes it once however many receive it."""
+        if protocol >= 2:
+            assert self.announced is not None
+            return self.announced
+        if self.announce is None:
+            self.announce = Announce(manifest=self.manifest)
+        return self.announce
 
 
 @dataclass
@@ -202,7 +249,15 @@ class Registry:
     # peers
 
     def hello(
-        self, peer_id: str, role: str, host: str, pid: int, now: float, *, name: str = ""
+        self,
+        peer_id: str,
+        role: str,
+        host: str,
+        pid: int,
+        now: float,
+        *,
+        name: str = "",
+        protocol: int = PROTOCOL_VERSION,
     ) -> None:
         """A peer (re)connects. A reconnect keeps what it reported and its leases: a peer
         that lost the broker for a moment still holds the versions it is reading."""
@@ -224,6 +279,7 @@ class Registry:
             connected_at=now,
             last_seen=now,
             name=self._text(name) or f"{host}:{pid}",
+            protocol=protocol,
         )
         if previous is not None:
             state.applied = previous.applied
@@ -454,11 +510,11 @@ class Registry:
         for old, record in model.versions.items():
             if old not in readable:
                 record.retiring = True
-        announce = Announce(manifest=manifest)
+        record = model.versions[version]
         for peer in self.peers.values():
             if name in peer.subscriptions and not peer.gone:
                 peer.announced[name] = version
-                out.append((peer.peer_id, announce))
+                out.append((peer.peer_id, record.announcement(peer.protocol)))
         return out + self._retire_unleased(now)
 
     def _retire_unleased(self, now: float) -> Outbox:
@@ -567,6 +623,43 @@ class Registry:
             return None
         peer.announced[model_name] = record.manifest.version
         return record.manifest
+
+    def announcement(self, peer_id: str, manifest: Manifest) -> Announce | Announced:
+        """How `manifest` (a version this registry keeps) is announced to this peer."""
+        record = self.models[manifest.model].versions[manifest.version]
+        return record.announcement(self.peers[peer_id].protocol)
+
+    def manifest_body(self, peer_id: str, model_name: str, version: int, digest: str) -> bytes:
+        """The encoded manifest whose SHA-256 is `digest`, for `FetchManifest`: the bytes made
+        once at the announcement, never encoded again. Any version the registry still keeps
+        (readable or retiring) is served; `VersionUnavailable` says why not otherwise."""
+        model = self.models.get(model_name)
+        record = model.versions.get(version) if model else None
+        if record is None or record.digest != digest:
+            kept = sorted(model.versions) if model else []
+            raise VersionUnavailable(
+                "version_unavailable",
+                f"no manifest with digest {digest[:16]}... for {model_name} version {version} "
+                f"(versions kept: {kept}); wait for the next announcement",
+            )
+        if record.unreadable is not None:
+            raise VersionUnavailable(
+                "version_unavailable",
+                f"{model_name} version {version} is no longer readable ({record.unreadable})",
+            )
+        peer = self.peers[peer_id]
+        served = peer.manifest_fetches.get(digest, 0)
+        if served >= self.limits.fetches_per_manifest:
+            raise BrokerError(
+                "bad_request",
+                f"this connection already fetched manifest {digest[:16]}... {served} times "
+                "(limits.fetches_per_manifest); cache it by digest",
+            )
+        peer.manifest_fetches[digest] = served + 1
+        # One entry per manifest fetched: keep the newest few (a version's fetches come together).
+        while len(peer.manifest_fetches) > 2 * self.limits.subscriptions_per_peer:
+            del peer.manifest_fetches[next(iter(peer.manifest_fetches))]
+        return record.body
 
     def readable_latest(self, model_name: str) -> VersionRecord | None:
         model = self.models.get(model_name)

@@ -15,7 +15,9 @@ import zmq.asyncio
 from schemas.codec import decode_message, encode
 from schemas.manifest import BucketSpec, FrameLocator, RegionSpec, Shard, TensorSpec
 from schemas.messages import (
+    PROTOCOL_VERSION,
     Announce,
+    Announced,
     Error,
     Hello,
     Message,
@@ -75,15 +77,18 @@ class RawPeer:
             return decode_message(await self.socket.recv())
 
     async def reply(self, *, timeout_s: float = 10) -> Message:
-        """The next message that is not a push (Retire, Announce) the broker sends anyway."""
+        """The next message that is not a push (Retire, Announce, Announced) the broker
+        sends anyway."""
         while True:
             message = await self.recv(timeout_s=timeout_s)
-            if not isinstance(message, Retire | Announce):
+            if not isinstance(message, Retire | Announce | Announced):
                 return message
 
-    async def hello(self, role: str = "publisher") -> Welcome:
-        """Say hello (again: a raw peer sends no heartbeats, so the broker forgets it)."""
-        await self.send_raw(encode(Hello(peer_id=self.peer_id, role=role)))  # type: ignore[arg-type]
+    async def hello(self, role: str = "publisher", *, protocol: int = PROTOCOL_VERSION) -> Welcome:
+        """Say hello (again: a raw peer sends no heartbeats, so the broker forgets it);
+        `protocol=1` to be sent whole manifests (`Announce`) instead of digests."""
+        hello = Hello(peer_id=self.peer_id, role=role, protocol_version=protocol)  # type: ignore[arg-type]
+        await self.send_raw(encode(hello))
         reply = await self.reply()
         assert isinstance(reply, Welcome), reply
         return reply

@@ -108,7 +108,8 @@ async def test_deep_frames_to_the_broker_and_a_trainers_bulk_port_kill_neither(
             return [m["latest"] for m in models] == [1]
 
         await wait_for(announced, timeout_s=60, what="version 1", fleet=fleet)
-        await peer.hello("observer")  # again: a raw peer sends no heartbeats
+        # Again (a raw peer sends no heartbeats), as a protocol-1 peer: the whole manifest.
+        await peer.hello("observer", protocol=1)
         await peer.send_raw(encode(Subscribe(request_id=1, model="llama")))
         announce = None
         while announce is None:

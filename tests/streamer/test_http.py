@@ -26,6 +26,9 @@ from streamer.metrics import (
     FORBIDDEN_TOTAL,
     INSECURE,
     LATEST_VERSION,
+    MANIFEST_FETCH_BYTES_TOTAL,
+    MANIFEST_FETCH_REFUSED_TOTAL,
+    MANIFEST_FETCHES_TOTAL,
     MESSAGES_TOTAL,
     PAUSE_SECONDS,
     PEERS,
@@ -327,6 +330,9 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         ANNOUNCE_TO_APPLIED_SECONDS: "histogram",
         FORBIDDEN_TOTAL: "counter",
         INSECURE: "gauge",
+        MANIFEST_FETCHES_TOTAL: "counter",
+        MANIFEST_FETCH_BYTES_TOTAL: "counter",
+        MANIFEST_FETCH_REFUSED_TOTAL: "counter",
     }
     assert all(name.startswith("weightstream_") for name in types)
     assert samples[(ANNOUNCED_TOTAL, frozenset())] == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from schemas.manifest import BucketSpec, FrameLocator, RegionSpec, Shard, TensorSpec
-from schemas.messages import Announce, AppliedReached, Retire
+from schemas.messages import Announced, AppliedReached, Retire
 from streamer.errors import BrokerError, VersionUnavailable
 from streamer.registry import Outbox, Registry
 
@@ -153,8 +153,9 @@ def test_a_multi_rank_version_is_announced_only_once_every_rank_is_in() -> None:
     assert announced
     [(peer, message)] = out
     assert peer == "sub"
-    assert isinstance(message, Announce)
-    manifest = message.manifest
+    assert isinstance(message, Announced)
+    manifest = reg.models[MODEL].versions[1].manifest
+    assert message.digest == reg.models[MODEL].versions[1].digest
     assert manifest.world_size == 2
     # Rank order, not arrival order: rank 0's region first.
     assert [(t.name, t.region) for t in manifest.tensors] == [("a", 0), ("b", 1)]
@@ -238,7 +239,7 @@ def test_announcements_reach_subscribers_only() -> None:
 
     out = publish(reg, 1)
 
-    assert [peer for peer, m in out if isinstance(m, Announce)] == ["sub"]
+    assert [peer for peer, m in out if isinstance(m, Announced)] == ["sub"]
     assert reg.subscribe("sub2", MODEL) is not None  # a late joiner gets the latest at once
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.messages import Announce, AppliedReached, Error, Retire, Withdraw
+from schemas.messages import Announced, AppliedReached, Error, Retire, Withdraw
 from streamer.errors import BrokerError
 from streamer.http import fleet, model_summary
 from streamer.registry import Limits, Outbox, Registry
@@ -63,8 +63,9 @@ def test_a_half_published_version_survives_a_restart_and_completes() -> None:
     assert announced
     [(peer, message)] = out
     assert peer == "sub"
-    assert isinstance(message, Announce)
-    assert [t.name for t in message.manifest.tensors] == ["a", "b"]
+    assert isinstance(message, Announced)
+    manifest = restored.models[MODEL].versions[1].manifest
+    assert [t.name for t in manifest.tensors] == ["a", "b"]
     assert restored.models[MODEL].versions[1].publishers == {"pub", "pub1"}
 
 
