@@ -488,8 +488,10 @@ class Fleet:
             f"heartbeat_interval_s = {args.heartbeat_s}\npeer_timeout_s = {args.peer_timeout_s}\n"
             f"retention = 2\n"
         )
+        profile = ["-m", "cProfile", "-o", args.broker_profile] if args.broker_profile else []
         cmd = [
             sys.executable,
+            *profile,
             "-m",
             "weightstream",
             "broker",
@@ -641,10 +643,13 @@ class Bench:
     ) -> Round | None:
         fleet, args = self.fleet, self.args
         nbytes = self.manifest_bytes[size]
-        if protocol == 1 and args.subscribers * nbytes > args.max_fanout_gib * (1 << 30):
+        # protocol 1 sends the manifest to everyone; protocol 2 with one fetch per subscriber
+        # too (over the same broker socket), with one fetch per process `workers` copies
+        copies = args.subscribers if protocol == 1 or args.fetch == "subscriber" else args.workers
+        if copies * nbytes > args.max_fanout_gib * (1 << 30):
             note = (
-                f"protocol 1, {size} manifest ({nbytes / 1e6:.2f} MB) x {args.subscribers} "
-                f"subscribers = {args.subscribers * nbytes / 1e9:.1f} GB per version: not run "
+                f"protocol {protocol} (fetch={args.fetch}), {size} manifest ({nbytes / 1e6:.2f} MB)"
+                f" x {copies} copies = {copies * nbytes / 1e9:.1f} GB per version: not run "
                 f"(over --max-fanout-gib {args.max_fanout_gib})"
             )
             if note not in self.skipped:
@@ -983,6 +988,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--broker-log-level", default="WARNING")
     parser.add_argument(
         "--broker-pythonpath", help="run the broker of another checkout (a same-run baseline)"
+    )
+    parser.add_argument(
+        "--broker-profile", help="run the broker under cProfile, the profile written here"
     )
     parser.add_argument("--json", help="write every figure here")
     return parser
