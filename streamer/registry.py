@@ -41,6 +41,7 @@ from schemas.messages import (
 )
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest, validate_shard
 from streamer.errors import BrokerError, VersionUnavailable
+from streamer.peer_index import AppliedCounts, Liveness
 from streamer.waiters import Waiters
 
 __all__ = ["Limits", "Outbox", "PeerState", "PullProgress", "Registry", "VersionRecord"]
@@ -241,6 +242,10 @@ class Registry:
         )
         self.dirty = False
         """True when something worth persisting changed since the last `snapshot()`."""
+        self._liveness = Liveness()
+        self._applied_counts = AppliedCounts()
+        self._subscriber_ids: list[str] | None = None
+        """Subscribers' peer ids, sorted (status pages them); None when it must be rebuilt."""
 
     def _text(self, value: str) -> str:
         limit = self.limits.text_chars
@@ -282,13 +287,46 @@ class Registry:
             protocol=protocol,
         )
         if previous is not None:
+            self._uncount(previous)
             state.applied = previous.applied
             state.applied_at = previous.applied_at
             state.last_pull_s = previous.last_pull_s
             state.last_pause_s = previous.last_pause_s
             state.last_error = previous.last_error
             state.failed_version = previous.failed_version
+        if previous is None or previous.role != role:
+            self._subscriber_ids = None
         self.peers[peer_id] = state
+        self._count(state)
+        self._liveness.heard(peer_id, now)
+
+    def subscriber_ids(self) -> list[str]:
+        """Every subscriber's peer id, sorted; rebuilt only when one joins or is forgotten."""
+        if self._subscriber_ids is None:
+            self._subscriber_ids = sorted(
+                p.peer_id for p in self.peers.values() if p.role == "subscriber"
+            )
+        return self._subscriber_ids
+
+    # the peer indexes (streamer.peer_index): a live subscriber's applied versions are counted
+
+    def _count(self, peer: PeerState) -> None:
+        if peer.role == "subscriber" and not peer.gone:
+            for model, version in peer.applied.items():
+                self._applied_counts.add(model, version)
+
+    def _uncount(self, peer: PeerState) -> None:
+        if peer.role == "subscriber" and not peer.gone:
+            for model, version in peer.applied.items():
+                self._applied_counts.remove(model, version)
+
+    def _set_applied(self, peer: PeerState, model: str, version: int) -> None:
+        if peer.role == "subscriber" and not peer.gone:
+            previous = peer.applied.get(model)
+            if previous is not None:
+                self._applied_counts.remove(model, previous)
+            self._applied_counts.add(model, version)
+        peer.applied[model] = version
 
     def known(self, peer_id: str) -> bool:
         peer = self.peers.get(peer_id)
@@ -297,6 +335,7 @@ class Registry:
     def touch(self, peer_id: str, now: float) -> None:
         peer = self.peers[peer_id]
         peer.last_seen = now
+        self._liveness.heard(peer_id, now)
         for model in self.models.values():
             for record in model.versions.values():
                 if peer_id in record.leases:
@@ -309,6 +348,8 @@ class Registry:
         return self._withdraw_unreadable(now) + self._retire_unleased(now)
 
     def _mark_gone(self, peer: PeerState, now: float) -> None:
+        self._uncount(peer)
+        self._liveness.went(peer.peer_id, now)
         peer.gone = True
         peer.gone_at = now
         peer.progress.clear()
@@ -317,21 +358,20 @@ class Registry:
 
     def _forget_gone(self, now: float, *, everyone: bool = False) -> None:
         ttl = 0.0 if everyone else self.limits.gone_peer_ttl_s
-        for peer_id in [
-            p.peer_id for p in self.peers.values() if p.gone and now - p.gone_at >= ttl
-        ]:
+        for peer_id in self._liveness.gone_since(now=now, ttl_s=ttl):
             del self.peers[peer_id]
+            self._liveness.forgot(peer_id)
+            self._subscriber_ids = None
 
     def expire(self, now: float) -> Outbox:
         """The housekeeping tick: silent peers gone, gone peers forgotten after their TTL,
         leases past their time dropped, pending versions and waiters past theirs expired,
         versions nobody can read withdrawn."""
-        for peer in self.peers.values():
-            if not peer.gone and now - peer.last_seen > self.peer_timeout_s:
-                logger.warning(
-                    "peer gone peer=%s silent_s=%.1f", peer.peer_id, now - peer.last_seen
-                )
-                self._mark_gone(peer, now)
+        # Only the silent front of the liveness order is read: O(peers gone), not O(peers).
+        for peer_id in self._liveness.silent(now=now, timeout_s=self.peer_timeout_s):
+            peer = self.peers[peer_id]
+            logger.warning("peer gone peer=%s silent_s=%.1f", peer_id, now - peer.last_seen)
+            self._mark_gone(peer, now)
         self._forget_gone(now)
         out: Outbox = []
         for name, model in self.models.items():
@@ -720,7 +760,7 @@ class Registry:
         if model not in peer.applied and len(peer.applied) >= self.limits.subscriptions_per_peer:
             return []
         if version >= peer.applied.get(model, -1):
-            peer.applied[model] = version
+            self._set_applied(peer, model, version)
             peer.applied_at[model] = now
         peer.progress.pop(model, None)
         peer.last_pull_s[model] = pull_s
@@ -746,7 +786,7 @@ class Registry:
             ):
                 break
             if version > peer.applied.get(model, -1):
-                peer.applied[model] = version
+                self._set_applied(peer, model, version)
                 peer.applied_at[model] = now
                 self._clear_error(peer, model)
                 out += self._wake(model, version)
@@ -775,13 +815,8 @@ class Registry:
         return len(self.waiters)
 
     def count_applied(self, model: str, version: int) -> int:
-        return sum(
-            1
-            for peer in self.peers.values()
-            if not peer.gone
-            and peer.role == "subscriber"
-            and peer.applied.get(model, -1) >= version
-        )
+        """Live subscribers running `version` of `model` or newer (from the index: O(versions))."""
+        return self._applied_counts.at_least(model, version)
 
     def _wake(self, model: str, version: int) -> Outbox:
         return self.waiters.wake(model, version, self.count_applied)

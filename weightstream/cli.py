@@ -110,6 +110,16 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _lag(text: str) -> int:
+    try:
+        lag = int(text)
+    except ValueError:
+        lag = -1
+    if lag < 0:
+        raise argparse.ArgumentTypeError(f"bad lag {text!r}: a number of versions, 0 or more")
+    return lag
+
+
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmg]i?)?b?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
@@ -469,6 +479,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"the broker's status URL (env WEIGHTSTREAM_HTTP; default {DEFAULT_HTTP})",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument(
+        "--min-lag",
+        type=_lag,
+        default=None,
+        metavar="N",
+        help="only subscribers N or more versions behind the newest (and those with none yet)",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -579,7 +596,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from weightstream.status import fetch_status, render_status
 
-        status = asyncio.run(fetch_status(args.http.rstrip("/")))
+        status = asyncio.run(fetch_status(args.http.rstrip("/"), min_lag=args.min_lag))
         print(json.dumps(status, indent=2) if args.json else render_status(status))
         return 0
     if args.command in ("keys", "admin"):

@@ -13,15 +13,20 @@ _ROWS = 1000
 """Subscriber rows fetched; the table says how many more there are."""
 
 
-async def fetch_status(http_url: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
-    """Models and subscribers from the broker's status endpoint; OSError saying what to do."""
+async def fetch_status(
+    http_url: str, *, timeout_s: float = 5.0, min_lag: int | None = None
+) -> dict[str, Any]:
+    """Models and subscribers from the broker's status endpoint; OSError saying what to do.
+
+    `min_lag`: only subscribers at least that many versions behind their model's newest."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+    query = f"limit={_ROWS}" + (f"&min_lag={min_lag}" if min_lag is not None else "")
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.get(f"{http_url}/v1/models") as response:
                 response.raise_for_status()
                 models = await response.json()
-            async with session.get(f"{http_url}/v1/subscribers?limit={_ROWS}") as response:
+            async with session.get(f"{http_url}/v1/subscribers?{query}") as response:
                 response.raise_for_status()
                 subscribers = await response.json()
     except (aiohttp.ClientError, TimeoutError) as exc:

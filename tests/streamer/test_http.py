@@ -468,3 +468,46 @@ async def test_subscribers_come_in_pages_filtered_by_model_and_state(
             status, body = await get(broker, f"/v1/subscribers?{bad}")
             assert status == 400, bad
             assert body["error"] == "bad_request"
+
+
+async def test_subscribers_filtered_by_lag_are_those_that_many_versions_behind(
+    broker: RunningBroker, zmq_ctx
+) -> None:
+    await publish_versions(broker, zmq_ctx, 1, 2, 3)
+    async with contextlib.AsyncExitStack() as stack:
+        for applied in (3, 2, 1, None):
+            config = msgspec.structs.replace(broker.client_config(), name=f"at-{applied}")
+            client = await stack.enter_async_context(
+                connect(config, role="subscriber", context=zmq_ctx)
+            )
+            await client.subscribe(MODEL)
+            if applied is not None:
+                await client.report_applied(MODEL, applied, pull_s=0.1, pause_s=0.0, nbytes=1)
+
+        async def reported() -> bool:
+            _, body = await get(broker, "/v1/subscribers?min_lag=0")
+            return sum(r["applied_version"] is not None for r in body["subscribers"]) == 3
+
+        await eventually(reported)
+        # Never applied counts as behind any lag.
+        expected: dict[int, set[int | None]] = {
+            0: {3, 2, 1, None},
+            1: {2, 1, None},
+            2: {1, None},
+            3: {None},
+            99: {None},
+        }
+        for min_lag, versions in expected.items():
+            status, body = await get(broker, f"/v1/subscribers?min_lag={min_lag}")
+            assert status == 200
+            rows = body["subscribers"]
+            assert body["total"] == len(versions), (min_lag, rows)
+            assert {r["applied_version"] for r in rows} == versions
+            assert {r["name"] for r in rows} == {f"at-{v}" for v in versions}
+            assert all(r["lag"] is None or r["lag"] >= min_lag for r in rows)
+        _, other = await get(broker, "/v1/subscribers?min_lag=0&model=other")
+        assert other["total"] == 0
+        for bad in ("min_lag=-1", "min_lag=x", "min_lag="):
+            status, body = await get(broker, f"/v1/subscribers?{bad}")
+            assert status == 400, bad
+            assert "min_lag" in body["detail"]
