@@ -73,6 +73,8 @@ from schemas.messages import (
     Heartbeat,
     Hello,
     ManifestBody,
+    Published,
+    PublishShard,
     Subscribe,
     Subscribed,
     Welcome,
@@ -80,7 +82,7 @@ from schemas.messages import (
 from schemas.validate import ManifestLimits, validate_manifest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from schemas.manifest import Shard
 
@@ -159,6 +161,8 @@ class WorkerSpec:
     fetch: str
     curve: tuple[bytes, bytes, bytes] | None
     """(client public, client secret, broker public), z85."""
+    protocol: int = 2
+    """The protocol of the first Hello."""
 
 
 @dataclass
@@ -412,7 +416,7 @@ class _Worker:
 
     def run(self) -> None:
         self.open()
-        self.hello(2)
+        self.hello(self.spec.protocol)
         fd = self.conn.fileno()
         self.poller.register(fd, zmq.POLLIN)
         running = True
@@ -500,15 +504,16 @@ class Fleet:
             *profile,
             "-m",
             "weightstream",
+            # an older checkout's CLI takes --log-level before the command
+            *(["--log-level", args.broker_log_level] if args.broker_pythonpath else []),
             "broker",
+            *([] if args.broker_pythonpath else ["--log-level", args.broker_log_level]),
             "--config",
             str(config),
             "--endpoint",
             "tcp://127.0.0.1:0",
             "--http-port",
             "0",
-            "--log-level",
-            args.broker_log_level,
             "--ready-file",
             str(self.workdir / "ready.json"),
         ]
@@ -549,7 +554,9 @@ class Fleet:
         for index in range(w):
             count = n // w + (1 if index < n % w else 0)
             ours, theirs = spawn.Pipe()
-            spec = WorkerSpec(index, count, self.endpoint, MODEL, self.args.fetch, self.curve())
+            spec = WorkerSpec(
+                index, count, self.endpoint, MODEL, self.args.fetch, self.curve(), self.protocol
+            )
             process = spawn.Process(target=_worker_main, args=(spec, theirs), daemon=True)
             process.start()
             self.conns.append(ours)
@@ -605,6 +612,86 @@ class Fleet:
                 self.broker.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.broker.kill()
+
+
+class PublishRefusedError(Exception):
+    """The broker answered a publish with an Error."""
+
+
+class RawPublisher:
+    """A protocol-1 publisher for an older broker (`--broker-pythonpath`): Hello, PublishShard
+    -> Published, a Heartbeat every second. The project's client speaks protocol 2 only."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.ROUTING_ID, b"fleet-publisher")
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.ids = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def _reply(self, kind: type, timeout_s: float = 60.0) -> Any:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = decode_message(await self.socket.recv())
+                if isinstance(message, Error):
+                    raise PublishRefusedError(f"broker refused: {message}")
+                if isinstance(message, kind):
+                    return message
+
+    async def start(self) -> None:
+        hello = Hello(peer_id="fleet-publisher", role="publisher", protocol_version=1)
+        await self.socket.send(encode(hello))
+        await self._reply(Welcome)
+        self.task = asyncio.create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.socket.send(encode(Heartbeat()))
+
+    async def publish(self, model: str, version: int, rank: int, world: int, shard: Shard) -> Any:
+        self.ids += 1
+        message = PublishShard(
+            request_id=self.ids,
+            model=model,
+            version=version,
+            rank=rank,
+            world_size=world,
+            shard=shard,
+        )
+        await self.socket.send(encode(message))
+        return await self._reply(Published)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.socket.close(linger=0)
+
+
+@contextlib.asynccontextmanager
+async def publisher(fleet: Fleet, context: zmq.asyncio.Context) -> AsyncIterator[Any]:
+    """The project's client as a publisher, or a protocol-1 one for an older broker."""
+    args = fleet.args
+    if args.broker_pythonpath:
+        raw = RawPublisher(context, fleet.endpoint)
+        try:
+            await raw.start()
+            yield raw
+        finally:
+            raw.close()
+        return
+    from streamer.client import connect
+    from streamer.config import ClientConfig
+
+    config = ClientConfig(
+        broker=fleet.endpoint,
+        key_file=str(fleet.keys["trainer"]) if args.curve else None,
+        broker_key_file=str(fleet.keys["broker.public"]) if args.curve else None,
+        request_timeout_s=args.timeout_s,
+    )
+    async with connect(config, role="publisher", context=context) as client:
+        yield client
 
 
 @dataclass
@@ -812,10 +899,10 @@ async def status_phase(bench: Bench, client: Any, session: aiohttp.ClientSession
             polls.extend(t[0])
 
     for _ in range(args.rounds):
-        await bench.publish_round(client, "small", 2, label="quiet")
+        await bench.publish_round(client, "small", fleet.protocol, label="quiet")
         task = asyncio.create_task(poll())
         await asyncio.sleep(0.2)
-        await bench.publish_round(client, "small", 2, label="polling")
+        await bench.publish_round(client, "small", fleet.protocol, label="polling")
         stop.set()
         await task
         stop.clear()
@@ -849,9 +936,6 @@ def summarize(rounds: list[Round]) -> list[dict[str, Any]]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from streamer.client import connect
-    from streamer.config import ClientConfig
-
     workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     fleet = Fleet(args, workdir)
     bench = Bench(args, fleet)
@@ -868,6 +952,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "fetch": args.fetch,
         "heartbeat_s": args.heartbeat_s,
     }
+    protocols = [int(p) for p in args.protocols.split(",")]
+    fleet.protocol = protocols[0]
     fleet.start_broker()
     context = zmq.asyncio.Context()
     try:
@@ -882,14 +968,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rss1 = proc_rss(fleet.pid)
         results["rss_before_mb"] = rss0 / 1e6
         results["rss_per_subscriber_kb"] = (rss1 - rss0) / args.subscribers / 1e3
-        config = ClientConfig(
-            broker=fleet.endpoint,
-            key_file=str(fleet.keys["trainer"]) if args.curve else None,
-            broker_key_file=str(fleet.keys["broker.public"]) if args.curve else None,
-            request_timeout_s=args.timeout_s,
-        )
         async with (
-            connect(config, role="publisher", context=context) as client,
+            publisher(fleet, context) as client,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
         ):
             # one version of each size first: everyone holds one, and encoding sizes are known
@@ -899,7 +979,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for rank, shard in enumerate(shards):
                     await client.publish(MODEL, fleet.version, rank, len(shards), shard)
                 bench.manifest_bytes[size] = len(encode(_assembled(shards, fleet.version)))
-            await fleet.switch(2)
+            await fleet.switch(protocols[0])
             bench.idle_cpu_rate = await bench.idle_cpu(3.0)
             results["idle_cpu_rate"] = bench.idle_cpu_rate
             results["rss_after_versions_per_subscriber_kb"] = (
@@ -910,15 +990,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"subscriber; heartbeat-only CPU {bench.idle_cpu_rate * 100:.0f} % of a core",
                 flush=True,
             )
-            protocols = [int(p) for p in args.protocols.split(",")]
             for size in sizes:
                 for r in range(args.rounds):
                     order = protocols if r % 2 == 0 else protocols[::-1]
                     for protocol in order:
                         await bench.publish_round(client, size, protocol)
             if args.status:
-                if fleet.protocol != 2:
-                    await fleet.switch(2)
+                if fleet.protocol != max(protocols):
+                    await fleet.switch(max(protocols))
                 results["status"] = await status_phase(bench, client, session)
             counts, late = await fleet.stats()
             gone = (
