@@ -175,7 +175,8 @@ class _Sock:
     held: int | None = None
     """The newest version this subscriber is notified of (announcement and manifest)."""
     digests: set[str] = field(default_factory=set)
-    fetching: str | None = None
+    fetching: set[str] = field(default_factory=set)
+    """Digests this subscriber asked for and has not received yet."""
 
 
 class _Worker:
@@ -232,7 +233,6 @@ class _Worker:
         self.ready_pending = True
         for i, sock in enumerate(self.socks):
             sock.protocol, sock.welcomed, sock.subscribed = protocol, False, False
-            sock.fetching = None
             hello = Hello(
                 peer_id=f"fleet-{self.spec.index}-{i}",
                 role="subscriber",
@@ -273,7 +273,7 @@ class _Worker:
     def _fetch(self, i: int, version: int, digest: str) -> None:
         sock = self.socks[i]
         self.request_ids += 1
-        sock.fetching = digest
+        sock.fetching.add(digest)
         self._send(
             sock,
             FetchManifest(
@@ -311,7 +311,7 @@ class _Worker:
                 sock.latest = max(sock.latest or 0, version)
             case ManifestBody(digest=digest, body=body):
                 self.count("manifest_body")
-                if hashlib.sha256(body).hexdigest() != digest or sock.fetching != digest:
+                if digest not in sock.fetching or hashlib.sha256(body).hexdigest() != digest:
                     self.count("bad_manifest_body")
                     return
                 if digest not in self.validated:
@@ -319,7 +319,7 @@ class _Worker:
                     validate_manifest(manifest, ManifestLimits())
                     self.validated.add(digest)
                     self.versions_of[digest] = manifest.version
-                sock.fetching = None
+                sock.fetching.discard(digest)
                 version = self.versions_of[digest]
                 sock.digests.add(digest)
                 if self.spec.fetch == "process":
