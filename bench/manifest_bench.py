@@ -251,14 +251,16 @@ def print_table(out: dict[str, Any]) -> None:
     ]
     for label, value in rows:
         print(f"| {label} | {value} |")
-    for row in out.get("fleet", {}).get("summary", []):
-        print(
-            f"| reach {out['fleet']['subscribers']} subscribers, protocol {row['protocol']} "
-            f"(fetch={out['fleet']['fetch']}), p50 / p99 / max | {row['p50_ms']:.0f} / "
-            f"{row['p99_ms']:.0f} / {row['max_ms']:.0f} ms (broker CPU {row['cpu_ms']:.0f} ms) |"
-        )
-    for note in out.get("fleet", {}).get("skipped", []):
-        print(f"| {note} | |")
+    for key in ("fleet", "small_fleet"):
+        fleet = out.get(key, {})
+        for row in fleet.get("summary", []):
+            print(
+                f"| reach {fleet['subscribers']} subscribers, protocol {row['protocol']} "
+                f"(fetch={fleet['fetch']}), p50 / p99 / max | {row['p50_ms']:.0f} / "
+                f"{row['p99_ms']:.0f} / {row['max_ms']:.0f} ms (broker CPU {row['cpu_ms']:.0f} ms) |"
+            )
+        for note in fleet.get("skipped", []):
+            print(f"| {note} | |")
 
 
 def main() -> None:
@@ -266,6 +268,12 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fleet", type=int, default=1000, help="subscribers (0: no fleet run)")
+    parser.add_argument(
+        "--small-fleet",
+        type=int,
+        default=50,
+        help="a second run this size, one fetch per subscriber, where protocol 1 fits (0: none)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--protocols", default="2,1")
     parser.add_argument("--fetch", choices=("subscriber", "process"), default="process")
@@ -281,12 +289,15 @@ def main() -> None:
     out["command"] = " ".join(sys.argv)
     out["machine"] = f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}"
     out["load_before"] = os.getloadavg()
-    if args.fleet:
-        fleet_bench.SIZES["kimi-k2"] = lambda: shards
+    fleet_bench.SIZES["kimi-k2"] = lambda: shards
+    runs = [("fleet", args.fleet, args.fetch), ("small_fleet", args.small_fleet, "subscriber")]
+    for key, subscribers, fetch in runs:
+        if not subscribers:
+            continue
         fleet_args = fleet_bench.parser().parse_args(
             [
                 "--subscribers",
-                str(args.fleet),
+                str(subscribers),
                 "--workers",
                 str(args.workers),
                 "--rounds",
@@ -296,7 +307,7 @@ def main() -> None:
                 "--protocols",
                 args.protocols,
                 "--fetch",
-                args.fetch,
+                fetch,
                 "--max-fanout-gib",
                 str(args.max_fanout_gib),
                 *([] if args.curve else ["--no-curve"]),
@@ -305,7 +316,7 @@ def main() -> None:
         fleet = asyncio.run(fleet_bench.run(fleet_args))
         fleet_bench.print_summary(fleet)
         fleet.pop("broker_log_tail", None)
-        out["fleet"] = fleet
+        out[key] = fleet
     print_table(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
