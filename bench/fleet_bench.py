@@ -806,6 +806,9 @@ class Bench:
         )
         print(result.line(), flush=True)
         self.rounds.append(result)
+        if args.json:  # kept as it goes: a run stopped at its limit still leaves its rounds
+            partial = {"partial": True, "rounds": [r.__dict__ for r in self.rounds]}
+            Path(args.json).write_text(json.dumps(partial, indent=1))  # noqa: ASYNC240
         return result
 
     async def idle_cpu(self, seconds: float) -> float:
@@ -1080,7 +1083,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--subscribers", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=4, help="subscriber processes")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per size and protocol")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per size and protocol")
     parser.add_argument("--sizes", default="small,large", help=f"of {list(SIZES)}")
     parser.add_argument("--protocols", default="2,1", help="alternated round by round")
     parser.add_argument("--fetch", choices=("subscriber", "process"), default="subscriber")
