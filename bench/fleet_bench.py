@@ -480,6 +480,27 @@ def proc_rss(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
+def registry_bytes_per_subscriber(n: int) -> float:
+    """The Python side of a subscriber in the broker: `Registry` state after Hello, Subscribe
+    and one heartbeat of n peers (tracemalloc, in this process), per peer."""
+    import tracemalloc
+
+    from streamer.registry import Registry
+
+    registry = Registry()
+    now = time.time()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        peer = f"fleet-{i // 2500}-{i % 2500}"
+        registry.hello(peer, "subscriber", "fleet-bench", 4242, now, name=peer)
+        registry.subscribe(peer, MODEL)
+        registry.heartbeat(peer, {MODEL: 1}, now)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / n
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -985,6 +1006,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rss1 = proc_rss(fleet.pid)
         results["rss_before_mb"] = rss0 / 1e6
         results["rss_per_subscriber_kb"] = (rss1 - rss0) / args.subscribers / 1e3
+        results["registry_per_subscriber_kb"] = (
+            registry_bytes_per_subscriber(args.subscribers) / 1e3
+        )
         async with (
             publisher(fleet, context) as client,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
@@ -1067,7 +1091,8 @@ def print_summary(results: dict[str, Any]) -> None:
         print(f"- {note}")
     print(
         f"- broker RSS per subscriber: {results['rss_per_subscriber_kb']:.1f} KB after Hello + "
-        f"Subscribe, {results['rss_end_per_subscriber_kb']:.1f} KB at the end"
+        f"Subscribe, {results['rss_end_per_subscriber_kb']:.1f} KB at the end; of it the "
+        f"Registry's Python state {results['registry_per_subscriber_kb']:.1f} KB (tracemalloc)"
     )
     print(
         f"- heartbeats: {results['client_counts'].get('heartbeat', 0)} sent, "
