@@ -501,6 +501,68 @@ def registry_bytes_per_subscriber(n: int) -> float:
     return (after - before) / n
 
 
+_BARE_ROUTER = """
+import sys, time, zmq
+n, secret, public = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3].encode()
+socket = zmq.Context().socket(zmq.ROUTER)
+if secret:
+    socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
+print(socket.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+for _ in range(n):
+    if not socket.poll(60_000):
+        sys.exit("the DEALERs stopped sending")
+    socket.recv_multipart()
+print("done", flush=True)
+time.sleep(120)
+"""
+
+
+def bare_router_bytes_per_connection(n: int, curve: bool) -> float:
+    """libzmq's share of a subscriber: the RSS a ROUTER process with no Python state gains per
+    connected DEALER (each has said one frame)."""
+    server_public, server_secret = zmq.curve_keypair() if curve else (b"", b"")
+    client_public, client_secret = zmq.curve_keypair()
+    router = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _BARE_ROUTER,
+            str(n),
+            server_secret.decode(),
+            server_public.decode(),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert router.stdout is not None
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, n + 16)
+    try:
+        port = int(router.stdout.readline())
+        time.sleep(0.3)
+        before = proc_rss(router.pid)
+        dealers = []
+        for _ in range(n):
+            dealer = context.socket(zmq.DEALER)
+            dealers.append(dealer)  # a collected socket closes, its frame unsent
+            dealer.setsockopt(zmq.LINGER, 0)
+            if curve:
+                dealer.curve_serverkey = server_public
+                dealer.curve_publickey, dealer.curve_secretkey = client_public, client_secret
+            dealer.connect(f"tcp://127.0.0.1:{port}")
+            dealer.send(b"hello")
+        deadline = time.monotonic() + 60
+        while router.stdout.readline() != "done\n":
+            if time.monotonic() > deadline or router.poll() is not None:
+                raise TimeoutError("the bare ROUTER did not hear every DEALER")
+        time.sleep(0.3)
+        return (proc_rss(router.pid) - before) / n
+    finally:
+        router.kill()
+        router.wait()
+        context.destroy(linger=0)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -1006,8 +1068,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rss1 = proc_rss(fleet.pid)
         results["rss_before_mb"] = rss0 / 1e6
         results["rss_per_subscriber_kb"] = (rss1 - rss0) / args.subscribers / 1e3
+        results["bare_router_per_connection_kb"] = (
+            bare_router_bytes_per_connection(min(args.subscribers, 2000), args.curve) / 1e3
+        )
+        # this checkout's Registry (not an older broker's)
         results["registry_per_subscriber_kb"] = (
-            registry_bytes_per_subscriber(args.subscribers) / 1e3
+            0.0 if args.broker_pythonpath else registry_bytes_per_subscriber(args.subscribers) / 1e3
         )
         async with (
             publisher(fleet, context) as client,
@@ -1092,7 +1158,9 @@ def print_summary(results: dict[str, Any]) -> None:
     print(
         f"- broker RSS per subscriber: {results['rss_per_subscriber_kb']:.1f} KB after Hello + "
         f"Subscribe, {results['rss_end_per_subscriber_kb']:.1f} KB at the end; of it the "
-        f"Registry's Python state {results['registry_per_subscriber_kb']:.1f} KB (tracemalloc)"
+        f"Registry's Python state {results['registry_per_subscriber_kb']:.1f} KB (tracemalloc); "
+        f"a bare libzmq ROUTER gains {results['bare_router_per_connection_kb']:.1f} KB per "
+        "connection"
     )
     print(
         f"- heartbeats: {results['client_counts'].get('heartbeat', 0)} sent, "
