@@ -101,7 +101,12 @@ _REDELIVER_PER_PEER = 64
 _REDELIVERED = (Retire, Withdraw, AppliedReached)
 """Messages that matter enough to re-send after the peer's next Hello."""
 _FRAMES_CACHED = 16
-"""Encoded announcements kept (two per version at most; the newest versions matter)."""
+"""Encoded announcements and manifest replies kept (the newest matter)."""
+_FRAMES_BYTES = 256 * 1024 * 1024
+"""... and at most this many bytes of them (the newest one is always kept)."""
+_BODIES_CACHED = 8
+"""ManifestBody replies kept by (digest, request_id): a homogeneous fleet's subscribers ask
+with the same request ids, and then share one frame instead of a copy of the body each."""
 _STATE_ERROR_LOG_S = 60.0
 _OWNERS_FILE = "owners.json"
 
@@ -124,10 +129,14 @@ class Broker:
             limits=config.limits(),
         )
         self.stats = BrokerStats(started_at=time.time())
-        self.stats.registry.register(RegistryCollector(self.registry, self.stats))
+        self.stats.collector = RegistryCollector(self.registry, self.stats)
+        self.stats.registry.register(self.stats.collector)
         self._warned: OrderedDict[bytes, None] = OrderedDict()
         self._frames: OrderedDict[int, tuple[Message, bytes]] = OrderedDict()
-        """id(announcement) -> (it, its frame): see `_encode`."""
+        """id(announcement or manifest reply) -> (it, its frame): see `_encode`."""
+        self._frame_bytes = 0
+        self._bodies: OrderedDict[tuple[str, int], ManifestBody] = OrderedDict()
+        """(digest, request_id) -> the reply: see `_manifest_body`."""
         self._undelivered: OrderedDict[str, list[Message]] = OrderedDict()
         self._state_error_logged_at = 0.0
         self.security = security_mode(config)
@@ -167,6 +176,10 @@ class Broker:
             self._secure(config.key_file, config.allowlist_file, context)
         self.socket.bind(config.endpoint)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sender: zmq.Socket[bytes] = zmq.Socket.shadow(self.socket.underlying)
+        """The same socket, unwrapped, for `_send`'s non-blocking sends: no Future per
+        message (a fan-out to 10,000 peers is then ~1.6 x faster). pyzmq's asyncio wrapper
+        does the same for a NOBLOCK send, and `run()` has no receive waiting meanwhile."""
 
     def _restore(self, state: StateFile) -> None:
         """Check the state dir and load the state file; StateError says what to do."""
@@ -234,8 +247,7 @@ class Broker:
                     await self._send(outbox)
                 if time.monotonic() >= next_housekeeping:
                     await self._send(self.registry.expire(time.time()))
-                    for peer_id in [p for p in self._bound if p not in self.registry.peers]:
-                        del self._bound[peer_id]
+                    self._prune_bound()
                     self._persist()
                     next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
         finally:
@@ -243,6 +255,14 @@ class Broker:
             self.socket.close(linger=0)
             if self._authenticator is not None:
                 self._authenticator.stop()
+
+    def _prune_bound(self) -> None:
+        """Forget the keys of routing ids the registry forgot. Every peer's id is bound by
+        its Hello, so there are some exactly when more ids are bound than there are peers:
+        only then is there a scan, and a tick at 10,000 peers costs nothing."""
+        if len(self._bound) > len(self.registry.peers):
+            for peer_id in [p for p in self._bound if p not in self.registry.peers]:
+                del self._bound[peer_id]
 
     def _principal(self, frame: zmq.Frame) -> Principal:
         """The authenticated key behind a frame (everyone is ANONYMOUS without keys)."""
@@ -449,7 +469,8 @@ class Broker:
 
     def _manifest_body(self, peer_id: str, message: FetchManifest) -> ManifestBody:
         """Serve a manifest by digest: the bytes encoded once at its announcement (no
-        re-encoding per fetch, only the copy into the reply frame)."""
+        re-encoding per fetch). Replies that are equal (same digest and request id) are one
+        object, so `_encode` makes their frame once and every recipient's queue shares it."""
         try:
             body = self.registry.manifest_body(
                 peer_id, message.model, message.version, message.digest
@@ -459,6 +480,14 @@ class Broker:
             raise
         self.stats.manifest_fetches_total += 1
         self.stats.manifest_fetch_bytes_total += len(body)
+        key = (message.digest, message.request_id)
+        reply = self._bodies.get(key)
+        if reply is None or reply.body is not body:
+            reply = ManifestBody(request_id=message.request_id, digest=message.digest, body=body)
+            self._bodies[key] = reply
+            while len(self._bodies) > _BODIES_CACHED:
+                self._bodies.popitem(last=False)
+        self._bodies.move_to_end(key)
         logger.debug(
             "manifest served peer=%s model=%s version=%d bytes=%d",
             peer_id,
@@ -466,7 +495,7 @@ class Broker:
             message.version,
             len(body),
         )
-        return ManifestBody(request_id=message.request_id, digest=message.digest, body=body)
+        return reply
 
     # administration (admin keys over ZeroMQ, or the admin token over HTTP)
 
@@ -492,9 +521,7 @@ class Broker:
             if data is None:
                 data = encoded[id(message)] = self._encode(message)
             try:
-                await self.socket.send_multipart(
-                    [peer_id.encode("latin-1"), data], flags=zmq.NOBLOCK
-                )
+                self._sender.send_multipart([peer_id.encode("latin-1"), data], flags=zmq.NOBLOCK)
             except zmq.Again:
                 logger.warning(
                     "dropped %s to peer=%s: its queue is full", type(message).__name__, peer_id
@@ -508,10 +535,11 @@ class Broker:
 
     def _encode(self, message: Message) -> bytes:
         """Announcements are one object per version (`VersionRecord.announcement`), sent again
-        on every Subscribe: keep their frames, so a protocol-1 peer's whole-manifest Announce
-        is encoded once per version, not once per subscriber. The cache holds the message
-        itself, so its `id` cannot be reused while cached."""
-        if not isinstance(message, Announce | Announced):
+        on every Subscribe, and equal manifest replies one object (`_manifest_body`): keep
+        their frames, so a protocol-1 peer's whole-manifest Announce is encoded once per
+        version, not once per subscriber, and a manifest reply once per request id. The
+        cache holds the message itself, so its `id` cannot be reused while cached."""
+        if not isinstance(message, Announce | Announced | ManifestBody):
             return encode(message)
         cached = self._frames.get(id(message))
         if cached is not None:
@@ -519,8 +547,12 @@ class Broker:
             return cached[1]
         data = encode(message)
         self._frames[id(message)] = (message, data)
-        while len(self._frames) > _FRAMES_CACHED:
-            self._frames.popitem(last=False)
+        self._frame_bytes += len(data)
+        while len(self._frames) > _FRAMES_CACHED or (
+            self._frame_bytes > _FRAMES_BYTES and len(self._frames) > 1
+        ):
+            _, (_, dropped) = self._frames.popitem(last=False)
+            self._frame_bytes -= len(dropped)
         return data
 
     def _hold(self, peer_id: str, message: Message) -> None:

@@ -470,7 +470,15 @@ class BrokerClient:
     # manifests by digest (protocol 2)
 
     def _announced(self, message: Announced) -> None:
-        """Use the cached manifest of this digest, or start its one fetch."""
+        """Use the cached manifest of this digest, or start its one fetch (only for a model
+        we follow: a broker cannot make us fetch what we did not ask for)."""
+        if message.model not in self._subscriptions:
+            logger.warning(
+                "ignored announcement of model=%s version=%d: not subscribed",
+                message.model,
+                message.version,
+            )
+            return
         current = self._manifests.get(message.model)
         if current is not None and current.version >= message.version:
             return

@@ -36,7 +36,7 @@ import msgspec
 from aiohttp import web
 
 from streamer.errors import BrokerError
-from streamer.metrics import CONTENT_TYPE, BrokerStats, render
+from streamer.metrics import CONTENT_TYPE, BrokerStats, render_off_loop
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
@@ -324,7 +324,8 @@ def build_app(
         return _respond({"subscribers": page, "total": total, "limit": limit, "offset": offset})
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=render(stats), headers={"Content-Type": CONTENT_TYPE})
+        body = await render_off_loop(stats)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     def _admin_refusal(request: web.Request) -> web.Response | None:
         if admin is None or admin_token is None:

@@ -76,7 +76,7 @@ class Limits:
     fetches_per_manifest: int = 8
     """FetchManifest of one manifest a connection is served (a client fetches once, retries
     a few times); past it the broker answers Error("bad_request"), so a flood costs at most
-    this many bodies per manifest kept."""
+    this many bodies per manifest kept. Not a `BrokerConfig` field (yet)."""
 
 
 @dataclass
@@ -209,6 +209,24 @@ class _PersistedPending(msgspec.Struct):
 
 class _Persisted(msgspec.Struct):
     versions: list[_PersistedVersion]
+    history: dict[str, list[tuple[int, float]]]
+    pending: list[_PersistedPending] = []
+
+
+class _SavedVersion(msgspec.Struct):
+    """`_PersistedVersion` as `snapshot()` writes it: the manifest is the bytes encoded once at
+    its announcement (`VersionRecord.body`), not encoded again at every write."""
+
+    manifest: msgspec.Raw
+    publishers: list[str]
+    retiring: bool = False
+    leases: dict[str, float] = {}
+
+
+class _Saved(msgspec.Struct):
+    """`_Persisted` as written (the same bytes; read back as `_Persisted`)."""
+
+    versions: list[_SavedVersion]
     history: dict[str, list[tuple[int, float]]]
     pending: list[_PersistedPending] = []
 
@@ -828,8 +846,8 @@ class Registry:
         leased) with their leases, incomplete versions' shards, and version history."""
         self.dirty = False
         versions = [
-            _PersistedVersion(
-                manifest=record.manifest,
+            _SavedVersion(
+                manifest=msgspec.Raw(record.body),
                 publishers=sorted(record.publishers),
                 retiring=record.retiring,
                 leases=dict(record.leases),
@@ -852,9 +870,7 @@ class Registry:
             for version, p in model.pending.items()
         ]
         history = {name: model.history for name, model in self.models.items()}
-        return msgspec.msgpack.encode(
-            _Persisted(versions=versions, history=history, pending=pending)
-        )
+        return msgspec.msgpack.encode(_Saved(versions=versions, history=history, pending=pending))
 
     def restore(self, data: bytes, now: float | None = None) -> None:
         """Load a snapshot; raises msgspec.DecodeError/ValidationError if it is damaged.

@@ -33,6 +33,7 @@ from schemas.messages import (
     Subscribed,
     Welcome,
 )
+from streamer.broker import Broker
 from streamer.client import ManifestMismatch, connect
 from streamer.errors import VersionUnavailable
 from streamer.frames import decode_header
@@ -331,3 +332,32 @@ async def test_a_body_that_does_not_match_its_digest_is_refused_and_never_applie
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         router.close(linger=0)
+
+
+async def test_equal_manifest_replies_are_one_frame_shared_by_their_recipients(zmq_ctx) -> None:
+    broker = Broker(broker_config(key_file=None, allowlist_file=None), context=zmq_ctx)
+    try:
+        registry = broker.registry
+        registry.hello("pub", "publisher", "host", 1, now=0.0)
+        for peer_id in ("a", "b"):
+            registry.hello(peer_id, "subscriber", "host", 2, now=0.0)
+        registry.publish("pub", LARGE, 1, 0, 1, shard(1000), now=0.0)
+        record = registry.models[LARGE].versions[1]
+
+        def fetch(peer_id: str, request_id: int) -> ManifestBody:
+            message = FetchManifest(
+                request_id=request_id, model=LARGE, version=1, digest=record.digest
+            )
+            return broker._manifest_body(peer_id, message)
+
+        first, same, other = fetch("a", 2), fetch("b", 2), fetch("b", 3)
+        assert same is first
+        assert other is not first
+        assert first.body is record.body is other.body  # never encoded again
+        frame = broker._encode(first)
+        assert broker._encode(same) is frame
+        assert decode_header(frame) == first
+        assert decode_header(broker._encode(other)) == other
+        assert broker.stats.manifest_fetches_total == 3
+    finally:
+        broker.socket.close(linger=0)

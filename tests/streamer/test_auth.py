@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -124,6 +125,22 @@ async def test_publish_needs_publisher_rights_on_that_model(broker: RunningBroke
         assert (await other.publish("other", 1, 0, 1, shard())).complete
     _, body = await http(broker, "GET", "/v1/models")
     assert [m["model"] for m in msgspec.json.decode(body)["models"]] == ["other"]
+
+
+async def test_fetching_a_manifest_by_digest_needs_subscriber_or_publisher_rights(
+    broker: RunningBroker, zmq_ctx
+):
+    async with client(broker, zmq_ctx, "trainer") as trainer:
+        await trainer.publish(POLICY, 1, 0, 1, shard())
+        async with client(broker, zmq_ctx, "engine", role="subscriber") as engine:
+            assert await engine.subscribe(POLICY) == 1
+            manifest = await asyncio.wait_for(engine.next_manifest(POLICY, after=-1), 5)
+        digest = hashlib.sha256(encode(manifest)).hexdigest()
+        async with client(broker, zmq_ctx, "other", role="subscriber") as other:
+            with pytest.raises(Forbidden, match="not a subscriber of 'policy'"):
+                await other._fetch_manifest_body(POLICY, 1, digest)
+        # Its trainer may (it follows its own model with `publish --versions next:N`).
+        assert await trainer._fetch_manifest_body(POLICY, 1, digest) == encode(manifest)
 
 
 async def test_subscribe_and_leases_need_subscriber_rights(broker: RunningBroker, zmq_ctx):
