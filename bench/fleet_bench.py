@@ -176,6 +176,8 @@ class _Sock:
     held: int | None = None
     """The newest version this subscriber is notified of (announcement and manifest)."""
     digests: set[str] = field(default_factory=set)
+    request_id: int = 0
+    """Counted per subscriber from 1, as `BrokerClient` counts them."""
     fetching: set[str] = field(default_factory=set)
     """Digests this subscriber asked for and has not received yet."""
 
@@ -213,7 +215,6 @@ class _Worker:
         self.notified_count = 0
         self.last_frame: bytes = b""
         self.last_message: Any = None
-        self.request_ids = 0
         self.ready_pending = False
 
     def count(self, what: str) -> None:
@@ -280,12 +281,12 @@ class _Worker:
 
     def _fetch(self, i: int, version: int, digest: str) -> None:
         sock = self.socks[i]
-        self.request_ids += 1
+        sock.request_id += 1
         sock.fetching.add(digest)
         self._send(
             sock,
             FetchManifest(
-                request_id=self.request_ids, model=self.spec.model, version=version, digest=digest
+                request_id=sock.request_id, model=self.spec.model, version=version, digest=digest
             ),
         )
 
@@ -342,8 +343,8 @@ class _Worker:
                 self.interval_s = interval
                 if self.hb_epoch is None:
                     self.hb_epoch = time.monotonic()
-                self.request_ids += 1
-                self._send(sock, Subscribe(request_id=self.request_ids, model=self.spec.model))
+                sock.request_id += 1
+                self._send(sock, Subscribe(request_id=sock.request_id, model=self.spec.model))
             case Subscribed(latest=latest):
                 sock.subscribed = True
                 sock.latest = latest
