@@ -999,11 +999,12 @@ async def status_phase(bench: Bench, client: Any, session: aiohttp.ClientSession
             t = await http_times(session, fleet.http + "/v1/subscribers", 1)
             polls.extend(t[0])
 
+    size = next(iter(bench.shards))  # the first of --sizes
     for _ in range(args.rounds):
-        await bench.publish_round(client, "small", fleet.protocol, label="quiet")
+        await bench.publish_round(client, size, fleet.protocol, label="quiet")
         task = asyncio.create_task(poll())
         await asyncio.sleep(0.2)
-        await bench.publish_round(client, "small", fleet.protocol, label="polling")
+        await bench.publish_round(client, size, fleet.protocol, label="polling")
         stop.set()
         await task
         stop.clear()
