@@ -1,0 +1,1238 @@
+"""The control plane at fleet scale (issue 10): one broker process, thousands of subscribers.
+
+    PYTHONPATH=. python bench/fleet_bench.py [--subscribers 10000] [--workers 4] [--rounds 5]
+        [--sizes small,large] [--protocols 2,1] [--fetch subscriber|process] [--no-curve]
+        [--status] [--json out.json]
+
+`weightstream broker` runs as a real process (CURVE keys and an allowlist, like the tests;
+`--no-curve` for a plain socket). The subscribers are raw ZeroMQ DEALER sockets spread over
+`--workers` processes, speaking the real protocol with the project's wire types: Hello,
+Subscribe, a Heartbeat from every socket at the broker's interval (Welcome says it), and:
+
+    protocol 2   Announced(model, version, digest) -> FetchManifest -> ManifestBody, whose
+                 SHA-256 the subscriber checks against the digest (each subscriber fetches
+                 the digest it lacks: `--fetch subscriber`, the honest measure; or one fetch
+                 per worker process, the others waiting on it: `--fetch process`, what a
+                 node-local or relayed manifest cache would give)
+    protocol 1   Announce(manifest): today's design, the manifest in every announcement
+
+A subscriber is *notified* once it holds the announcement and the manifest. Each round
+publishes one version (a shard built with `publishers.packing`, a new digest each version)
+and times publish -> every subscriber notified (p50/p99/max, monotonic clock, one host).
+Protocols alternate round by round in the same run: between rounds every socket says Hello
+again with the other protocol version and re-subscribes. A protocol-1 round whose fan-out
+(subscribers x manifest) exceeds `--max-fanout-gib` is not run (it would queue that much in
+the broker: say 10,000 x 2 MB = 20 GB per version) and is reported as such.
+
+Also measured: broker CPU per version (utime+stime from /proc/<pid>/stat over the round,
+less the heartbeat-only rate measured before the rounds), broker RSS per subscriber (VmRSS
+after everyone subscribed, less before anyone connected, / N), and peers the broker marked
+gone (`/v1/subscribers?state=gone`) and `unknown_peer` errors the subscribers got, which must
+stay 0. With `--status`: `/v1/subscribers` (pages, filters) and `weightstream status` timed
+at that scale while heartbeats flow, and the announce latency measured while a client polls
+status in a loop (the ZeroMQ loop shares the broker's event loop with HTTP).
+
+Validation: every message is decoded through the project's typed decoder, except that a
+worker process decodes a large frame (> 4 KiB) that is byte-identical to the one before it
+only once (protocol 1 sends the same bytes to all); every ManifestBody's SHA-256 is checked
+per subscriber and its manifest validated (`schemas.validate`) once per digest per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import zmq
+import zmq.asyncio
+
+from schemas.codec import decode_manifest, decode_message, encode
+from schemas.messages import (
+    Alive,
+    Announce,
+    Announced,
+    Error,
+    FetchManifest,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    ManifestBody,
+    Published,
+    PublishShard,
+    Subscribe,
+    Subscribed,
+    Welcome,
+)
+from schemas.validate import ManifestLimits, validate_manifest
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from schemas.manifest import Shard
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "fleet"
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_JOINING = 16
+"""Sockets of one worker connecting at once: 4 workers x 16 stay under the listen backlog
+(100); past it the kernel sent SYN cookies here and ~5 % of connects never completed."""
+_SAME_FRAME_BYTES = 4096
+"""Frames larger than this that equal the previous one are decoded once per process."""
+
+# ----------------------------------------------------------------------------------------
+# manifests: the project's packing over tensors that have shapes and no storage
+
+
+def llama_shard(layers: int, *, hidden: int = 4096, rank: int = 0, world_size: int = 1) -> Shard:
+    """A llama-shaped shard of `layers` layers (9 tensors each, bf16), laid out by
+    `publishers.packing.plan` into 1 GiB regions and 64 MiB buckets, locators on mooncake tcp,
+    checksums of the right form (nothing is ever read: the fleet only needs the manifest)."""
+    import torch  # the broker and the clients need no torch: only the manifest builder does
+
+    from publishers.packing import plan
+
+    inter = hidden * 11 // 4
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(rank, layers, world_size):
+        p = f"model.layers.{layer}"
+        shapes[f"{p}.input_layernorm.weight"] = (hidden,)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}.self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{p}.mlp.up_proj.weight"] = (inter, hidden)
+        shapes[f"{p}.mlp.down_proj.weight"] = (hidden, inter)
+    tensors = {
+        name: torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        for name, shape in shapes.items()
+    }
+    return shard_of(plan(tensors), rank)
+
+
+def shard_of(layout: Any, rank: int) -> Shard:
+    """`Layout.shard` with a mooncake locator per region (as `Publisher` builds them) and a
+    wmix128-sized checksum per bucket."""
+    from schemas.manifest import MooncakeLocator
+
+    session = f"10.0.{rank // 250}.{rank % 250 + 1}:17812"
+    locators = [
+        [MooncakeLocator(session=session, address=(1 << 40) + i * (1 << 32))]
+        for i in range(len(layout.region_bytes))
+    ]
+    checksums = [f"{i:032x}" for i in range(len(layout.bucket_ranges()))]
+    shard: Shard = layout.shard(locators, checksums, rank)
+    return shard
+
+
+SIZES: dict[str, Callable[[], list[Shard]]] = {
+    # ~49 KB: the issue's small manifest (a 32-layer 7B-shaped llama, 290 tensors)
+    "small": lambda: [llama_shard(32)],
+    # ~1.5 MB: the large one (a 1,500-layer llama-shaped stack, 13,500 tensors)
+    "large": lambda: [llama_shard(1500, hidden=1024)],
+}
+"""Manifests by name: the shards of one version, in rank order (bench/manifest_bench.py adds
+a Kimi-K2-shaped one of 64 ranks)."""
+
+
+# ----------------------------------------------------------------------------------------
+# the subscriber processes: raw DEALER sockets, one poll loop, no asyncio
+
+
+@dataclass
+class WorkerSpec:
+    index: int
+    count: int
+    endpoint: str
+    model: str
+    fetch: str
+    curve: tuple[bytes, bytes, bytes] | None
+    """(client public, client secret, broker public), z85."""
+    protocol: int = 2
+    """The protocol of the first Hello."""
+
+
+@dataclass
+class _Sock:
+    socket: zmq.Socket[bytes]
+    protocol: int = 2
+    welcomed: bool = False
+    subscribed: bool = False
+    latest: int | None = None
+    held: int | None = None
+    """The newest version this subscriber is notified of (announcement and manifest)."""
+    digests: set[str] = field(default_factory=set)
+    request_id: int = 0
+    """Counted per subscriber from 1, as `BrokerClient` counts them."""
+    joined: bool = False
+    fetching: set[str] = field(default_factory=set)
+    """Digests this subscriber asked for and has not received yet."""
+
+
+class _Worker:
+    """`count` subscribers in one process; answers the orchestrator over a Pipe."""
+
+    def __init__(self, spec: WorkerSpec, conn: multiprocessing.connection.Connection) -> None:
+        self.spec = spec
+        self.conn = conn
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
+        self.context.set(zmq.MAX_SOCKETS, spec.count + 64)
+        self.socks: list[_Sock] = []
+        self.by_socket: dict[zmq.Socket[bytes], int] = {}
+        self.epoll = select.epoll()
+        """One wake-up costs O(ready sockets), not O(sockets) as zmq.Poller's would."""
+        self.by_fd: dict[int, int] = {}
+        self.recheck: set[int] = set()
+        """Sockets to look at again: a send can take the edge of their ZMQ_FD."""
+        self.interval_s = 1.0
+        self.hb_epoch: float | None = None
+        self.hb_sent = 0
+        self.hb_late_max_s = 0.0
+        self.heartbeat_bytes: dict[int | None, bytes] = {}
+        self.counts: dict[str, int] = {}
+        self.expect: int | None = None
+        self.t_announce: list[float] = []
+        self.t_notified: list[float] = []
+        self.reported = True
+        self.process_digests: set[str] = set()
+        self.waiting: dict[str, list[int]] = {}
+        """process fetch mode: digest -> sockets waiting on the one fetch in flight."""
+        self.validated: set[str] = set()
+        self.connected = 0
+        self.joined = 0
+        self.versions_of: dict[str, int] = {}
+        self.notified_count = 0
+        self.last_frame: bytes = b""
+        self.last_message: Any = None
+        self.ready_pending = False
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def open(self) -> None:
+        for i in range(self.spec.count):
+            s: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
+            s.setsockopt(zmq.ROUTING_ID, f"fleet-{self.spec.index}-{i}".encode())
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 1000)
+            s.setsockopt(zmq.RCVHWM, 1000)
+            if self.spec.curve is not None:
+                public, secret, server = self.spec.curve
+                s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server
+            self.socks.append(_Sock(socket=s))
+            self.by_socket[s] = i
+            fd = int(s.getsockopt(zmq.FD))
+            self.by_fd[fd] = i
+            self.epoll.register(fd, select.EPOLLIN)
+
+    def ramp(self) -> None:
+        """Connect the next sockets, at most `_JOINING` waiting for their Welcome at once (a
+        storm of 10,000 connects left ~10 % never joined here)."""
+        while self.connected < len(self.socks) and self.connected - self.joined < _JOINING:
+            sock = self.socks[self.connected]
+            sock.socket.connect(self.spec.endpoint)
+            self.connected += 1
+            self.hello(self.spec.protocol, only=self.connected - 1)
+
+    def hello(self, protocol: int, only: int | None = None) -> None:
+        self.ready_pending = True
+        for i, sock in enumerate(self.socks):
+            if only is not None and i != only:
+                continue
+            sock.protocol, sock.welcomed, sock.subscribed = protocol, False, False
+            hello = Hello(
+                peer_id=f"fleet-{self.spec.index}-{i}",
+                role="subscriber",
+                protocol_version=protocol,
+                host="fleet-bench",
+                pid=os.getpid(),
+                name=f"fleet-{self.spec.index}-{i}",
+            )
+            self._send(sock, hello)
+
+    def _send(self, sock: _Sock, message: Any) -> None:
+        try:
+            sock.socket.send(encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.count("send_full")
+        self.recheck.add(self.by_socket[sock.socket])
+
+    def _ready(self) -> bool:
+        return self.connected == len(self.socks) and all(
+            s.welcomed and s.subscribed and (s.latest is None or s.held == s.latest)
+            for s in self.socks
+        )
+
+    def _decode(self, data: bytes) -> Any:
+        if len(data) > _SAME_FRAME_BYTES and data == self.last_frame:
+            return self.last_message
+        message = decode_message(data)
+        if len(data) > _SAME_FRAME_BYTES:
+            self.last_frame, self.last_message = data, message
+        return message
+
+    def _notified(self, i: int, version: int, now: float) -> None:
+        sock = self.socks[i]
+        sock.held = max(sock.held or 0, version)
+        if version == self.expect and not self.t_notified[i]:
+            self.t_notified[i] = now
+            self.notified_count += 1
+
+    def _fetch(self, i: int, version: int, digest: str) -> None:
+        sock = self.socks[i]
+        sock.request_id += 1
+        sock.fetching.add(digest)
+        self._send(
+            sock,
+            FetchManifest(
+                request_id=sock.request_id, model=self.spec.model, version=version, digest=digest
+            ),
+        )
+
+    def handle(self, i: int, data: bytes, now: float) -> None:
+        sock = self.socks[i]
+        message = self._decode(data)
+        match message:
+            case Alive():
+                self.count("alive")
+            case Announce(manifest=manifest):
+                self.count("announce")
+                if manifest.version == self.expect and not self.t_announce[i]:
+                    self.t_announce[i] = now
+                self._notified(i, manifest.version, now)
+            case Announced(version=version, digest=digest):
+                self.count("announced")
+                if version == self.expect and not self.t_announce[i]:
+                    self.t_announce[i] = now
+                if self.spec.fetch == "process":
+                    if digest in self.process_digests:
+                        self._notified(i, version, now)
+                    elif digest in self.waiting:
+                        self.waiting[digest].append(i)
+                    else:
+                        self.waiting[digest] = [i]
+                        self._fetch(i, version, digest)
+                elif digest in sock.digests:
+                    self._notified(i, version, now)
+                else:
+                    self._fetch(i, version, digest)
+                sock.latest = max(sock.latest or 0, version)
+            case ManifestBody(digest=digest, body=body):
+                self.count("manifest_body")
+                if digest not in sock.fetching or hashlib.sha256(body).hexdigest() != digest:
+                    self.count("bad_manifest_body")
+                    return
+                if digest not in self.validated:
+                    manifest = decode_manifest(body)
+                    validate_manifest(manifest, ManifestLimits())
+                    self.validated.add(digest)
+                    self.versions_of[digest] = manifest.version
+                sock.fetching.discard(digest)
+                version = self.versions_of[digest]
+                sock.digests.add(digest)
+                if self.spec.fetch == "process":
+                    self.process_digests.add(digest)
+                    for j in self.waiting.pop(digest, [i]):
+                        self.socks[j].digests.add(digest)
+                        self._notified(j, version, now)
+                else:
+                    self._notified(i, version, now)
+            case Welcome(heartbeat_interval_s=interval):
+                if not sock.joined:
+                    sock.joined = True
+                    self.joined += 1
+                sock.welcomed = True
+                self.interval_s = interval
+                if self.hb_epoch is None:
+                    self.hb_epoch = time.monotonic()
+                sock.request_id += 1
+                self._send(sock, Subscribe(request_id=sock.request_id, model=self.spec.model))
+            case Subscribed(latest=latest):
+                sock.subscribed = True
+                sock.latest = latest
+            case Error(code=code):
+                self.count(f"error_{code}")
+                if code == "unknown_peer":
+                    self.hello_one(i)
+            case _:
+                self.count(type(message).__name__)
+
+    def hello_one(self, i: int) -> None:
+        sock = self.socks[i]
+        sock.welcomed = sock.subscribed = False
+        self._send(
+            sock,
+            Hello(
+                peer_id=f"fleet-{self.spec.index}-{i}",
+                role="subscriber",
+                protocol_version=sock.protocol,
+                host="fleet-bench",
+                pid=os.getpid(),
+            ),
+        )
+
+    def heartbeats(self, now: float) -> None:
+        if self.hb_epoch is None:
+            return
+        n = len(self.socks)
+        due = int((now - self.hb_epoch) / self.interval_s * n)
+        while self.hb_sent < due:
+            index = self.hb_sent % n
+            sock = self.socks[index]
+            scheduled = self.hb_epoch + self.hb_sent * self.interval_s / n
+            self.hb_late_max_s = max(self.hb_late_max_s, now - scheduled)
+            self.hb_sent += 1
+            if not sock.welcomed:
+                continue
+            # what the engine runs: the version it was notified of; every tenth subscriber
+            # one behind it, so that status has laggards to filter
+            applied = sock.held
+            if applied is not None and index % 10 == 0:
+                applied = max(0, applied - 1)
+            data = self.heartbeat_bytes.get(applied)
+            if data is None:
+                report = {} if applied is None else {self.spec.model: applied}
+                data = self.heartbeat_bytes[applied] = encode(Heartbeat(applied=report))
+            try:
+                sock.socket.send(data, flags=zmq.NOBLOCK)
+                self.count("heartbeat")
+                self.recheck.add(index)
+            except zmq.Again:
+                self.count("heartbeat_full")
+
+    def command(self, cmd: tuple[Any, ...]) -> bool:
+        match cmd:
+            case ("hello", protocol):
+                self.hello(protocol)
+            case ("expect", version):
+                self.expect = version
+                self.t_announce = [0.0] * len(self.socks)
+                self.t_notified = [0.0] * len(self.socks)
+                self.notified_count = 0
+                self.reported = False
+                self.conn.send(("expecting", version))
+            case ("report",):
+                self.report()
+            case ("stats",):
+                self.conn.send(("stats", dict(self.counts), self.hb_late_max_s))
+                self.hb_late_max_s = 0.0
+            case ("stop",):
+                for sock in self.socks:
+                    self._send(sock, Goodbye(reason="bench done"))
+                return False
+        return True
+
+    def report(self) -> None:
+        self.reported = True
+        self.conn.send(("report", self.expect, self.t_announce, self.t_notified))
+
+    def drain(self, i: int) -> None:
+        """Read what socket i holds (64 frames at most, then it is looked at again)."""
+        socket = self.socks[i].socket
+        for _ in range(64):
+            if not int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                return
+            self.handle(i, socket.recv(flags=zmq.NOBLOCK), time.monotonic())
+        self.recheck.add(i)
+
+    def run(self) -> None:
+        self.open()
+        self.ready_pending = True
+        control = self.conn.fileno()
+        self.epoll.register(control, select.EPOLLIN)
+        running = True
+        next_check = 0.0
+        while running:
+            now = time.monotonic()
+            if now >= next_check + 0.02:
+                next_check = now
+            self.ramp()
+            self.heartbeats(now)
+            ready, self.recheck = self.recheck, set()
+            for fd, _ in self.epoll.poll(0 if ready else 0.02):
+                if fd == control:
+                    while running and self.conn.poll():
+                        running = self.command(self.conn.recv())
+                else:
+                    ready.add(self.by_fd[fd])
+            for i in ready:
+                self.drain(i)
+            if not self.reported and self.notified_count == len(self.socks):
+                self.report()
+            if self.ready_pending and now >= next_check and self._ready():
+                self.ready_pending = False
+                self.conn.send(("ready", self.spec.index))
+        time.sleep(0.2)  # let the Goodbyes leave before the sockets close
+        self.context.destroy(linger=0)
+
+
+def _worker_main(spec: WorkerSpec, conn: multiprocessing.connection.Connection) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        _Worker(spec, conn).run()
+
+
+# ----------------------------------------------------------------------------------------
+# the orchestrator: broker process, workers, publisher, rounds
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_rss(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+def registry_bytes_per_subscriber(n: int) -> float:
+    """The Python side of a subscriber in the broker: `Registry` state after Hello, Subscribe
+    and one heartbeat of n peers (tracemalloc, in this process), per peer."""
+    import tracemalloc
+
+    from streamer.registry import Registry
+
+    registry = Registry()
+    now = time.time()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        peer = f"fleet-{i // 2500}-{i % 2500}"
+        registry.hello(peer, "subscriber", "fleet-bench", 4242, now, name=peer)
+        registry.subscribe(peer, MODEL)
+        registry.heartbeat(peer, {MODEL: 1}, now)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / n
+
+
+_BARE_ROUTER = """
+import sys, time, zmq
+n, secret, public = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3].encode()
+socket = zmq.Context().socket(zmq.ROUTER)
+if secret:
+    socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
+print(socket.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+for _ in range(n):
+    if not socket.poll(60_000):
+        sys.exit("the DEALERs stopped sending")
+    socket.recv_multipart()
+print("done", flush=True)
+time.sleep(120)
+"""
+
+
+def bare_router_bytes_per_connection(n: int, curve: bool) -> float:
+    """libzmq's share of a subscriber: the RSS a ROUTER process with no Python state gains per
+    connected DEALER (each has said one frame)."""
+    server_public, server_secret = zmq.curve_keypair() if curve else (b"", b"")
+    client_public, client_secret = zmq.curve_keypair()
+    router = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _BARE_ROUTER,
+            str(n),
+            server_secret.decode(),
+            server_public.decode(),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert router.stdout is not None
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, n + 16)
+    try:
+        port = int(router.stdout.readline())
+        time.sleep(0.3)
+        before = proc_rss(router.pid)
+        dealers = []
+        for _ in range(n):
+            dealer = context.socket(zmq.DEALER)
+            dealers.append(dealer)  # a collected socket closes, its frame unsent
+            dealer.setsockopt(zmq.LINGER, 0)
+            if curve:
+                dealer.curve_serverkey = server_public
+                dealer.curve_publickey, dealer.curve_secretkey = client_public, client_secret
+            dealer.connect(f"tcp://127.0.0.1:{port}")
+            dealer.send(b"hello")
+        deadline = time.monotonic() + 60
+        while router.stdout.readline() != "done\n":
+            if time.monotonic() > deadline or router.poll() is not None:
+                raise TimeoutError("the bare ROUTER did not hear every DEALER")
+        time.sleep(0.3)
+        return (proc_rss(router.pid) - before) / n
+    finally:
+        router.kill()
+        router.wait()
+        context.destroy(linger=0)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Fleet:
+    """A running broker, its subscriber workers and a publisher."""
+
+    args: argparse.Namespace
+    workdir: Path
+    broker: subprocess.Popen[bytes] | None = None
+    endpoint: str = ""
+    http: str = ""
+    keys: dict[str, Path] = field(default_factory=dict)
+    conns: list[multiprocessing.connection.Connection] = field(default_factory=list)
+    workers: list[multiprocessing.process.BaseProcess] = field(default_factory=list)
+    protocol: int = 2
+    version: int = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.broker is not None
+        return self.broker.pid
+
+    def start_broker(self) -> None:
+        args = self.args
+        config = self.workdir / "broker.toml"
+        config.write_text(
+            f"heartbeat_interval_s = {args.heartbeat_s}\npeer_timeout_s = {args.peer_timeout_s}\n"
+            f"retention = 2\n"
+        )
+        profile = ["-m", "cProfile", "-o", args.broker_profile] if args.broker_profile else []
+        cmd = [
+            sys.executable,
+            *profile,
+            "-m",
+            "weightstream",
+            # an older checkout's CLI takes --log-level before the command
+            *(["--log-level", args.broker_log_level] if args.broker_pythonpath else []),
+            "broker",
+            *([] if args.broker_pythonpath else ["--log-level", args.broker_log_level]),
+            "--config",
+            str(config),
+            "--endpoint",
+            "tcp://127.0.0.1:0",
+            "--http-port",
+            "0",
+            "--ready-file",
+            str(self.workdir / "ready.json"),
+        ]
+        if args.curve:
+            from streamer.auth import make_local_keys
+
+            self.keys = make_local_keys(self.workdir / "keys", model=MODEL)
+            cmd += ["--key-file", str(self.keys["broker"])]
+            cmd += ["--allowlist-file", str(self.keys["allowlist"])]
+        env = {**os.environ, "PYTHONPATH": args.broker_pythonpath or str(ROOT)}
+        log = (self.workdir / "broker.log").open("wb")
+        self.broker = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.broker_pythonpath or ROOT
+        )
+        ready = self.workdir / "ready.json"
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if self.broker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(
+                    f"broker did not start:\n{(self.workdir / 'broker.log').read_text()}"
+                )
+            time.sleep(0.05)
+        time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.endpoint, self.http = info["endpoint"], f"http://127.0.0.1:{info['http_port']}"
+
+    def curve(self) -> tuple[bytes, bytes, bytes] | None:
+        if not self.args.curve:
+            return None
+        from streamer.auth import load_keys, load_public_key
+
+        client = load_keys(self.keys["subscriber"])
+        return client.public, client.secret, load_public_key(self.keys["broker.public"])
+
+    def start_workers(self) -> None:
+        n, w = self.args.subscribers, self.args.workers
+        spawn = multiprocessing.get_context("spawn")
+        for index in range(w):
+            count = n // w + (1 if index < n % w else 0)
+            ours, theirs = spawn.Pipe()
+            spec = WorkerSpec(
+                index, count, self.endpoint, MODEL, self.args.fetch, self.curve(), self.protocol
+            )
+            process = spawn.Process(target=_worker_main, args=(spec, theirs), daemon=True)
+            process.start()
+            self.conns.append(ours)
+            self.workers.append(process)
+
+    async def gather(self, kind: str, timeout_s: float) -> list[tuple[Any, ...]]:
+        """One `kind` message from every worker (other kinds are dropped), within the deadline."""
+        replies: dict[int, tuple[Any, ...]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < len(self.conns):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.conns) - len(replies)} workers sent no {kind!r}")
+            for index, conn in enumerate(self.conns):
+                while index not in replies and conn.poll():
+                    reply = conn.recv()
+                    if reply[0] == kind:
+                        replies[index] = reply
+            await asyncio.sleep(0.002)
+        return [replies[i] for i in range(len(self.conns))]
+
+    def tell(self, *cmd: Any) -> None:
+        for conn in self.conns:
+            conn.send(cmd)
+
+    async def switch(self, protocol: int) -> float:
+        """Every socket says Hello with `protocol` and re-subscribes; returns the seconds."""
+        started = time.monotonic()
+        self.tell("hello", protocol)
+        await self.gather("ready", self.args.timeout_s)
+        self.protocol = protocol
+        return time.monotonic() - started
+
+    async def stats(self) -> tuple[dict[str, int], float]:
+        self.tell("stats")
+        totals: dict[str, int] = {}
+        late = 0.0
+        for _, counts, late_s in await self.gather("stats", 30):
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + v
+            late = max(late, late_s)
+        return totals, late
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tell("stop")
+        for process in self.workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        if self.broker is not None and self.broker.poll() is None:
+            self.broker.terminate()
+            try:
+                self.broker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()
+
+
+class PublishRefusedError(Exception):
+    """The broker answered a publish with an Error."""
+
+
+class RawPublisher:
+    """A protocol-1 publisher for an older broker (`--broker-pythonpath`): Hello, PublishShard
+    -> Published, a Heartbeat every second. The project's client speaks protocol 2 only."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.ROUTING_ID, b"fleet-publisher")
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.ids = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def _reply(self, kind: type, timeout_s: float = 60.0) -> Any:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = decode_message(await self.socket.recv())
+                if isinstance(message, Error):
+                    raise PublishRefusedError(f"broker refused: {message}")
+                if isinstance(message, kind):
+                    return message
+
+    async def start(self) -> None:
+        hello = Hello(peer_id="fleet-publisher", role="publisher", protocol_version=1)
+        await self.socket.send(encode(hello))
+        await self._reply(Welcome)
+        self.task = asyncio.create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.socket.send(encode(Heartbeat()))
+
+    async def publish(self, model: str, version: int, rank: int, world: int, shard: Shard) -> Any:
+        self.ids += 1
+        message = PublishShard(
+            request_id=self.ids,
+            model=model,
+            version=version,
+            rank=rank,
+            world_size=world,
+            shard=shard,
+        )
+        await self.socket.send(encode(message))
+        return await self._reply(Published)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.socket.close(linger=0)
+
+
+@contextlib.asynccontextmanager
+async def publisher(fleet: Fleet, context: zmq.asyncio.Context) -> AsyncIterator[Any]:
+    """The project's client as a publisher, or a protocol-1 one for an older broker."""
+    args = fleet.args
+    if args.broker_pythonpath:
+        raw = RawPublisher(context, fleet.endpoint)
+        try:
+            await raw.start()
+            yield raw
+        finally:
+            raw.close()
+        return
+    from streamer.client import connect
+    from streamer.config import ClientConfig
+
+    config = ClientConfig(
+        broker=fleet.endpoint,
+        key_file=str(fleet.keys["trainer"]) if args.curve else None,
+        broker_key_file=str(fleet.keys["broker.public"]) if args.curve else None,
+        request_timeout_s=args.timeout_s,
+    )
+    async with connect(config, role="publisher", context=context) as client:
+        yield client
+
+
+@dataclass
+class Round:
+    size: str
+    protocol: int
+    version: int
+    manifest_bytes: int
+    subscribers: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    announce_p99_ms: float
+    missing: int
+    cpu_s: float
+    cpu_net_s: float
+    window_s: float
+    label: str = ""
+
+    def line(self) -> str:
+        return (
+            f"{self.label or self.size:>8} p{self.protocol} v{self.version:<4} "
+            f"manifest={self.manifest_bytes / 1e3:8.1f} KB  notified p50/p99/max="
+            f"{self.p50_ms:7.1f}/{self.p99_ms:7.1f}/{self.max_ms:7.1f} ms  announce p99="
+            f"{self.announce_p99_ms:7.1f} ms  broker cpu={self.cpu_s * 1e3:6.0f} ms "
+            f"(net {self.cpu_net_s * 1e3:6.0f})  missing={self.missing}"
+        )
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, fleet: Fleet) -> None:
+        self.args = args
+        self.fleet = fleet
+        self.shards: dict[str, list[Shard]] = {}
+        self.manifest_bytes: dict[str, int] = {}
+        self.idle_cpu_rate = 0.0
+        self.rounds: list[Round] = []
+        self.skipped: list[str] = []
+
+    async def publish_round(
+        self, client: Any, size: str, protocol: int, label: str = ""
+    ) -> Round | None:
+        fleet, args = self.fleet, self.args
+        nbytes = self.manifest_bytes[size]
+        # protocol 1 sends the manifest to everyone; protocol 2 with one fetch per subscriber
+        # too (over the same broker socket), with one fetch per process `workers` copies
+        copies = args.subscribers if protocol == 1 or args.fetch == "subscriber" else args.workers
+        if copies * nbytes > args.max_fanout_gib * (1 << 30):
+            note = (
+                f"protocol {protocol} (fetch={args.fetch}), {size} manifest ({nbytes / 1e6:.2f} MB)"
+                f" x {copies} copies = {copies * nbytes / 1e9:.1f} GB per version: not run "
+                f"(over --max-fanout-gib {args.max_fanout_gib})"
+            )
+            if note not in self.skipped:
+                self.skipped.append(note)
+            return None
+        if fleet.protocol != protocol:
+            await fleet.switch(protocol)
+        fleet.version += 1
+        version = fleet.version
+        fleet.tell("expect", version)
+        await fleet.gather("expecting", 30)
+        shards = self.shards[size]
+        for rank, shard in enumerate(shards[:-1]):
+            await client.publish(MODEL, version, rank, len(shards), shard)
+        # t0: the last rank's shard leaves; the broker assembles, validates and announces
+        cpu0 = proc_cpu_s(fleet.pid)
+        t0 = time.monotonic()
+        published = await client.publish(MODEL, version, len(shards) - 1, len(shards), shards[-1])
+        assert published.complete, published
+        try:
+            reports = await fleet.gather("report", args.timeout_s)
+        except TimeoutError:
+            fleet.tell("report")
+            reports = await fleet.gather("report", 30)
+        window = time.monotonic() - t0
+        cpu = proc_cpu_s(fleet.pid) - cpu0
+        notified = [t - t0 for _, _, _, ts in reports for t in ts if t]
+        announced = [t - t0 for _, _, ts, _ in reports for t in ts if t]
+        missing = args.subscribers - len(notified)
+        if not notified:
+            notified = announced = [float("nan")]
+        result = Round(
+            size=size,
+            protocol=protocol,
+            version=version,
+            manifest_bytes=nbytes,
+            subscribers=args.subscribers,
+            p50_ms=pct(notified, 0.5) * 1e3,
+            p99_ms=pct(notified, 0.99) * 1e3,
+            max_ms=max(notified) * 1e3,
+            announce_p99_ms=pct(announced, 0.99) * 1e3,
+            missing=missing,
+            cpu_s=cpu,
+            cpu_net_s=max(0.0, cpu - self.idle_cpu_rate * window),
+            window_s=window,
+            label=label,
+        )
+        print(result.line(), flush=True)
+        self.rounds.append(result)
+        if args.json:  # kept as it goes: a run stopped at its limit still leaves its rounds
+            partial = {"partial": True, "rounds": [r.__dict__ for r in self.rounds]}
+            Path(args.json).write_text(json.dumps(partial, indent=1))  # noqa: ASYNC240
+        return result
+
+    async def idle_cpu(self, seconds: float) -> float:
+        pid = self.fleet.pid
+        cpu0, t0 = proc_cpu_s(pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        return (proc_cpu_s(pid) - cpu0) / (time.monotonic() - t0)
+
+
+async def http_times(
+    session: aiohttp.ClientSession, url: str, repeats: int
+) -> tuple[list[float], dict[str, Any]]:
+    times: list[float] = []
+    body: dict[str, Any] = {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        async with session.get(url) as response:
+            body = await response.json()
+            status = response.status
+        times.append(time.perf_counter() - t0)
+        if status != 200:
+            return [float("nan")], body
+    return times, body
+
+
+async def status_phase(bench: Bench, client: Any, session: aiohttp.ClientSession) -> dict[str, Any]:
+    """`/v1/subscribers` and `weightstream status` at full scale, and announce latency while
+    a client polls status back to back."""
+    fleet, args = bench.fleet, bench.args
+    n = args.subscribers
+    queries = {
+        "first page (1000)": "/v1/subscribers",
+        "page 5 of 1000": "/v1/subscribers?limit=1000&offset=4000",
+        "limit=100": "/v1/subscribers?limit=100",
+        f"model={MODEL}": f"/v1/subscribers?model={MODEL}&limit=100",
+        "state=idle": "/v1/subscribers?state=idle&limit=100",
+        "state=gone": "/v1/subscribers?state=gone&limit=100",
+        "lag>=1": "/v1/subscribers?min_lag=1&limit=100",
+        f"all {n} rows": f"/v1/subscribers?limit={min(n, 10_000)}",
+        "/v1/models": "/v1/models",
+    }
+    out: dict[str, Any] = {"queries": {}}
+    # every subscriber heartbeats the version it holds first (applied, hence lag, in status)
+    await asyncio.sleep(2 * args.heartbeat_s)
+    for label, path in queries.items():
+        times, body = await http_times(session, fleet.http + path, args.status_repeats)
+        entry = {
+            "path": path,
+            "p50_ms": statistics.median(times) * 1e3,
+            "max_ms": max(times) * 1e3,
+            "total": body.get("total"),
+            "rows": len(body.get("subscribers", [])),
+        }
+        if times == [float("nan")]:
+            entry["error"] = str(body)[:200]
+        rows = body.get("subscribers") or [{}]
+        entry["sample"] = {k: rows[0].get(k) for k in ("applied_version", "latest_version", "lag")}
+        out["queries"][label] = entry
+        print(
+            f"  status {label:>20}: p50 {entry['p50_ms']:7.1f} ms  max {entry['max_ms']:7.1f} ms"
+            f"  rows={entry['rows']} total={entry['total']} first={entry['sample']}"
+            + (f"  ERROR {entry['error']}" if "error" in entry else ""),
+            flush=True,
+        )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for label, extra in (("cli_wall_ms", []), ("cli_min_lag_wall_ms", ["--min-lag", "1"])):
+        cli: list[float] = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            done = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "weightstream",
+                "status",
+                "--http",
+                fleet.http,
+                *extra,
+                stdout=asyncio.subprocess.DEVNULL,
+                env=env,
+            )
+            await done.wait()
+            cli.append(time.perf_counter() - t0)
+        out[label] = statistics.median(cli) * 1e3
+    t0 = time.perf_counter()
+    startup = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import weightstream.status", env=env
+    )
+    await startup.wait()
+    startup_s = time.perf_counter() - t0
+    out["cli_import_ms"] = startup_s * 1e3
+    print(
+        f"  weightstream status: {out['cli_wall_ms']:.0f} ms wall, with --min-lag 1 "
+        f"{out['cli_min_lag_wall_ms']:.0f} ms (interpreter start and imports alone: "
+        f"{startup_s * 1e3:.0f} ms)",
+        flush=True,
+    )
+
+    # announce latency with and without status polling, alternating
+    stop = asyncio.Event()
+    polls: list[float] = []
+
+    async def poll() -> None:
+        while not stop.is_set():
+            t = await http_times(session, fleet.http + "/v1/subscribers", 1)
+            polls.extend(t[0])
+
+    size = next(iter(bench.shards))  # the first of --sizes
+    for _ in range(args.rounds):
+        await bench.publish_round(client, size, fleet.protocol, label="quiet")
+        task = asyncio.create_task(poll())
+        await asyncio.sleep(0.2)
+        await bench.publish_round(client, size, fleet.protocol, label="polling")
+        stop.set()
+        await task
+        stop.clear()
+    out["polls"] = len(polls)
+    out["poll_p50_ms"] = statistics.median(polls) * 1e3 if polls else None
+    return out
+
+
+def summarize(rounds: list[Round]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, int], list[Round]] = {}
+    for r in rounds:
+        groups.setdefault((r.label or r.size, r.protocol), []).append(r)
+    table = []
+    for (label, protocol), rs in groups.items():
+        table.append(
+            {
+                "case": label,
+                "protocol": protocol,
+                "rounds": len(rs),
+                "manifest_kb": rs[0].manifest_bytes / 1e3,
+                "p50_ms": statistics.median(r.p50_ms for r in rs),
+                "p99_ms": statistics.median(r.p99_ms for r in rs),
+                "max_ms": statistics.median(r.max_ms for r in rs),
+                "announce_p99_ms": statistics.median(r.announce_p99_ms for r in rs),
+                "cpu_ms": statistics.median(r.cpu_s for r in rs) * 1e3,
+                "cpu_net_ms": statistics.median(r.cpu_net_s for r in rs) * 1e3,
+                "missing": sum(r.missing for r in rs),
+            }
+        )
+    return table
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    fleet = Fleet(args, workdir)
+    bench = Bench(args, fleet)
+    sizes = args.sizes.split(",")
+    for size in sizes:
+        bench.shards[size] = SIZES[size]()
+    results: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}",
+        "load_before": os.getloadavg(),
+        "subscribers": args.subscribers,
+        "workers": args.workers,
+        "curve": args.curve,
+        "fetch": args.fetch,
+        "heartbeat_s": args.heartbeat_s,
+    }
+    protocols = [int(p) for p in args.protocols.split(",")]
+    fleet.protocol = protocols[0]
+    fleet.start_broker()
+    context = zmq.asyncio.Context()
+    try:
+        await asyncio.sleep(0.5)
+        rss0 = proc_rss(fleet.pid)
+        t0 = time.monotonic()
+        fleet.start_workers()
+        await fleet.gather("ready", args.connect_timeout_s)
+        results["connect_s"] = time.monotonic() - t0
+        print(f"{args.subscribers} subscribers ready in {results['connect_s']:.1f} s", flush=True)
+        await asyncio.sleep(1.0)
+        rss1 = proc_rss(fleet.pid)
+        results["rss_before_mb"] = rss0 / 1e6
+        results["rss_per_subscriber_kb"] = (rss1 - rss0) / args.subscribers / 1e3
+        results["bare_router_per_connection_kb"] = (
+            bare_router_bytes_per_connection(min(args.subscribers, 2000), args.curve) / 1e3
+        )
+        # this checkout's Registry (not an older broker's)
+        results["registry_per_subscriber_kb"] = (
+            0.0 if args.broker_pythonpath else registry_bytes_per_subscriber(args.subscribers) / 1e3
+        )
+        async with (
+            publisher(fleet, context) as client,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+        ):
+            # one version of each size first: everyone holds one, and encoding sizes are known
+            for size in sizes:
+                fleet.version += 1
+                shards = bench.shards[size]
+                for rank, shard in enumerate(shards):
+                    await client.publish(MODEL, fleet.version, rank, len(shards), shard)
+                bench.manifest_bytes[size] = len(encode(_assembled(shards, fleet.version)))
+            await fleet.switch(protocols[0])
+            bench.idle_cpu_rate = await bench.idle_cpu(3.0)
+            results["idle_cpu_rate"] = bench.idle_cpu_rate
+            results["rss_after_versions_per_subscriber_kb"] = (
+                (proc_rss(fleet.pid) - rss0) / args.subscribers / 1e3
+            )
+            print(
+                f"broker RSS {rss0 / 1e6:.0f} MB -> +{results['rss_per_subscriber_kb']:.1f} KB per "
+                f"subscriber; heartbeat-only CPU {bench.idle_cpu_rate * 100:.0f} % of a core",
+                flush=True,
+            )
+            for size in sizes:
+                for r in range(args.rounds):
+                    order = protocols if r % 2 == 0 else protocols[::-1]
+                    for protocol in order:
+                        await bench.publish_round(client, size, protocol)
+            if args.status:
+                if fleet.protocol != max(protocols):
+                    await fleet.switch(max(protocols))
+                results["status"] = await status_phase(bench, client, session)
+            counts, late = await fleet.stats()
+            gone = (
+                await http_times(session, f"{fleet.http}/v1/subscribers?state=gone&limit=1", 1)
+            )[1]
+            results["gone"] = gone.get("total")
+            results["client_counts"] = counts
+            results["heartbeat_send_late_max_s"] = late
+            results["rss_end_per_subscriber_kb"] = (
+                (proc_rss(fleet.pid) - rss0) / args.subscribers / 1e3
+            )
+    finally:
+        fleet.stop()
+        context.destroy(linger=0)
+    results["rounds"] = [r.__dict__ for r in bench.rounds]
+    results["summary"] = summarize(bench.rounds)
+    results["skipped"] = bench.skipped
+    results["load_after"] = os.getloadavg()
+    log = (workdir / "broker.log").read_text(errors="replace")
+    results["gone_logged"] = log.count("peer gone")
+    results["broker_log_tail"] = log[-2000:]
+    return results
+
+
+def _assembled(shards: list[Shard], version: int) -> Any:
+    from schemas.manifest import Manifest
+
+    return Manifest.assemble(MODEL, version, shards, published_at=time.time())
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    print()
+    print(
+        f"{results['subscribers']} subscribers, {results['workers']} worker processes, "
+        f"curve={results['curve']}, fetch={results['fetch']}, heartbeat {results['heartbeat_s']} s"
+    )
+    print(
+        "| case | protocol | rounds | manifest | notified p50 | p99 | max | announce p99 "
+        "| broker CPU / version (net of heartbeats) | missing |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in results["summary"]:
+        print(
+            f"| {row['case']} | {row['protocol']} | {row['rounds']} | {row['manifest_kb']:.1f} KB "
+            f"| {row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | {row['max_ms']:.1f} ms "
+            f"| {row['announce_p99_ms']:.1f} ms | {row['cpu_ms']:.0f} ms ({row['cpu_net_ms']:.0f}) "
+            f"| {row['missing']} |"
+        )
+    for note in results["skipped"]:
+        print(f"- {note}")
+    print(
+        f"- broker RSS per subscriber: {results['rss_per_subscriber_kb']:.1f} KB after Hello + "
+        f"Subscribe, {results['rss_end_per_subscriber_kb']:.1f} KB at the end; of it the "
+        f"Registry's Python state {results['registry_per_subscriber_kb']:.1f} KB (tracemalloc); "
+        f"a bare libzmq ROUTER gains {results['bare_router_per_connection_kb']:.1f} KB per "
+        "connection"
+    )
+    print(
+        f"- heartbeats: {results['client_counts'].get('heartbeat', 0)} sent, "
+        f"{results['client_counts'].get('alive', 0)} Alive back; gone now={results['gone']}, "
+        f"'peer gone' in the broker's log={results['gone_logged']}, "
+        f"unknown_peer={results['client_counts'].get('error_unknown_peer', 0)}, "
+        f"latest heartbeat sent {results['heartbeat_send_late_max_s'] * 1e3:.0f} ms late at most"
+    )
+    print(f"- load average before {results['load_before']}, after {results['load_after']}")
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--subscribers", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=4, help="subscriber processes")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per size and protocol")
+    parser.add_argument("--sizes", default="small,large", help=f"of {list(SIZES)}")
+    parser.add_argument("--protocols", default="2,1", help="alternated round by round")
+    parser.add_argument("--fetch", choices=("subscriber", "process"), default="subscriber")
+    parser.add_argument("--no-curve", dest="curve", action="store_false")
+    parser.add_argument("--heartbeat-s", type=float, default=1.0, help="the broker's interval")
+    parser.add_argument("--peer-timeout-s", type=float, default=10.0)
+    parser.add_argument("--max-fanout-gib", type=float, default=2.0)
+    parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument(
+        "--connect-timeout-s",
+        type=float,
+        default=300.0,
+        help="for every subscriber's first Hello and Subscribe (CURVE joins ~75/s here)",
+    )
+    parser.add_argument("--status", action="store_true", help="also the status phase")
+    parser.add_argument("--status-repeats", type=int, default=10)
+    parser.add_argument("--broker-log-level", default="WARNING")
+    parser.add_argument(
+        "--broker-pythonpath", help="run the broker of another checkout (a same-run baseline)"
+    )
+    parser.add_argument(
+        "--broker-profile", help="run the broker under cProfile, the profile written here"
+    )
+    parser.add_argument("--json", help="write every figure here")
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
+    results = asyncio.run(run(args))
+    print_summary(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
