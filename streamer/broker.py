@@ -94,6 +94,14 @@ __all__ = ["Broker"]
 logger = logging.getLogger(__name__)
 
 _HOUSEKEEPING_S = 0.25
+_DRAIN = 256
+"""Messages received per wake-up: awaiting one poll and one receive per message costs three
+loop iterations each (~3 x the handling, bench/RESULTS_FLEET.md's profile)."""
+_BACKLOG = 4096
+"""The listen backlog (libzmq's default is 100): thousands of subscribers connecting at once
+otherwise overflow it (the kernel answers with SYN cookies and some connects never finish)."""
+_ALIVE = encode(Alive())
+"""The heartbeat answer, the same bytes for everyone: encoded once."""
 _WARNED_PEERS = 1024
 """Peers whose protocol errors were logged (once each); older ones are forgotten."""
 _REDELIVER_PEERS = 1024
@@ -173,14 +181,15 @@ class Broker:
         self.socket.setsockopt(zmq.RCVHWM, config.queue_size)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 256 * 1024 * 1024)
+        self.socket.setsockopt(zmq.BACKLOG, _BACKLOG)
         if config.key_file is not None and config.allowlist_file is not None:
             self._secure(config.key_file, config.allowlist_file, context)
         self.socket.bind(config.endpoint)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sender: zmq.Socket[bytes] = zmq.Socket.shadow(self.socket.underlying)
-        """The same socket, unwrapped, for `_send`'s non-blocking sends: no Future per
+        """The same socket, unwrapped, for non-blocking sends and receives: no Future per
         message (a fan-out to 10,000 peers is then ~1.6 x faster). pyzmq's asyncio wrapper
-        does the same for a NOBLOCK send, and `run()` has no receive waiting meanwhile."""
+        does the same for a NOBLOCK send, and `run()` awaits only a poll meanwhile."""
 
     def _restore(self, state: StateFile) -> None:
         """Check the state dir and load the state file; StateError says what to do."""
@@ -240,9 +249,15 @@ class Broker:
             while True:
                 timeout_ms = max(0, int((next_housekeeping - time.monotonic()) * 1000))
                 if await self.socket.poll(timeout=timeout_ms):
-                    # copy=False: each frame carries its connection's User-Id (the key's name).
-                    frames = await self.socket.recv_multipart(copy=False)
-                    await self._receive(frames)
+                    # Drain what is queued (bounded, so housekeeping still runs), without a
+                    # Future per message. copy=False: each frame carries its connection's
+                    # User-Id (the key's name).
+                    for _ in range(_DRAIN):
+                        try:
+                            frames = self._sender.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        await self._receive(frames)
                 if self._deferred:
                     outbox, self._deferred = self._deferred, []
                     await self._send(outbox)
@@ -545,6 +560,8 @@ class Broker:
         their frames, so a protocol-1 peer's whole-manifest Announce is encoded once per
         version, not once per subscriber, and a manifest reply once per request id. The
         cache holds the message itself, so its `id` cannot be reused while cached."""
+        if isinstance(message, Alive):
+            return _ALIVE
         if not isinstance(message, Announce | Announced | ManifestBody):
             return encode(message)
         cached = self._frames.get(id(message))
