@@ -7,6 +7,11 @@
 
 Needs root and iproute2. Every address lives only inside namespaces made here, and
 `NodeNet.close()` deletes them all (also after a crash: `cleanup(prefix)` removes leftovers).
+
+`shape(node, rate)` gives a node's link one rate both ways, like a NIC of that speed: a token
+bucket (`tc tbf`) on each end of its veth, the namespace's end for what it sends (its uplink),
+the bridge's end for what it receives (its downlink). Traffic between two nodes then crosses the
+sender's uplink and the receiver's downlink, each shaped.
 """
 
 from __future__ import annotations
@@ -21,6 +26,25 @@ __all__ = ["NodeNet", "netns_available"]
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)  # noqa: S603,S607
+
+
+def _tc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["tc", *args], check=check, capture_output=True, text=True)  # noqa: S603,S607
+
+
+def _tbf(rate_bytes_per_s: float) -> tuple[str, ...]:
+    """A token bucket of `rate_bytes_per_s`: a burst of 4 ms of traffic (at least two GSO
+    segments of 64 KiB, which tbf must hold whole) and 20 ms of queue before it drops."""
+    burst = max(2 * 65536 + 4096, int(rate_bytes_per_s * 0.004))
+    return (
+        "tbf",
+        "rate",
+        f"{int(rate_bytes_per_s * 8)}bit",
+        "burst",
+        str(burst),
+        "latency",
+        "20ms",
+    )
 
 
 def netns_available() -> bool:
@@ -77,6 +101,38 @@ class NodeNet:
             _ip("-n", namespace, "link", "set", inner, "up")
             _ip("-n", namespace, "link", "set", "lo", "up")
         return self
+
+    def shape(self, node: int, *, rate_bytes_per_s: float) -> None:
+        """Shape node `node`'s link to `rate_bytes_per_s` in each direction (replaces a shaping
+        already there)."""
+        if rate_bytes_per_s <= 0:
+            raise ValueError(f"rate_bytes_per_s must be > 0, not {rate_bytes_per_s}")
+        qdisc = _tbf(rate_bytes_per_s)
+        _tc("qdisc", "replace", "dev", f"{self.prefix}v{node}", "root", *qdisc)  # downlink
+        _tc(
+            "-n",
+            self.namespaces[node],
+            "qdisc",
+            "replace",
+            "dev",
+            f"{self.prefix}p{node}",
+            "root",
+            *qdisc,
+        )
+
+    def unshape(self, node: int) -> None:
+        """Take node `node`'s shaping off (both directions); a no-op if it has none."""
+        _tc("qdisc", "delete", "dev", f"{self.prefix}v{node}", "root", check=False)
+        _tc(
+            "-n",
+            self.namespaces[node],
+            "qdisc",
+            "delete",
+            "dev",
+            f"{self.prefix}p{node}",
+            "root",
+            check=False,
+        )
 
     def link(self, node: int, *, up: bool) -> None:
         """Take a node's link down (a cable pulled) or bring it back."""
