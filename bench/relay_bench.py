@@ -221,6 +221,7 @@ class Cluster:
 
     max_nodes: int
     rate: float
+    fair: bool = True
     net: NodeNet = field(init=False)
     workdir: Path = field(
         default_factory=lambda: Path(f"/tmp/weightstream-relay-bench-{os.getpid()}")
@@ -250,7 +251,7 @@ class Cluster:
 
     def shape(self, nodes: list[int]) -> None:
         for node in nodes:
-            self.net.shape(node, rate_bytes_per_s=self.rate)
+            self.net.shape(node, rate_bytes_per_s=self.rate, fair=self.fair)
 
     def unshape(self) -> None:
         for node in range(self.net.count):
@@ -869,8 +870,8 @@ def relay_supported() -> bool:
 
 
 @contextlib.contextmanager
-def cluster_of(max_nodes: int, rate: float) -> Iterator[Cluster]:
-    cluster = Cluster(max_nodes, rate).open()
+def cluster_of(max_nodes: int, rate: float, fair: bool) -> Iterator[Cluster]:
+    cluster = Cluster(max_nodes, rate, fair).open()
     try:
         yield cluster
     finally:
@@ -886,6 +887,11 @@ def main() -> None:
     parser.add_argument("--size", type=_size, default=_size("250MB"), help="model size S")
     parser.add_argument(
         "--rate", type=_size, default=_size("50MB"), help="every link's rate B per second, each way"
+    )
+    parser.add_argument(
+        "--fifo",
+        action="store_true",
+        help="shape each link with one FIFO token bucket (tbf) instead of a fair share per peer",
     )
     parser.add_argument("--bucket", type=_size, default=_size("4MiB"), help="bucket size c")
     parser.add_argument("--fanout", type=int, default=2, help="the broker's --relay-fanout")
@@ -916,7 +922,7 @@ def main() -> None:
     started = time.time()
     cells: list[Cell] = []
     extras: dict[str, Any] = {}
-    with cluster_of(max(nodes), args.rate) as cluster, CpuSampler() as cpu:
+    with cluster_of(max(nodes), args.rate, not args.fifo) as cluster, CpuSampler() as cpu:
         time.sleep(3.0)
         idle_busy, _ = cpu.busy(time.time() - 3.0, time.time())
         log(
@@ -971,7 +977,9 @@ def main() -> None:
         f"({os.cpu_count()} cores), {elapsed / 60:.1f} min; load average {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after; host CPU busy {idle_busy * 100:.0f} % before the run.",
         f"S = {nbytes / 1e6:.0f} MB, c = {args.bucket / 2**20:g} MiB, B = {rate / 1e6:.1f} MB/s "
-        f"(tc {args.rate * 8 / 1e6:.0f} Mbit/s; the raw mooncake read over one shaped link), "
+        f"(tc {args.rate * 8 / 1e6:.0f} Mbit/s each way, "
+        f"{'one FIFO (tbf)' if args.fifo else 'shared fairly between peers (htb)'}; B is the "
+        "raw mooncake read over one shaped link), "
         f"S/B = {nbytes / rate:.2f} s, relay fanout {args.fanout}, {args.rounds} rounds"
         + ("" if supported else "; this checkout has no relay: direct reads only"),
         "",
