@@ -185,15 +185,16 @@ class CpuSampler:
         return ticks
 
     def _run(self) -> None:
-        ours = 0
         while not self._stop.is_set():
             busy, total = self._host()
-            ours = max(ours, self._ours())  # monotonic while the tracked set only grows
-            self.samples.append((time.time(), busy, total, ours))
+            self.samples.append((time.time(), busy, total, self._ours()))
             self._stop.wait(0.2)
 
     def track(self, pids: list[int]) -> None:
+        """Count these processes from now on (a window must start after this call and end
+        before any of them exits)."""
         self.tracked = set(pids)
+        self.samples.clear()
 
     def __enter__(self) -> CpuSampler:
         self._thread.start()
@@ -518,7 +519,7 @@ def run_cell(
         fleet.start_broker()
         subscribers = [fleet.start_subscriber(node) for node in range(1, nodes + 1)]
         fleet.wait_registered(nodes)
-        trainer = fleet.start_trainer("1-2", wait=nodes, interval_s=3.0)
+        trainer = fleet.start_trainer("1-2", wait=nodes, interval_s=2.0)
         cpu.track([p.pid for p in fleet.procs.started])
         wait_until(
             lambda: _logged(trainer, _APPLIED.format(v=1)),
