@@ -333,6 +333,7 @@ class Settings:
     fanout: int
     relay_supported: bool
     timeout_s: float
+    max_inflight: int
 
 
 @dataclass
@@ -421,6 +422,8 @@ class Fleet:
             self.cluster.keys["broker.public"],
             "--pull-timeout-s",
             str(self.settings.timeout_s),
+            "--max-inflight",
+            str(self.settings.max_inflight),
             *relay,
             *dump,
             prefix=self.cluster.prefix(node),
@@ -896,6 +899,9 @@ def main() -> None:
     )
     parser.add_argument("--bucket", type=_size, default=_size("4MiB"), help="bucket size c")
     parser.add_argument("--fanout", type=int, default=2, help="the broker's --relay-fanout")
+    parser.add_argument(
+        "--max-inflight", type=int, default=2, help="each subscriber's --max-inflight (default 2)"
+    )
     parser.add_argument("--modes", default="relay,direct", help="relay,direct (default both)")
     parser.add_argument(
         "--late-trainer",
@@ -915,7 +921,9 @@ def main() -> None:
     if "relay" in modes and not supported:
         log("this checkout has no relay (--relay-fanout / --relay-listen): direct reads only")
         modes = [m for m in modes if m != "relay"]
-    settings = Settings(args.size, args.bucket, args.fanout, supported, args.timeout_s)
+    settings = Settings(
+        args.size, args.bucket, args.fanout, supported, args.timeout_s, args.max_inflight
+    )
     from publishers.sources import synthetic_llama
 
     nbytes = sum(t.nbytes for t in synthetic_llama(args.size, version=0).values())
