@@ -79,6 +79,13 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         help="close HTTP connections idle or slower than this (default 15)",
     )
     parser.add_argument(
+        "--relay-fanout",
+        type=int,
+        metavar="K",
+        help="relay: stripes per version and tree arity when subscribers offer to relay "
+        "(default 2; 0: no routes, every subscriber reads from the trainer)",
+    )
+    parser.add_argument(
         "--discard-bad-state",
         action="store_true",
         default=None,

@@ -116,6 +116,7 @@ class Broker:
             peer_timeout_s=config.peer_timeout_s,
             manifest_limits=config.manifest_limits,
             limits=config.limits(),
+            relay_fanout=config.relay_fanout,
         )
         self.stats = BrokerStats(started_at=time.time())
         self.stats.registry.register(RegistryCollector(self.registry, self.stats))
@@ -342,18 +343,21 @@ class Broker:
                         len(manifest.tensors),
                         sum(1 for _, m in outbox if isinstance(m, Announce)),
                     )
+                if announced:  # relay: each relay subscriber's Route, ahead of its announcement
+                    outbox = registry.relay_routes(model, version) + outbox
                 self._persist()
                 reply = Published(request_id=rid, model=model, version=version, complete=announced)
                 return [(peer_id, reply), *outbox]
             case Subscribe(request_id=rid, model=model):
-                current = registry.subscribe(peer_id, model)
+                current = registry.subscribe(peer_id, model, relay=message.relay)
                 readable = registry.readable_latest(model)
                 latest = readable.manifest.version if readable is not None else None
                 newest = model_state.latest if model_state is not None else None
                 subscribed = Subscribed(request_id=rid, model=model, latest=latest, newest=newest)
                 if current is None:
                     return [(peer_id, subscribed)]
-                return [(peer_id, subscribed), (peer_id, Announce(manifest=current))]
+                route = registry.relay_joined(peer_id, model, current.version)
+                return [(peer_id, subscribed), *route, (peer_id, Announce(manifest=current))]
             case AcquireLease(request_id=rid, model=model, version=version):
                 ttl_s = registry.acquire_lease(peer_id, model, version, now)
                 return [
@@ -373,6 +377,7 @@ class Broker:
                     message.bytes_total,
                     message.bytes_per_s,
                     message.state,
+                    sources=message.sources,
                 )
                 return []
             case Applied(model=model, version=version):

@@ -11,7 +11,8 @@ overflow and is queued again as room appears, never silently dropped.
 
     caller ── request(msg) ──> send ──> broker
                  ▲ future                 │
-    _receive() ──┴── replies, Announce (-> latest manifest per model), Retire (-> queue)
+    _receive() ──┴── replies, Announce (-> latest manifest per model), Retire (-> queue),
+                     Route (-> the latest per (model, version), a few per model; `wait_route`)
     _heartbeat() ── Heartbeat every interval (also renews leases); the broker answers Alive
     watch()      ── the socket's handshake events: a refused CURVE key fails the client
 
@@ -38,6 +39,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from schemas.codec import encode
 from schemas.messages import (
+    MAX_SOURCES,
     AcquireLease,
     AdminDone,
     Alive,
@@ -55,10 +57,12 @@ from schemas.messages import (
     Published,
     PublishShard,
     PullFailed,
+    RelayOffer,
     ReleaseLease,
     Retire,
     RetireVersion,
     Role,
+    Route,
     Subscribe,
     Subscribed,
     WaitApplied,
@@ -85,6 +89,9 @@ if TYPE_CHECKING:
 __all__ = ["BrokerClient", "BrokerTimeout", "connect"]
 
 logger = logging.getLogger(__name__)
+
+MAX_ROUTES_PER_MODEL = 4
+"""Routes kept per model (the newest versions'): a relay subscriber needs the current one."""
 
 
 class BrokerTimeout(StreamerError, TimeoutError):
@@ -143,6 +150,11 @@ class BrokerClient:
         """Leases we hold (model, version) -> count, re-taken after a broker restart."""
         self.broker_id: str | None = None
         self._applied: dict[str, int] = {}
+        self._relay_offers: dict[str, RelayOffer] = {}
+        """model -> the relay offer we subscribed with (sent again after a broker restart)."""
+        self._routes: dict[tuple[str, int], Route] = {}
+        """(model, version) -> the broker's latest Route (at most MAX_ROUTES_PER_MODEL per model)."""
+        self._route_changed = asyncio.Condition()
         self._rehello: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
@@ -164,11 +176,16 @@ class BrokerClient:
         assert isinstance(reply, Published)
         return reply
 
-    async def subscribe(self, model: str) -> int | None:
+    async def subscribe(self, model: str, *, relay: RelayOffer | None = None) -> int | None:
         """Follow a model; returns the latest readable version (its manifest arrives as an
-        announcement). `newest_version(model)` then says the newest ever announced."""
+        announcement). `newest_version(model)` then says the newest ever announced.
+
+        `relay`: this subscriber serves what it holds there; the broker then sends `Route`s
+        (`route`, `wait_route`)."""
         self._subscriptions.add(model)
-        reply = await self._request(Subscribe(request_id=next(self._ids), model=model))
+        if relay is not None:
+            self._relay_offers[model] = relay
+        reply = await self._request(Subscribe(request_id=next(self._ids), model=model, relay=relay))
         assert isinstance(reply, Subscribed)
         self._newest[model] = reply.newest
         return reply.latest
@@ -215,6 +232,35 @@ class BrokerClient:
         assert isinstance(reply, AppliedReached)
         return reply.num_subscribers
 
+    # relay routes
+
+    def route(self, model: str, version: int) -> Route | None:
+        """The broker's latest `Route` for reading `version` of `model`, if one came."""
+        return self._routes.get((model, version))
+
+    async def wait_route(self, model: str, version: int) -> Route:
+        """The `Route` for `version`, waiting for it. No timeout of its own: the broker sends
+        none without relays, so wrap it in `asyncio.timeout(...)`."""
+        async with self._route_changed:
+            while True:
+                self._raise_if_failed()
+                route = self._routes.get((model, version))
+                if route is not None:
+                    return route
+                await self._route_changed.wait()
+
+    def _store_route(self, route: Route) -> None:
+        self._routes[route.model, route.version] = route
+        versions = sorted(v for m, v in self._routes if m == route.model)
+        for old in versions[:-MAX_ROUTES_PER_MODEL]:
+            del self._routes[route.model, old]
+        logger.debug("route model=%s version=%d", route.model, route.version)
+        asyncio.get_running_loop().create_task(self._notify_route()).add_done_callback(_discard)
+
+    async def _notify_route(self) -> None:
+        async with self._route_changed:
+            self._route_changed.notify_all()
+
     # administration (admin keys only)
 
     async def retire_version(self, model: str, version: int) -> str:
@@ -240,8 +286,11 @@ class BrokerClient:
         rate: float,
         *,
         state: Literal["pulling", "staged"] = "pulling",
+        sources: dict[str, int] | None = None,
     ) -> None:
-        """`state="staged"`: pulled, verified and staged, waiting at the version boundary."""
+        """`state="staged"`: pulled, verified and staged, waiting at the version boundary.
+        `sources`: verified bytes per source ("" the trainer), the largest `MAX_SOURCES`."""
+        top = sorted((sources or {}).items(), key=lambda item: -item[1])[:MAX_SOURCES]
         await self._send(
             Progress(
                 model=model,
@@ -250,6 +299,7 @@ class BrokerClient:
                 bytes_total=total,
                 bytes_per_s=rate,
                 state=state,
+                sources=dict(top),
             )
         )
 
@@ -391,6 +441,8 @@ class BrokerClient:
                 if current is not None and current.version == version:
                     del self._manifests[model]
                 logger.warning("withdrawn model=%s version=%d reason=%s", model, version, reason)
+            case Route():
+                self._store_route(message)
             case Retire():
                 self._queue_retire(message)
             case Error(code="unknown_peer"):
@@ -460,7 +512,8 @@ class BrokerClient:
             if self._applied:
                 await self._send(Heartbeat(applied=dict(self._applied)))
             for model in sorted(self._subscriptions):
-                await self._send(Subscribe(request_id=next(self._ids), model=model))
+                relay = self._relay_offers.get(model)
+                await self._send(Subscribe(request_id=next(self._ids), model=model, relay=relay))
             for message, _ in list(self._pending.values()):
                 await self._send(message)
             for model, version in list(self._leases):
@@ -527,6 +580,7 @@ class BrokerClient:
             if not future.done():
                 future.set_exception(error)
         asyncio.get_running_loop().create_task(self._notify()).add_done_callback(_discard)
+        asyncio.get_running_loop().create_task(self._notify_route()).add_done_callback(_discard)
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:

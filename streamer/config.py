@@ -59,6 +59,9 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """A gone peer's status rows stay this long, then it is forgotten."""
     http_idle_timeout_s: Seconds = 15.0
     """HTTP connections idle (or sending a request slower than this) are closed."""
+    relay_fanout: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
+    """Relay: stripes per version (and each stripe tree's arity) when subscribers offer to
+    relay; 0 sends no Routes, so every subscriber reads from the trainer."""
 
     def limits(self) -> Limits:
         return Limits(

@@ -4,7 +4,9 @@
     GET /v1/models                                every model: latest, readable, pending,
                                                   expired and unreadable versions
     GET /v1/models/{model}                        the same, and history
-    GET /v1/models/{model}/versions/{version}     manifest summary (tensors, buckets, bytes)
+    GET /v1/models/{model}/versions/{version}     manifest summary (tensors, buckets, bytes),
+                                                  and its relay: who reads each stripe from
+                                                  whom, per-node rates, bytes each holder served
     GET /v1/subscribers?limit=&offset=&model=&state=
                                                   each subscriber: version, lag, progress, rate
                                                   (a page: at most 1000 rows by default)
@@ -25,6 +27,7 @@ the admin one), all but /healthz. Tokens are compared in constant time and never
 from __future__ import annotations
 
 import asyncio
+import heapq
 import hmac
 import logging
 import time
@@ -39,9 +42,9 @@ from streamer.metrics import CONTENT_TYPE, BrokerStats, render
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from streamer.registry import Outbox, PeerState, Registry
+    from streamer.registry import Outbox, PeerState, Registry, VersionRecord
 
-__all__ = ["AdminActions", "build_app", "fleet", "serve_http"]
+__all__ = ["AdminActions", "build_app", "fleet", "relay_status", "serve_http"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ _json = msgspec.json.Encoder()
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10_000
 _MAX_TENSOR_ROWS = 10_000
+_MAX_RELAY_ROWS = 1000
 _STATES = ("idle", "pulling", "staged", "gone")
 
 
@@ -178,6 +182,81 @@ def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) 
         "last_pause_s": peer.last_pause_s.get(name),
         "last_heartbeat_age_s": round(now - peer.last_seen, 3),
         "last_error": peer.last_error.get(name),
+        **_relay_row(registry, peer, name, progress.version if progress else latest),
+    }
+
+
+def _relay_row(
+    registry: Registry, peer: PeerState, name: str, version: int | None
+) -> dict[str, Any]:
+    """A subscriber's relay columns: its offer, where it reads `version`'s stripes from,
+    and the bytes readers verified from it over the model's retained versions."""
+    offer = registry.relays.offered(peer.peer_id, name)
+    model = registry.models.get(name)
+    record = model.versions.get(version) if model is not None and version is not None else None
+    parents = record.relay.routes.get(peer.peer_id) if record is not None else None
+    served = (
+        sum(r.relay.served_by.get(peer.name, 0) for r in model.versions.values())
+        if model is not None
+        else 0
+    )
+    return {
+        "relay_endpoint": offer.endpoint if offer is not None else None,
+        "reads_from": _names(registry, parents) if parents is not None else None,
+        "served_bytes": served,
+    }
+
+
+def _names(registry: Registry, parents: tuple[str, ...]) -> list[str]:
+    """Parent ids per stripe as stable names; the trainer is "trainer"."""
+    names = []
+    for parent in parents:
+        peer = registry.peers.get(parent) if parent else None
+        names.append("trainer" if not parent else peer.name if peer is not None else parent)
+    return names
+
+
+def relay_status(
+    registry: Registry, name: str, version: int, record: VersionRecord
+) -> dict[str, Any]:
+    """Who reads `version` from whom, each node's rate, and how much each holder served
+    (from `Progress.sources`); at most `_MAX_RELAY_ROWS` nodes, by stable name."""
+    relay = record.relay
+    ids = relay.stagers | set(relay.routes)
+    known = [registry.peers[p] for p in ids if p in registry.peers]
+    nodes = []
+    # The first rows by name, without sorting every node of a large fleet.
+    for peer in heapq.nsmallest(_MAX_RELAY_ROWS, known, key=lambda p: (p.name, p.peer_id)):
+        progress = peer.progress.get(name)
+        progress = progress if progress is not None and progress.version == version else None
+        parents = relay.routes.get(peer.peer_id)
+        nodes.append(
+            {
+                "name": peer.name,
+                "peer_id": peer.peer_id,
+                "state": "applied" if peer.applied.get(name, -1) >= version else _state(peer, name),
+                "reads_from": _names(registry, parents) if parents is not None else None,
+                "progress": round(progress.bytes_done / progress.bytes_total, 4)
+                if progress and progress.bytes_total
+                else None,
+                "bytes_per_s": progress.bytes_per_s if progress else None,
+                "read_bytes": {
+                    source or "trainer": n
+                    for source, n in relay.served.get(peer.peer_id, {}).items()
+                },
+                "served_bytes": relay.served_by.get(peer.name, 0),
+            }
+        )
+    holders = heapq.nsmallest(_MAX_RELAY_ROWS, ((n, b) for n, b in relay.served_by.items() if n))
+    return {
+        "fanout": registry.relays.fanout,
+        "planned_nodes": len(relay.plan.nodes) if relay.plan is not None else 0,
+        "served_bytes": {
+            "trainer": relay.served_by.get("", 0),
+            "holders": dict(holders),
+        },
+        "nodes": nodes,
+        "nodes_total": len(known),
     }
 
 
@@ -252,6 +331,7 @@ def build_app(
                 "num_regions": len(manifest.regions),
                 "checksum_algorithm": manifest.checksum_algorithm,
                 "unreadable": record.unreadable,
+                "relay": relay_status(registry, name, version, record),
                 "tensors": [
                     {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
                     for t in manifest.tensors[:_MAX_TENSOR_ROWS]

@@ -3,7 +3,8 @@
     BrokerStats          counters the broker bumps, and per-model histograms it observes on
                          every Applied: pull seconds, pause seconds, announce -> applied seconds
     RegistryCollector    gauges read from the registry at scrape time (latest, pending and
-                         unreadable versions, subscribers' versions and lag, peers by role)
+                         unreadable versions, subscribers' versions and lag, peers by role,
+                         relay subscribers), and the bytes each relay holder served
     render(stats)        the text exposition; CONTENT_TYPE is its Content-Type
 
 Each broker has its own `CollectorRegistry` (never the process-global one), so tests and
@@ -47,12 +48,17 @@ __all__ = [
     "PROTOCOL_ERRORS_TOTAL",
     "PULL_FAILURES_TOTAL",
     "PULL_SECONDS",
+    "RELAY_SERVED_BYTES_TOTAL",
+    "RELAY_SUBSCRIBERS",
     "STATE_WRITE_ERRORS_TOTAL",
     "SUBSCRIBER_LAG",
     "SUBSCRIBER_VERSION",
     "UNREADABLE_VERSIONS",
     "BrokerStats",
     "RegistryCollector",
+    "RelaySnapshot",
+    "relay_families",
+    "relay_snapshot",
     "render",
 ]
 
@@ -74,6 +80,8 @@ PAUSE_SECONDS = "weightstream_pause_seconds"
 ANNOUNCE_TO_APPLIED_SECONDS = "weightstream_announce_to_applied_seconds"
 FORBIDDEN_TOTAL = "weightstream_broker_forbidden_total"
 INSECURE = "weightstream_broker_insecure"
+RELAY_SUBSCRIBERS = "weightstream_relay_subscribers"
+RELAY_SERVED_BYTES_TOTAL = "weightstream_relay_served_bytes_total"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -229,6 +237,38 @@ class RegistryCollector:
         for role, count in sorted(roles.items()):
             peers.add_metric([role], count)
         yield peers
+        yield from relay_families(relay_snapshot(registry))
+
+
+RelaySnapshot = tuple[dict[str, int], dict[tuple[str, str], int]]
+"""Relay offers per model, and bytes served per (model, holder label)."""
+
+
+def relay_snapshot(registry: Registry) -> RelaySnapshot:
+    """Copy what the relay metrics show; on the event loop, which owns the registry."""
+    relays = registry.relays
+    return {name: len(offers) for name, offers in relays.offers.items()}, dict(relays.served_total)
+
+
+def relay_families(snapshot: RelaySnapshot) -> Iterator[Metric]:
+    """The relay gauges and counter from a `relay_snapshot` (any thread)."""
+    offers, served_total = snapshot
+    offering = GaugeMetricFamily(
+        RELAY_SUBSCRIBERS, "Subscribers offering to relay, per model.", labels=["model"]
+    )
+    for name, count in sorted(offers.items()):
+        offering.add_metric([name], count)
+    yield offering
+    # Labels: stable names of holders readers reported (capped, then "(other)"); the
+    # trainer is "(trainer)".
+    served = CounterMetricFamily(
+        RELAY_SERVED_BYTES_TOTAL,
+        "Bytes subscribers verified from each source (a relay holder, or the trainer), per model.",
+        labels=["model", "holder"],
+    )
+    for (name, holder), nbytes in sorted(served_total.items()):
+        served.add_metric([name, holder], nbytes)
+    yield served
 
 
 def render(stats: BrokerStats) -> bytes:

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from schemas.manifest import Manifest, Shard
-from schemas.messages import Announce, AppliedReached, Message, Retire, Withdraw
+from schemas.messages import Announce, AppliedReached, Message, RelayOffer, Retire, Withdraw
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest, validate_shard
 from streamer.errors import BrokerError, VersionUnavailable
+from streamer.routes import Relays, RelayVersion
 from streamer.waiters import Waiters
 
 __all__ = ["Limits", "Outbox", "PeerState", "PullProgress", "Registry", "VersionRecord"]
@@ -107,6 +108,8 @@ class VersionRecord:
     announced_at: float
     leases: dict[str, float] = field(default_factory=dict)
     """peer_id -> lease expiry time."""
+    relay: RelayVersion = field(default_factory=RelayVersion)
+    """Relay: its plan, the Routes sent, who stages it, who served how much (streamer.routes)."""
     retiring: bool = False
     unreadable: str | None = None
     """Why nobody can read it any more (a publisher is gone); None while readable."""
@@ -177,6 +180,7 @@ class Registry:
         peer_timeout_s: float = 10.0,
         manifest_limits: ManifestLimits | None = None,
         limits: Limits | None = None,
+        relay_fanout: int = 2,
     ):
         if retention < 1:
             raise ValueError("retention must be >= 1")
@@ -187,6 +191,11 @@ class Registry:
         self.limits = limits or Limits()
         self.models: dict[str, _Model] = {}
         self.peers: dict[str, PeerState] = {}
+        self.relays = Relays(fanout=relay_fanout, peers=self.peers)
+        """Relay offers and Routes (not persisted: relays offer again when they subscribe)."""
+        self._relay_out: Outbox = []
+        """Routes made while a peer was marked gone; the public call that marked it (expire,
+        goodbye) returns and empties it."""
         self.waiters = Waiters(
             per_peer=self.limits.waiters_per_peer,
             total=self.limits.waiters,
@@ -207,6 +216,7 @@ class Registry:
         """A peer (re)connects. A reconnect keeps what it reported and its leases: a peer
         that lost the broker for a moment still holds the versions it is reading."""
         previous = self.peers.get(peer_id)
+        self.relays.drop(peer_id)  # a new connection offers again when it subscribes
         if previous is None and len(self.peers) >= self.limits.peers:
             self._forget_gone(now, everyone=True)
             if len(self.peers) >= self.limits.peers:
@@ -250,7 +260,7 @@ class Registry:
         peer = self.peers.get(peer_id)
         if peer is not None and not peer.gone:
             self._mark_gone(peer, now)
-        return self._withdraw_unreadable(now) + self._retire_unleased(now)
+        return self._withdraw_unreadable(now) + self._retire_unleased(now) + self._relay_routed()
 
     def _mark_gone(self, peer: PeerState, now: float) -> None:
         peer.gone = True
@@ -258,6 +268,26 @@ class Registry:
         peer.progress.clear()
         self.waiters.drop_peer(peer.peer_id)
         self._drop_leases(peer.peer_id)
+        self._relay_departed(peer.peer_id)
+
+    def _relay_departed(self, peer_id: str) -> None:
+        """A relay that goes: the readers it fed get new Routes (sent by the caller)."""
+        for name in self.relays.drop(peer_id):
+            model = self.models.get(name)
+            if model is not None:
+                versions = [(v, r.relay) for v, r in sorted(model.versions.items())]
+                self._relay_out += self.relays.departed(peer_id, name, versions)
+
+    def _relay_routed(self) -> Outbox:
+        """The Routes made since the last call: the newest per reader and version, and only
+        to readers still here (several relays can go in one tick)."""
+        made, self._relay_out = self._relay_out, []
+        newest: dict[tuple[str, str, int], tuple[str, Message]] = {}
+        for peer_id, route in reversed(made):
+            key = (peer_id, getattr(route, "model", ""), getattr(route, "version", -1))
+            if key not in newest and self.known(peer_id):
+                newest[key] = (peer_id, route)
+        return list(reversed(newest.values()))
 
     def _forget_gone(self, now: float, *, everyone: bool = False) -> None:
         ttl = 0.0 if everyone else self.limits.gone_peer_ttl_s
@@ -299,7 +329,10 @@ class Registry:
                 )
         out += self.waiters.expire(now, self.count_applied)
         out += self._withdraw_unreadable(now)
-        return out + self._retire_unleased(now)
+        self.relays.forget_missing(
+            r.relay for m in self.models.values() for r in m.versions.values()
+        )
+        return out + self._retire_unleased(now) + self._relay_routed()
 
     # publishing
 
@@ -469,7 +502,20 @@ class Registry:
                 self.dirty = True
                 logger.info("retired model=%s version=%d", name, version)
                 out.extend((p, Retire(model=name, version=version)) for p in record.publishers)
+                out += self._retire_to_holders(name, version, record)
         return out
+
+    def _retire_to_holders(self, name: str, version: int, record: VersionRecord) -> Outbox:
+        """Relay subscribers that staged a version keep it readable for others until this
+        (no lease holds it now): one Retire object, encoded once for all of them."""
+        holders = sorted(record.relay.stagers - record.publishers)
+        if not holders:
+            return []
+        logger.info(
+            "retired to holders model=%s version=%d holders=%d", name, version, len(holders)
+        )
+        retire = Retire(model=name, version=version)
+        return [(p, retire) for p in holders]
 
     def _withdraw_unreadable(self, now: float) -> Outbox:
         """A version whose bytes live with a publisher that is gone cannot be read: every
@@ -542,16 +588,29 @@ class Registry:
         out: Outbox = []
         for version, record in model.versions.items():
             out.extend((p, Retire(model=model_name, version=version)) for p in record.publishers)
+            out += self._retire_to_holders(model_name, version, record)
         for version, pending in model.pending.items():
             out.extend((p, Retire(model=model_name, version=version)) for p in pending.publishers)
         return out
 
     # subscribing
 
-    def subscribe(self, peer_id: str, model_name: str) -> Manifest | None:
+    def subscribe(
+        self, peer_id: str, model_name: str, *, relay: RelayOffer | None = None
+    ) -> Manifest | None:
         """Follow a model; returns the newest readable manifest if this connection has not
-        been sent it yet (a repeated Subscribe costs no second manifest)."""
+        been sent it yet (a repeated Subscribe costs no second manifest).
+
+        With `relay`, the peer serves what it holds of the model to other subscribers
+        (checked first: a bad offer is refused `bad_request` and subscribes nothing); a
+        Subscribe without it withdraws an earlier offer."""
         peer = self.peers[peer_id]
+        if relay is not None and peer.role != "subscriber":
+            raise BrokerError(
+                "bad_request",
+                f"only subscribers relay; this peer said Hello as a {peer.role}: subscribe "
+                "without relay",
+            )
         if (
             model_name not in peer.subscriptions
             and len(peer.subscriptions) >= self.limits.subscriptions_per_peer
@@ -561,6 +620,7 @@ class Registry:
                 f"peer {peer_id} already follows {len(peer.subscriptions)} models "
                 "(limits.subscriptions_per_peer); use one connection per few models",
             )
+        self.relays.offer(peer_id, model_name, relay)
         peer.subscriptions.add(model_name)
         record = self.readable_latest(model_name)
         if record is None or peer.announced.get(model_name) == record.manifest.version:
@@ -604,6 +664,19 @@ class Registry:
                 if record.leases.pop(peer_id, None) is not None:
                     self.dirty = True
 
+    # relay (streamer.routes)
+
+    def relay_routes(self, model_name: str, version: int) -> Outbox:
+        """The Routes of a version just announced, for the model's relay subscribers."""
+        record = self.models[model_name].versions[version]
+        return self.relays.announced(model_name, version, record.relay)
+
+    def relay_joined(self, peer_id: str, model_name: str, version: int) -> Outbox:
+        """The Route of a relay subscriber about to be sent `version` after its announcement
+        (a late joiner, or a reconnect): read from holders that applied it."""
+        record = self.models[model_name].versions[version]
+        return self.relays.joined(peer_id, model_name, version, record.relay)
+
     # reports
 
     def progress(
@@ -615,10 +688,18 @@ class Registry:
         total: int,
         rate: float,
         state: str = "pulling",
+        sources: dict[str, int] | None = None,
     ) -> None:
         peer = self.peers[peer_id]
         if model in peer.subscriptions or model in self.models:
             peer.progress[model] = PullProgress(version, done, total, rate, state)
+        record = self._record(model, version)
+        if sources and record is not None:
+            self.relays.progress(peer_id, model, record.relay, sources)
+
+    def _record(self, model: str, version: int) -> VersionRecord | None:
+        followed = self.models.get(model)
+        return followed.versions.get(version) if followed is not None else None
 
     def applied(
         self, peer_id: str, model: str, version: int, pull_s: float, pause_s: float, now: float
@@ -633,6 +714,9 @@ class Registry:
         peer.last_pull_s[model] = pull_s
         peer.last_pause_s[model] = pause_s
         self._clear_error(peer, model)
+        record = self._record(model, version)
+        if record is not None:
+            self.relays.held(peer_id, model, record.relay)
         return self._wake(model, version)
 
     def _clear_error(self, peer: PeerState, model: str) -> None:
@@ -657,6 +741,9 @@ class Registry:
                 peer.applied_at[model] = now
                 self._clear_error(peer, model)
                 out += self._wake(model, version)
+            record = self._record(model, version)
+            if record is not None and peer_id not in record.relay.complete:
+                self.relays.held(peer_id, model, record.relay)  # relearnt after a restart
         return out
 
     def pull_failed(self, peer_id: str, model: str, version: int, reason: str) -> None:

@@ -13,6 +13,21 @@ bytes (a memcpy) and verified there, unless the caller asks for `map_shared` (a 
 verifies on its device). Every fetch carries the pull's `deadline`, so a frozen publisher
 costs the deadline plus one bucket, and a failed or cancelled pull waits for its fetch and
 verify threads before it returns: nothing of it writes into staging afterwards.
+
+Relay (`route`, a broker's `Route`): bucket b is read first from `route.parents[b %
+route.fanout]` (None: the trainer), then from `route.fallbacks` in order, then from the
+trainer's locators. Each relay read has its own short deadline (`relay_timeout_s`, within the
+pull's), and its bytes are verified against the trainer's manifest like any other: a relay
+that refuses, times out or serves bytes that fail the checksum (or digest) moves the bucket to
+the next source, and is not asked again during this pull (so a dead parent costs one relay
+deadline, not one per bucket); one that answers it has not verified the bucket yet (alive, but
+behind: its own parent died, say) only loses that bucket, up to `MAX_BEHIND` times. Reads
+from each relay queue on their own (`max_inflight` each), apart from the trainer's. The deadline starts when the read
+is sent, not while it queues. With `routes` the newest `Route` is taken as each bucket
+starts, so a re-plan (a holder gone) applies mid-pull. Only the trainer's failures fail the
+pull. `on_verified(i)`
+runs as bucket i passes (a relay holder serves it from then on); `PullReport.sources` counts
+the verified bytes per source ("" for the trainer).
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from schemas.manifest import ShmLocator
@@ -31,11 +46,14 @@ from streamer.errors import ChecksumMismatch, StreamerError, TransportError
 from streamer.signing import digest_matches
 from streamer.transport.base import BulkReceiver, Fetch
 from streamer.transport.shm import ShmReceiver
+from subscribers.relay import RelayError
 
 if TYPE_CHECKING:
     import torch
 
     from schemas.manifest import BucketSpec, Manifest
+    from schemas.messages import RelaySource, Route
+    from subscribers.relay_client import RelayClient
     from subscribers.staging import Staging
 
 __all__ = ["PullReport", "PullTimeout", "pull"]
@@ -43,6 +61,12 @@ __all__ = ["PullReport", "PullTimeout", "pull"]
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, float], Awaitable[None]]
+MAX_BEHIND = 2
+"""A relay that is behind (alive, bucket not verified in time) this often is not asked again."""
+MAX_RELAY_THREADS = 16
+"""Relays whose reads get threads of their own (more share them)."""
+TRAINER = ""
+"""The source name of the trainer's own locators in `PullReport.sources` and `Progress`."""
 
 
 class PullTimeout(StreamerError, TimeoutError):
@@ -55,6 +79,8 @@ class PullReport:
     nbytes: int
     seconds: float
     refetched: int
+    sources: dict[str, int] = field(default_factory=dict)
+    """Verified bytes per source: a relay holder's name, or "" for the trainer."""
 
     @property
     def bytes_per_s(self) -> float:
@@ -102,6 +128,25 @@ def _receiver_for(
     )
 
 
+def _relay_sources(route: Route | None, index: int) -> list[RelaySource]:
+    """The holders to try for bucket `index`, in order: its stripe's parent, then fallbacks."""
+    if route is None:
+        return []
+    parents = route.parents
+    parent = parents[index % route.fanout] if index % route.fanout < len(parents) else None
+    sources = [parent] if parent is not None else []
+    seen = {(parent.endpoint, parent.name)} if parent is not None else set()
+    for fallback in route.fallbacks:
+        if (fallback.endpoint, fallback.name) not in seen:
+            seen.add((fallback.endpoint, fallback.name))
+            sources.append(fallback)
+    return sources
+
+
+def _all_sources(route: Route) -> list[RelaySource]:
+    return [parent for parent in route.parents if parent is not None] + list(route.fallbacks)
+
+
 async def pull(
     manifest: Manifest,
     staging: Staging,
@@ -114,6 +159,13 @@ async def pull(
     verify: bool = True,
     map_shared: bool = False,
     deadline: float | None = None,
+    route: Route | None = None,
+    routes: Callable[[], Route | None] | None = None,
+    relay_client: RelayClient | None = None,
+    relay_one_sided: BulkReceiver | None = None,
+    relay_timeout_s: float = 5.0,
+    on_verified: Callable[[int], None] | None = None,
+    sources: dict[str, int] | None = None,
 ) -> PullReport:
     """Fetch and verify every bucket of `manifest` into `staging`.
 
@@ -123,6 +175,12 @@ async def pull(
     the host checksums, for such a swapper (it must then raise `ChecksumMismatch` itself);
     BLAKE3 digests (the secure mode) are always verified here, on the host, before any copy to
     a device. `deadline` (a `time.monotonic()` value) bounds every fetch (`FetchTimeout`).
+
+    `route` and `relay_client` read buckets from relay holders first (the module docstring);
+    relays need `verify=True`. `routes`, instead of `route`, gives the newest route whenever a
+    bucket starts (the broker re-plans when a holder goes, mid-pull). `relay_one_sided` (a
+    mooncake receiver `staging` is registered with) reads from relays that offer it one-sided. `sources`, if given, is filled as buckets verify (bytes per
+    source), so a progress callback can report it.
     """
     if manifest.checksum_algorithm not in SUPPORTED_ALGORITHMS:
         raise TransportError(
@@ -130,32 +188,105 @@ async def pull(
             f"{manifest.checksum_algorithm!r}, which this subscriber cannot verify (it knows "
             f"{ALGORITHM!r}): upgrade the older side so both use the same weightstream"
         )
-    routes = [_receiver_for(manifest, r, receivers) for r in range(len(manifest.regions))]
+    if (route is not None or routes is not None) and (relay_client is None or not verify):
+        raise ValueError("reading from relays needs a relay_client and verify=True")
+    readers = [_receiver_for(manifest, r, receivers) for r in range(len(manifest.regions))]
     mapped: dict[int, torch.Tensor] = {}
-    for region, (receiver, locator_index) in enumerate(routes):
+    for region, (receiver, locator_index) in enumerate(readers):
         locator = manifest.regions[region].locators[locator_index]
         if map_shared and isinstance(receiver, ShmReceiver) and isinstance(locator, ShmLocator):
             mapping = await asyncio.to_thread(receiver.mapping, locator)
             mapped[region] = staging.segment(locator.name, mapping)
     staging.prepare(manifest, mapped)
+    if route is not None or routes is not None:
+        # Relay bytes are copied in by the relay client, not by these receivers: first let any
+        # read a receiver gave up earlier (a mooncake read past a deadline) end, so that none
+        # lands over what the relays bring (a receiver's own fetches do this themselves).
+        for receiver in {id(r): r for r in [*receivers, relay_one_sided] if r is not None}.values():
+            await asyncio.to_thread(receiver.fetch, [], deadline=deadline)
     total = sum(bucket.nbytes for bucket in manifest.buckets)
     done = 0
     refetched = 0
+    counts: dict[str, int] = {} if sources is None else sources
+    failed_relays: set[tuple[str, str]] = set()
+    """Relays that failed a read in this pull: not asked again (bounded by the routes)."""
+    behind_counts: dict[tuple[str, str], int] = {}
+    relay_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
     started = time.perf_counter()
     last_report = started
     slots = asyncio.Semaphore(max_inflight)
     throttle = _Throttle(max_bytes_per_s)
 
     async def fetch(bucket: BucketSpec) -> None:
-        receiver, locator_index = routes[bucket.region]
+        receiver, locator_index = readers[bucket.region]
         locator = manifest.regions[bucket.region].locators[locator_index]
         request = Fetch(
             locator, bucket.offset, bucket.nbytes, staging.address(bucket.region, bucket.offset)
         )
         await asyncio.wrap_future(pool.submit(receiver.fetch, [request], deadline=deadline))
 
-    async def one(bucket: BucketSpec) -> None:
-        nonlocal done, refetched, last_report
+    async def from_relay(bucket: BucketSpec, source: RelaySource) -> bool:
+        """Read and verify `bucket` from one relay; False if not (a dead, frozen or lying
+        relay is then not asked again in this pull; one that is only behind is)."""
+        assert relay_client is not None
+        peer = (source.endpoint, source.name)
+        address = staging.address(bucket.region, bucket.offset)
+        # One queue per relay, not the pull's slots: a read waiting for a holder that is behind
+        # must not block reads from other holders (two holders, each waiting on a read from
+        # the other's stripe, would otherwise stall each other until their deadlines).
+        queue = relay_slots.setdefault(peer, asyncio.Semaphore(max_inflight))
+        async with queue:
+            if peer in failed_relays:  # it failed another bucket while this one queued
+                return False
+            await throttle.wait(bucket.nbytes)
+            # The relay deadline starts once the read is sent, not while it queues.
+            relay_deadline = time.monotonic() + relay_timeout_s
+            if deadline is not None:
+                relay_deadline = min(relay_deadline, deadline)
+            try:
+                await asyncio.wrap_future(
+                    pool.submit(
+                        relay_client.read,
+                        source,
+                        manifest.model,
+                        manifest.version,
+                        bucket.region,
+                        bucket.offset,
+                        bucket.nbytes,
+                        address,
+                        relay_deadline,
+                        relay_one_sided,
+                    )
+                )
+            except TransportError as exc:
+                failed = str(exc)
+                behind = isinstance(exc, RelayError) and exc.behind
+            else:
+                failed = ""
+                behind = False
+        if not failed:
+            outcome = await asyncio.wrap_future(pool.submit(_verify, staging, bucket, True))
+            if outcome is None:
+                return True
+            failed = f"its bytes fail the {outcome}"
+        behind_counts[peer] = behind_counts.get(peer, 0) + behind
+        if not behind or behind_counts[peer] >= MAX_BEHIND:
+            failed_relays.add(peer)
+        logger.warning(
+            "relay read failed, trying the next source model=%s version=%d relay=%s "
+            "region=%d offset=%d asked_again=%s reason=%s",
+            manifest.model,
+            manifest.version,
+            source.name or source.endpoint,
+            bucket.region,
+            bucket.offset,
+            behind,
+            failed,
+        )
+        return False
+
+    async def from_trainer(bucket: BucketSpec) -> None:
+        nonlocal refetched
         if not staging.is_mapped(bucket.region):
             async with slots:
                 await throttle.wait(bucket.nbytes)
@@ -183,6 +314,31 @@ async def pull(
                     f"offset {bucket.offset} ({bucket.nbytes} bytes) fails its {failed} twice; "
                     "the publisher's memory changed after publishing, or the transport corrupts data"
                 )
+
+    async def one(index: int, bucket: BucketSpec) -> None:
+        nonlocal done, refetched, last_report
+        source_name = TRAINER
+        tried: set[tuple[str, str]] = set()
+        while True:
+            # The newest route at each step: a re-plan made while this bucket waited counts.
+            current = routes() if routes is not None else route
+            untried = [
+                source
+                for source in _relay_sources(current, index)
+                if (source.endpoint, source.name) not in failed_relays | tried
+            ]
+            if not untried:
+                await from_trainer(bucket)
+                break
+            source = untried[0]
+            tried.add((source.endpoint, source.name))
+            if await from_relay(bucket, source):
+                source_name = source.name
+                break
+            refetched += 1
+        counts[source_name] = counts.get(source_name, 0) + bucket.nbytes
+        if on_verified is not None:
+            on_verified(index)
         done += bucket.nbytes
         now = time.perf_counter()
         if on_progress is not None and (now - last_report >= progress_interval_s or done == total):
@@ -191,14 +347,25 @@ async def pull(
 
     # Our own pool, so that a failed pull can wait for every fetch still writing into staging
     # before it returns: no stray write may land in the next version's staging.
-    pool = ThreadPoolExecutor(max_workers=max_inflight + 2, thread_name_prefix="pull")
+    # Each relay has its own queue of `max_inflight` reads (which may wait on a holder that
+    # is behind): a thread for each, so they never starve the trainer's fetches or the checks.
+    first = routes() if routes is not None else route
+    relays = 0 if first is None else len({(s.endpoint, s.name) for s in _all_sources(first)})
+    workers = max_inflight * (1 + min(relays, MAX_RELAY_THREADS)) + 2
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pull")
     try:
         async with asyncio.TaskGroup() as group:
-            for bucket in manifest.buckets:
-                group.create_task(one(bucket))
+            for index, bucket in enumerate(manifest.buckets):
+                group.create_task(one(index, bucket))
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None
     finally:
         await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
     seconds = time.perf_counter() - started
-    return PullReport(version=manifest.version, nbytes=total, seconds=seconds, refetched=refetched)
+    return PullReport(
+        version=manifest.version,
+        nbytes=total,
+        seconds=seconds,
+        refetched=refetched,
+        sources=dict(counts),
+    )

@@ -22,6 +22,20 @@ reported, leaves the engine on its previous version, and is retried `max_attempt
 invalid manifest, or one that does not fit the engine, is never retried. Either way the
 subscriber then waits for the next version. Any other error (a bug, or a foreign error no seam
 translated) is reported to the broker too, and stops the loop with `FollowerStopped` naming it.
+
+Relay (`relay=RelayServer(...)`, docs/relay.md): the subscriber offers its relay server when
+it subscribes, reads each version along the broker's `Route` (peers first, the trainer last,
+every byte verified against the trainer's manifest: `subscribers.pull`), and serves the
+version it pulls bucket by bucket as each one verifies, then keeps serving it once applied.
+It holds what others read with two alternating stagings (`spare_staging`, required): the
+applied version stays in one while the next is pulled into the other. Before a pull reuses
+a staging that still serves an older version, it waits for the broker's `Retire` of that
+version (readers hold leases while they read, so a retire means no reader is left), at most
+`relay_hold_s` (default the lease TTL: a reader silent that long has lost its lease); past
+that it stops serving the version first (its readers fail over) and then reuses the staging.
+The swap only reads staging, so serving never races the engine's own update.
+
+    Retire(v) from the broker ──> relay.drop(v) ──> a pull waiting to reuse v's staging goes on
 """
 
 from __future__ import annotations
@@ -29,23 +43,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
 from schemas.manifest import Manifest
+from schemas.messages import RelayOffer
 from schemas.validate import InvalidManifest, ManifestLimits, validate_manifest
 from streamer.errors import StreamerError
 from streamer.signing import UntrustedVersion
+from streamer.transport.mooncake import MooncakeReceiver
 from subscribers.pull import PullReport, PullTimeout, pull
+from subscribers.relay_client import RelayClient
 from subscribers.staging import Staging
 from subscribers.swap import SwapError, Swapper, SwapReport
 
 if TYPE_CHECKING:
+    from schemas.messages import Route
     from streamer.client import BrokerClient
     from streamer.signing_keys import TrustedKeys
     from streamer.transport.base import BulkReceiver
+    from subscribers.relay import RelayServer
 
 __all__ = ["FollowerStopped", "PullConfig", "Subscriber"]
 
@@ -75,6 +95,16 @@ class PullConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     require_digests: bool = False
     """Refuse versions whose buckets carry no BLAKE3 digest (untrusted networks); needs
     `trusted_keys`, since only a signature makes the digests the trainer's."""
+    relay_timeout_s: Positive = 5.0
+    """Relay: how long one bucket's read from a peer may take (waiting for the peer to verify
+    it included) before the bucket moves to the next source; well inside `pull_timeout_s`."""
+    route_wait_s: Positive = 1.0
+    """Relay: how long to wait for the broker's `Route` of a version before reading it all
+    from the trainer."""
+    relay_hold_s: Positive | None = None
+    """Relay: how long a pull waits for the broker's `Retire` of the version held in the
+    staging it reuses, before it stops serving it; None: the broker's lease TTL (a reader
+    silent that long has lost its lease)."""
 
 
 class Subscriber:
@@ -98,10 +128,18 @@ class Subscriber:
         applied: int | None = None,
         on_applied: AppliedCallback | None = None,
         trusted_keys: TrustedKeys | None = None,
+        relay: RelayServer | None = None,
     ) -> None:
-        """`trusted_keys`: apply only versions signed by these publisher keys (`streamer.signing`)."""
+        """`trusted_keys`: apply only versions signed by these publisher keys (`streamer.signing`).
+        `relay`: serve what this subscriber holds to others (needs `spare_staging`, and
+        `run()`, which follows the broker's Retires); the caller owns it (and closes it)."""
         if not receivers:
             raise ValueError("a subscriber needs at least one receiver")
+        if relay is not None and spare_staging is None:
+            raise ValueError(
+                "a relay subscriber needs spare_staging: it keeps serving the applied version "
+                "from one staging while it pulls the next into the other"
+            )
         if config is not None and config.require_digests and trusted_keys is None:
             raise ValueError("require_digests needs trusted_keys: unsigned digests prove nothing")
         self.client = client
@@ -123,10 +161,40 @@ class Subscriber:
         """The last failure (reported to the broker as well)."""
         self._pulled = 0
         self._lock = asyncio.Lock()
+        self.relay = relay
+        self._relay_client = RelayClient()
+        """Reads from peers' relay servers, whenever the broker sends a `Route`."""
+        self._sources: dict[str, int] = {}
+        """Verified bytes per source of the pull in progress (for `Progress.sources`)."""
+        self._served: dict[int, int] = {}
+        """id(staging) -> the version the relay serves from it (two stagings: <= 2 entries)."""
+        self._retired: deque[int] = deque(maxlen=64)
+        """Versions of our model the broker retired lately (newest last)."""
+        self._retire_changed = asyncio.Condition()
+        self._lease_ttl_s: float | None = None
+        self._route: Route | None = None
+        """The route of the version `apply` pulls now (None: from the trainer only)."""
+        self.waiting_for_retire: int | None = None
+        """The served version a pull waits to see retired before reusing its staging."""
 
     async def run(self) -> None:
         """Follow the model forever (until cancelled)."""
-        await self.client.subscribe(self.model)
+        await self.client.subscribe(self.model, relay=self.relay_offer)
+        if self.relay is None:
+            await self._follow()
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow_retires(), name="relay-retires")
+            await self._follow()
+
+    @property
+    def relay_offer(self) -> RelayOffer | None:
+        """What to tell the broker in `Subscribe.relay` (None without a relay server)."""
+        if self.relay is None:
+            return None
+        return RelayOffer(endpoint=self.relay.endpoint, server_key=self.relay.server_key)
+
+    async def _follow(self) -> None:
         given_up = -1
         while True:
             after = max(self.applied if self.applied is not None else -1, given_up)
@@ -213,10 +281,15 @@ class Subscriber:
                     self.trusted_keys.verify, manifest, require_digests=self.config.require_digests
                 )
             self.swapper.check(manifest)
+            await self._free_for_pull(self.staging)
             started = time.perf_counter()
             # The lease holds until the swap is done: staging may map the publisher's memory.
-            await self.client.acquire_lease(self.model, manifest.version)
+            self._lease_ttl_s = await self.client.acquire_lease(self.model, manifest.version)
             try:
+                self._route = await self._route_for(manifest.version)
+                if self.relay is not None:
+                    self.relay.hold(manifest, self.staging)
+                    self._served[id(self.staging)] = manifest.version
                 report = await self._pull_and_stage(manifest)
                 logger.info("staged model=%s version=%d", self.model, manifest.version)
                 await self.client.report_progress(
@@ -226,8 +299,16 @@ class Subscriber:
                     report.nbytes,
                     report.bytes_per_s,
                     state="staged",
+                    sources=report.sources,
                 )
                 swap = await self.swapper.swap_in(manifest, self.staging)
+            except BaseException:
+                if self.relay is not None:
+                    # Half a version: stop serving it (its readers fail over), so the retry
+                    # may rewrite this staging (waiting briefly for the sends in flight).
+                    self._served.pop(id(self.staging), None)
+                    self.relay.drop(self.model, manifest.version, wait_s=0.2)
+                raise
             finally:
                 await self.client.release_lease(self.model, manifest.version)
             self.applied = manifest.version
@@ -235,7 +316,7 @@ class Subscriber:
                 self.staging, self.spare_staging = self.spare_staging, self.staging
             total_s = time.perf_counter() - started
             logger.info(
-                "applied model=%s version=%d bytes=%d pull_s=%.3f rate_gb_per_s=%.2f pause_ms=%.1f total_s=%.3f",
+                "applied model=%s version=%d bytes=%d pull_s=%.3f rate_gb_per_s=%.2f pause_ms=%.1f total_s=%.3f sources=%s",
                 self.model,
                 manifest.version,
                 report.nbytes,
@@ -243,6 +324,7 @@ class Subscriber:
                 report.bytes_per_s / 1e9,
                 swap.pause_s * 1e3,
                 total_s,
+                ",".join(f"{name or 'trainer'}:{n}" for name, n in sorted(report.sources.items())),
             )
             await self.client.report_applied(
                 self.model,
@@ -255,12 +337,28 @@ class Subscriber:
                 await self.on_applied(manifest, report, swap)
 
     async def _pull_and_stage(self, manifest: Manifest) -> PullReport:
-        """Pull and stage within `pull_timeout_s`, or raise `PullTimeout` saying how far it got."""
+        """Pull and stage within `pull_timeout_s`, or raise `PullTimeout` saying how far it got.
+        Along `self._route` (the broker's, set by `apply`) when there is one."""
+        route = self._route
         limit_s = self.config.pull_timeout_s
         started = time.monotonic()
         self._pulled = 0
-        # Zero copy only for a swapper that reads each byte once into its own verified memory.
-        shared = self.swapper.verifies_on_device
+        self._sources = {}
+        # Zero copy only for a swapper that reads each byte once into its own verified memory;
+        # relay bytes (read or served) are verified on the host, into our own staging.
+        host_verified = self.relay is not None or route is not None
+        shared = self.swapper.verifies_on_device and not host_verified
+        relay = self.relay
+        version = manifest.version
+
+        def on_verified(bucket: int) -> None:
+            if relay is not None:
+                relay.mark_verified(self.model, version, bucket)
+
+        if route is not None:
+            self._relay_client.keep_only(
+                [p for p in route.parents if p is not None] + list(route.fallbacks)
+            )
         try:
             async with asyncio.timeout(limit_s):
                 report = await pull(
@@ -274,6 +372,14 @@ class Subscriber:
                     verify=not shared,
                     map_shared=shared,
                     deadline=started + limit_s,
+                    routes=self._newest_route(manifest.version) if route is not None else None,
+                    relay_client=self._relay_client if route is not None else None,
+                    relay_one_sided=next(
+                        (r for r in self.receivers if isinstance(r, MooncakeReceiver)), None
+                    ),
+                    relay_timeout_s=self.config.relay_timeout_s,
+                    on_verified=on_verified if relay is not None else None,
+                    sources=self._sources,
                 )
                 await self.swapper.stage(manifest, self.staging)
         except TimeoutError as exc:  # our deadline, or a fetch's (FetchTimeout)
@@ -291,11 +397,99 @@ class Subscriber:
     def _progress(self, version: int) -> Callable[[int, int, float], Awaitable[None]]:
         async def report(done: int, total: int, rate: float) -> None:
             self._pulled = done
-            await self.client.report_progress(self.model, version, done, total, rate)
+            await self.client.report_progress(
+                self.model, version, done, total, rate, sources=self._sources
+            )
 
         return report
+
+    # relay
+
+    async def _route_for(self, version: int) -> Route | None:
+        """The broker's `Route` for `version` (a relay subscriber waits `route_wait_s` for
+        it; others take one only if it came), less any source that is this subscriber."""
+        route = self.client.route(self.model, version)
+        if route is None and self.relay is not None:
+            try:
+                async with asyncio.timeout(self.config.route_wait_s):
+                    route = await self.client.wait_route(self.model, version)
+            except TimeoutError:
+                logger.info(
+                    "no route model=%s version=%d within %.1f s: reading from the trainer",
+                    self.model,
+                    version,
+                    self.config.route_wait_s,
+                )
+                return None
+        return route if route is None else self._without_self(route)
+
+    def _without_self(self, route: Route) -> Route:
+        """`route` less any source that is this subscriber's own relay server."""
+        if self.relay is None:
+            return route
+        own = self.relay.endpoint
+        parents = [p if p is not None and p.endpoint != own else None for p in route.parents]
+        fallbacks = [f for f in route.fallbacks if f.endpoint != own]
+        return msgspec.structs.replace(route, parents=parents, fallbacks=fallbacks)
+
+    def _newest_route(self, version: int) -> Callable[[], Route | None]:
+        """The broker's newest Route for `version`, asked as each bucket starts (it re-plans
+        when a holder goes); filtered once per Route it sends."""
+        first = self._route
+        latest: list[tuple[Route, Route]] = []
+        """(the broker's newest Route, it filtered): one entry, replaced when a new one comes."""
+
+        def newest() -> Route | None:
+            route = self.client.route(self.model, version)
+            if route is None or first is None:
+                return first
+            if not latest or latest[0][0] is not route:
+                latest[:] = [(route, self._without_self(route))]
+            return latest[0][1]
+
+        return newest
+
+    async def _free_for_pull(self, staging: Staging) -> None:
+        """Make sure the relay no longer serves from `staging` before a pull rewrites it:
+        wait for the broker's `Retire` of the version there, at most `relay_hold_s`."""
+        version = self._served.get(id(staging))
+        if self.relay is None or version is None:
+            return
+        relay = self.relay
+        if relay.holds(self.model, version):
+            limit_s = self.config.relay_hold_s or self._lease_ttl_s or 30.0
+            self.waiting_for_retire = version
+            try:
+                async with asyncio.timeout(limit_s), self._retire_changed:
+                    await self._retire_changed.wait_for(lambda: version in self._retired)
+            except TimeoutError:
+                logger.warning(
+                    "not retired within relay_hold_s=%.1f: stop serving model=%s version=%d "
+                    "before reusing its staging (its readers fail over)",
+                    limit_s,
+                    self.model,
+                    version,
+                )
+            finally:
+                self.waiting_for_retire = None
+        await asyncio.to_thread(relay.drop, self.model, version)
+        del self._served[id(staging)]
+
+    async def _follow_retires(self) -> None:
+        """Retires of our model's versions from the broker: stop serving them. Runs forever."""
+        assert self.relay is not None
+        while True:
+            retire = await self.client.retired.get()
+            if retire.model != self.model:
+                continue
+            logger.info("retired model=%s version=%d", retire.model, retire.version)
+            await asyncio.to_thread(self.relay.drop, self.model, retire.version)
+            async with self._retire_changed:
+                self._retired.append(retire.version)
+                self._retire_changed.notify_all()
 
     def close(self) -> None:
         self.staging.close()
         if self.spare_staging is not None:
             self.spare_staging.close()
+        self._relay_client.close()

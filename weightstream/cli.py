@@ -461,6 +461,31 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse versions without BLAKE3 bucket digests (needs --trust)",
     )
+    subscribe.add_argument(
+        "--relay-listen",
+        type=_relay_address,
+        metavar="HOST[:PORT]",
+        help="serve the verified buckets this subscriber holds to other subscribers, on "
+        "this address (what they reach it at; port 0 or none: a free one); keeps two "
+        "stagings so the applied version stays readable while the next one is pulled",
+    )
+    subscribe.add_argument(
+        "--relay-encrypt",
+        action="store_true",
+        help="serve relay reads over CURVE (the key travels to readers via the broker)",
+    )
+    subscribe.add_argument(
+        "--relay-one-sided",
+        action="store_true",
+        help="let readers read the relayed buckets one-sided over this subscriber's mooncake "
+        "engine (needs --transport with mooncake; a trusted fabric: mooncake has no auth)",
+    )
+    subscribe.add_argument(
+        "--relay-timeout-s",
+        type=float,
+        default=5.0,
+        help="how long one bucket may take from a relay before it is read elsewhere (default 5)",
+    )
 
     status = commands.add_parser("status", parents=[common], help="show models and subscribers")
     status.add_argument(
@@ -514,6 +539,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "subscribe" and args.require_digests and not args.trust:
         parser.error("--require-digests needs --trust KEYFILE: unsigned digests prove nothing")
+    from streamer.transport.choice import receiver_names
+
+    if args.command == "subscribe" and args.relay_one_sided and not args.relay_listen:
+        parser.error("--relay-one-sided needs --relay-listen HOST[:PORT]")
+    if (
+        args.command == "subscribe"
+        and args.relay_one_sided
+        and "mooncake" not in receiver_names(args.transport)
+    ):
+        parser.error("--relay-one-sided needs a mooncake transport (--transport mooncake,...)")
     configure_logging(args.log_level, args.log_format)
     # mooncake's glog is loud at INFO; its levels are TRACE, INFO, WARNING, ERROR (another
     # value means INFO).
@@ -640,6 +675,7 @@ def _subscribe(args: argparse.Namespace, client: Any) -> int:
                 "pull_timeout_s": args.pull_timeout_s,
                 "max_attempts": args.max_attempts,
                 "require_digests": args.require_digests,
+                "relay_timeout_s": args.relay_timeout_s,
             },
             PullConfig,
         )
@@ -657,8 +693,28 @@ def _subscribe(args: argparse.Namespace, client: Any) -> int:
         dump_all=args.dump_all,
         exit_after_version=args.exit_after_version,
         trusted_keys=load_trusted_keys(args.trust) if args.trust else None,
+        relay_listen=args.relay_listen,
+        relay_encrypt=args.relay_encrypt,
+        relay_one_sided=args.relay_one_sided,
     )
     return _run(run_subscribe(job))
+
+
+def _relay_address(value: str) -> tuple[str, int]:
+    """`HOST[:PORT]` -> (host, port); port 0 (or none) picks a free one."""
+    host, colon, port = value.rpartition(":")
+    if not colon:
+        host, port = value, "0"
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"bad relay address {value!r}: write HOST[:PORT], e.g. 10.0.0.5:7100"
+        )
+    if host in {"*", "0.0.0.0", "::"}:  # noqa: S104  (refused, not bound)
+        raise argparse.ArgumentTypeError(
+            f"bad relay address {value!r}: give the address other subscribers reach this one "
+            "at (it is offered to them as is), not a wildcard"
+        )
+    return host, int(port)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,15 @@ import zmq.asyncio
 
 from publishers.publisher import open_publisher
 from publishers.sources import load_checkpoint, synthetic_llama
+from schemas.messages import RelayOffer
 from schemas.validate import InvalidManifest, validate_manifest
 from streamer.client import connect
 from streamer.signing import UntrustedVersion
 from streamer.transport.choice import make_receivers, make_senders
+from streamer.transport.mooncake import MooncakeReceiver
 from subscribers.dtypes import torch_dtype
+from subscribers.relay import RelayServer
+from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
 from subscribers.swap import SwapReport, TorchSwapper
 from weightstream.progress import Progress, format_bytes, format_rate
@@ -239,6 +243,11 @@ class SubscribeJob:
     exit_after_version: int | None
     trusted_keys: TrustedKeys | None = None
     protocol: str = "tcp"
+    relay_listen: tuple[str, int] | None = None
+    """Serve what this subscriber holds to others there (host, port; 0: a free port)."""
+    relay_encrypt: bool = False
+    relay_one_sided: bool = False
+    """Readers may read relayed buckets one-sided over our mooncake receiver's engine."""
 
 
 def _tensors_for(manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -286,9 +295,26 @@ async def run_subscribe(job: SubscribeJob) -> None:
     ctx = zmq.asyncio.Context()
     receivers = make_receivers(job.transport, host=job.host, protocol=job.protocol)
     done = asyncio.Event()
+    relay: RelayServer | None = None
     try:
+        if job.relay_listen is not None:
+            host, port = job.relay_listen
+            engines = [r for r in receivers if isinstance(r, MooncakeReceiver)]
+            if job.relay_one_sided and not engines:
+                raise ValueError("--relay-one-sided needs a mooncake transport")
+            relay = RelayServer(
+                host=host,
+                port=port,
+                encrypt=job.relay_encrypt,
+                one_sided=engines[0] if job.relay_one_sided else None,
+            )
         async with connect(job.client, role="subscriber", context=ctx) as client:
-            await client.subscribe(job.model)
+            offer = (
+                None
+                if relay is None
+                else RelayOffer(endpoint=relay.endpoint, server_key=relay.server_key)
+            )
+            await client.subscribe(job.model, relay=offer)
             if job.init_checkpoint:
                 tensors = await asyncio.to_thread(load_checkpoint, job.init_checkpoint)
             else:
@@ -316,6 +342,8 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 config=job.pull,
                 on_applied=on_applied,
                 trusted_keys=job.trusted_keys,
+                spare_staging=None if relay is None else Staging(receivers=receivers),
+                relay=relay,
             )
             runner = asyncio.create_task(subscriber.run(), name="subscriber")
             waiter = asyncio.create_task(done.wait(), name="exit-after")
@@ -332,6 +360,8 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 await asyncio.gather(runner, waiter, return_exceptions=True)
                 subscriber.close()
     finally:
+        if relay is not None:
+            relay.close()
         for receiver in receivers:
             receiver.close()
         ctx.destroy(linger=0)

@@ -1,4 +1,8 @@
-"""`weightstream status`: the broker's view of models and subscribers, as a table or JSON."""
+"""`weightstream status`: the broker's view of models and subscribers, as a table or JSON.
+
+With relays, each subscriber row also says where it reads each stripe from (READS FROM: one
+name per stripe, `trainer` for the trainer) and how many bytes others verified from it (SERVED).
+"""
 
 from __future__ import annotations
 
@@ -75,6 +79,15 @@ def _problems(model: dict[str, Any]) -> str:
     return "; ".join(parts)[:80]
 
 
+def _reads_from(parents: list[str] | None) -> str:
+    """`a,trainer` per stripe; `trainer` once when every stripe comes from it."""
+    if not parents:
+        return "-"
+    if all(p == "trainer" for p in parents):
+        return "trainer"
+    return ",".join(parents)[:40]
+
+
 def render_status(status: dict[str, Any]) -> str:
     """Two tables: models, then subscribers."""
     now = time.time()
@@ -108,6 +121,10 @@ def render_status(status: dict[str, Any]) -> str:
                 progress,
                 "-" if s["last_pull_s"] is None else f"{s['last_pull_s']:.2f}s",
                 "-" if s["last_pause_s"] is None else f"{s['last_pause_s'] * 1e3:.1f}ms",
+                _reads_from(s.get("reads_from")),
+                _size(s["served_bytes"])
+                if s.get("relay_endpoint") or s.get("served_bytes")
+                else "-",
                 (s["last_error"] or "")[:60],
             ]
         )
@@ -138,6 +155,8 @@ def render_status(status: dict[str, Any]) -> str:
                     "PULLING",
                     "LAST PULL",
                     "PAUSE",
+                    "READS FROM",
+                    "SERVED",
                     "LAST ERROR",
                 ],
                 sub_rows,

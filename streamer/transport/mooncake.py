@@ -178,6 +178,15 @@ class MooncakeReceiver:
         """Reads given up at a deadline that may still write (at most one batch per fetch thread)."""
         self._lock = threading.Lock()
 
+    @property
+    def session(self) -> str:
+        """This engine's `host:rpc_port`: others may read the memory registered here (a relay)."""
+        return self._engine.session
+
+    @property
+    def protocol(self) -> str:
+        return self._engine.protocol
+
     def accepts(self, locator: Locator) -> bool:
         return isinstance(locator, MooncakeLocator) and locator.protocol == self._engine.protocol
 

@@ -34,6 +34,8 @@ from streamer.metrics import (
     PROTOCOL_ERRORS_TOTAL,
     PULL_FAILURES_TOTAL,
     PULL_SECONDS,
+    RELAY_SERVED_BYTES_TOTAL,
+    RELAY_SUBSCRIBERS,
     STATE_WRITE_ERRORS_TOTAL,
     SUBSCRIBER_LAG,
     SUBSCRIBER_VERSION,
@@ -327,6 +329,8 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         ANNOUNCE_TO_APPLIED_SECONDS: "histogram",
         FORBIDDEN_TOTAL: "counter",
         INSECURE: "gauge",
+        RELAY_SUBSCRIBERS: "gauge",
+        RELAY_SERVED_BYTES_TOTAL: "counter",
     }
     assert all(name.startswith("weightstream_") for name in types)
     assert samples[(ANNOUNCED_TOTAL, frozenset())] == 2

@@ -1,0 +1,242 @@
+"""Reading buckets from other subscribers' relay servers (`subscribers.relay.RelayServer`).
+
+    pull (a thread per read) ── RelayClient.read(source, bucket, into, deadline)
+        │ DEALER per relay endpoint (+ its monitor), idle between reads
+        ├── RelayRead ──> relay ──> RelayReply(ok) + payload ──> copied into staging
+        │                       └─> RelayReply(ok, located) ──> mooncake one-sided read
+        └── a refusal, no answer by the deadline, or the connection gone ──> RelayError
+
+One DEALER per relay endpoint and read at a time (kept idle between reads), a CURVE client
+when the source names a server key. The payload is copied into the reader's staging by the
+reading thread itself: once `read` returns or raises, nothing of it writes there again (a
+one-sided read given up at its deadline is waited for, within mooncake's own transfer
+timeout, before `read` raises). The caller (`subscribers.pull`) verifies every byte against
+the trainer's manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import secrets
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from schemas.frames import MAX_RELAY_WAIT_S, RelayRead, decode_relay_reply
+from streamer.transport.base import Fetch, FetchTimeout
+from subscribers.relay import RelayError, RelayTimeout
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from schemas.messages import RelaySource
+    from streamer.transport.base import BulkReceiver
+
+__all__ = ["RelayClient"]
+
+_HWM = 64
+_encoder = msgspec.msgpack.Encoder()
+
+
+def _view(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+@dataclass
+class _Link:
+    """A DEALER to one relay and its monitor (which tells a closed connection at once)."""
+
+    socket: zmq.Socket[bytes]
+    monitor: zmq.Socket[bytes]
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+        self.socket.close(linger=0)
+
+
+_GONE_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+"""A relay whose connection closes (a killed process), refuses us, or fails the handshake."""
+
+
+class RelayClient:
+    """Reads buckets from other subscribers' relay servers (blocking; call it in a thread).
+
+    A relay that goes (its process killed: the connection closes) fails the read at once, by
+    the socket's monitor; a frozen one (connection open, no answer) at the read's deadline.
+
+    >>> client = RelayClient()
+    >>> client.read(source, manifest.model, manifest.version, bucket, address, deadline)  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._ctx = zmq.Context()
+        self._idle: dict[tuple[str, str], list[_Link]] = defaultdict(list)
+        self._links: list[_Link] = []
+        self._client_keys: tuple[bytes, bytes] | None = None
+        self._lock = threading.Lock()
+
+    def read(
+        self,
+        source: RelaySource,
+        model: str,
+        version: int,
+        region: int,
+        offset: int,
+        nbytes: int,
+        address: int,
+        deadline: float,
+        one_sided: BulkReceiver | None = None,
+    ) -> None:
+        """Read one bucket from `source` into `address`, by `deadline` (`time.monotonic()`).
+
+        With `one_sided` (a mooncake receiver our staging is registered with) the relay is
+        asked where the bucket is, and it is read one-sided, if the relay offers that."""
+        peer = (source.endpoint, source.server_key)
+        name = source.name or source.endpoint
+        link = self._checkout(peer)
+        socket = link.socket
+        healthy = False
+        try:
+            request_id = secrets.randbits(40)
+            # The relay answers `not_verified` a little before our deadline, so that a holder
+            # that is alive but behind is told apart from a dead or frozen one (no answer).
+            left_s = max(0.0, deadline - time.monotonic())
+            read = RelayRead(
+                request_id=request_id,
+                model=model,
+                version=version,
+                region=region,
+                offset=offset,
+                nbytes=nbytes,
+                wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(1.0, left_s / 4))),
+                locate=one_sided is not None,
+            )
+            socket.send(_encoder.encode(read))
+            poller = zmq.Poller()
+            poller.register(socket, zmq.POLLIN)
+            poller.register(link.monitor, zmq.POLLIN)
+            while True:
+                left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+                events = dict(poller.poll(left_ms))
+                if not events:
+                    raise RelayTimeout(
+                        f"relay {name} did not serve {model} version {version} region "
+                        f"{region} offset {offset} in time"
+                    )
+                if link.monitor in events:
+                    event = parse_monitor_message(link.monitor.recv_multipart())
+                    if event["event"] & _GONE_EVENTS:
+                        raise RelayError(
+                            f"relay {name} at {source.endpoint} is gone (connection closed, "
+                            "refused, or its handshake failed)"
+                        )
+                if socket not in events:
+                    continue
+                frames = socket.recv_multipart(copy=False)
+                try:
+                    reply = decode_relay_reply(frames[0].buffer)
+                except msgspec.DecodeError as exc:
+                    raise RelayError(f"undecodable relay reply from {source.endpoint}") from exc
+                if reply.request_id == request_id:
+                    break  # else a late answer to an earlier read on this socket
+            if reply.code != "ok":
+                healthy = True  # the relay answered: the socket is in step
+                raise RelayError(
+                    f"relay {name} refused a read ({reply.code}): {reply.detail}",
+                    code=reply.code,
+                )
+            healthy = True  # the relay answered in step; the bytes are checked below
+            locator = reply.located
+            if locator is not None and one_sided is not None:
+                if not one_sided.accepts(locator):
+                    raise RelayError(f"relay {name} offers mooncake over {locator.protocol}")
+                try:
+                    one_sided.fetch([Fetch(locator, 0, nbytes, address)], deadline=deadline)
+                except FetchTimeout:
+                    # Given up, the read may still land: wait for it (mooncake's own transfer
+                    # timeout bounds it) before the bucket is read elsewhere and verified, so
+                    # that no late write lands over verified bytes. Then fail over.
+                    with contextlib.suppress(FetchTimeout):
+                        one_sided.fetch([], deadline=None)
+                    raise
+                return
+            payload = frames[1].buffer if len(frames) == 2 else b""
+            if len(payload) != nbytes:
+                raise RelayError(
+                    f"relay {source.endpoint} sent {len(payload)} bytes where {nbytes} were asked"
+                )
+            _view(address, nbytes)[:] = payload
+            healthy = True
+        finally:
+            if healthy:
+                self._checkin(peer, link)
+            else:
+                self._drop(link)
+
+    def keep_only(self, sources: Iterable[RelaySource]) -> None:
+        """Close idle sockets to relays not among `sources` (bounds the sockets kept)."""
+        keep = {(source.endpoint, source.server_key) for source in sources}
+        with self._lock:
+            for peer in [peer for peer in self._idle if peer not in keep]:
+                for link in self._idle.pop(peer):
+                    self._links.remove(link)
+                    link.close()
+
+    def _checkout(self, peer: tuple[str, str]) -> _Link:
+        with self._lock:
+            if self._idle.get(peer):
+                return self._idle[peer].pop()
+        endpoint, server_key = peer
+        socket = self._ctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.SNDHWM, _HWM)
+        socket.setsockopt(zmq.RCVHWM, _HWM)
+        socket.setsockopt(zmq.LINGER, 0)
+        link = _Link(socket, socket.get_monitor_socket(_GONE_EVENTS))
+        try:
+            if server_key:
+                socket.curve_serverkey = server_key.encode("ascii")
+                with self._lock:
+                    if self._client_keys is None:
+                        self._client_keys = zmq.curve_keypair()
+                    public, secret = self._client_keys
+                socket.curve_publickey = public
+                socket.curve_secretkey = secret
+            socket.connect(endpoint)
+        except (zmq.ZMQError, UnicodeEncodeError) as exc:
+            link.close()
+            raise RelayError(f"cannot connect to relay {endpoint}: {exc}") from exc
+        with self._lock:
+            self._links.append(link)
+        return link
+
+    def _checkin(self, peer: tuple[str, str], link: _Link) -> None:
+        with self._lock:
+            self._idle[peer].append(link)
+
+    def _drop(self, link: _Link) -> None:
+        """A link that timed out, closed or got garbage is not lent out again."""
+        with self._lock:
+            self._links.remove(link)
+        link.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for link in self._links:
+                link.close()
+            self._links.clear()
+            self._idle.clear()
+        self._ctx.term()
