@@ -42,6 +42,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -682,22 +683,26 @@ def late_joiner(
         cluster.unshape()
 
 
-def dump_equals(path: Path, size: int, version: int) -> bool:
-    """Whether a subscriber's dump holds exactly the published bytes of `version`."""
+def dumps_equal(paths: list[Path], size: int, version: int) -> list[bool]:
+    """Whether each subscriber's dump holds exactly the published bytes of `version` (the
+    synthetic model is made once, then every dump compared bit for bit)."""
     import torch
     from safetensors.torch import load_file
 
     from publishers.sources import synthetic_llama
 
-    live = load_file(str(path))
-    want = synthetic_llama(size, version=version)
-    if set(live) != set(want):
-        return False
-
     def bits(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.contiguous().view(-1).view(torch.uint8)
 
-    return all(torch.equal(bits(live[n]), bits(t)) for n, t in want.items())
+    want = {n: bits(t) for n, t in synthetic_llama(size, version=version).items()}
+    equal = []
+    for path in paths:
+        live = load_file(str(path))
+        same = set(live) == set(want) and all(
+            torch.equal(bits(live[n]), t) for n, t in want.items()
+        )
+        equal.append(same)
+    return equal
 
 
 def killed_relay(cluster: Cluster, settings: Settings, mode: str, nodes: int) -> dict[str, Any]:
@@ -739,6 +744,9 @@ def killed_relay(cluster: Cluster, settings: Settings, mode: str, nodes: int) ->
             procs=fleet.procs,
         )
         routes = routes_of(fleet.version_status(2))
+        victim_row = fleet.row(victim) or {}
+        progress = victim_row.get("progress") or math.nan
+        readers = sorted(n for n, ps in routes.items() if f"node-{victim_node}" in ps)
         started = time.monotonic()
         victim.name = "killed"
         victim.popen.send_signal(signal.SIGKILL)
@@ -757,13 +765,16 @@ def killed_relay(cluster: Cluster, settings: Settings, mode: str, nodes: int) ->
             what="the dumps",
             procs=fleet.procs,
         )
-        equal = [dump_equals(f, settings.size, 2) for f in files]
+        equal = dumps_equal(files, settings.size, 2)
+        shutil.rmtree(dumps, ignore_errors=True)  # 8 x S on disk
         rows = {r["pid"]: r for r in fleet.rows()}
         version = fleet.version_status(2)
         return {
             "mode": mode,
             "nodes": nodes,
             "killed": f"node-{victim_node}",
+            "readers": readers,
+            "progress": progress,
             "after_kill_s": after_kill_s,
             "survivors": len(survivors),
             "dumps_equal": sum(equal),
@@ -852,6 +863,46 @@ def write_results(text: str) -> None:
     path.write_text(current)
 
 
+def scenario_lines(extras: dict[str, Any], s_over_b: float) -> list[str]:
+    """The late joiners and the killed relay, one bullet each."""
+    lines = []
+    for mode in ("relay", "direct"):
+        late = extras.get(f"late-{mode}")
+        if late is None:
+            continue
+        seconds = late["registered_to_applied_s"]
+        sources = late["sources"]
+        trainer = sources.get("trainer", 0)
+        where = (
+            f"bytes by source {sources}, {trainer / 1e6:.0f} MB from the trainer"
+            if sources
+            else "every byte from the trainer (fanout 0 routes nobody, so no per-source counts)"
+        )
+        lines.append(
+            f"- Late joiner, {mode}, N = {late['nodes']} holding the version, the trainer's uplink "
+            f"{late['trainer_link']}: registered -> applied {seconds:.2f} s "
+            f"({seconds / s_over_b:.2f} x S/B), its pull {late['pull_s'] or math.nan:.2f} s; "
+            f"{where}."
+        )
+    kill = extras.get("kill")
+    if kill is not None:
+        lines.append(
+            f"- Relay killed: {kill['killed']} (read by {', '.join(kill['readers']) or 'nobody'}) "
+            f"SIGKILLed at {kill['progress']:.0%} of its own pull, N = {kill['nodes']}; "
+            f"{kill['survivors']} of {kill['survivors']} others applied version 2, "
+            f"{kill['dumps_equal']} dumps equal to the published bytes; the last "
+            f"{kill['after_kill_s']:.2f} s after the kill; survivors' pulls "
+            f"{min(kill['pulls_s']):.2f}-{max(kill['pulls_s']):.2f} s. Bytes by source: "
+            + "; ".join(
+                f"{name} {', '.join(f'{k} {v / 1e6:.0f} MB' for k, v in got.items())}"
+                for name, got in kill["sources"].items()
+                if name != kill["killed"]
+            )
+            + "."
+        )
+    return lines
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -900,7 +951,10 @@ def main() -> None:
     parser.add_argument("--bucket", type=_size, default=_size("4MiB"), help="bucket size c")
     parser.add_argument("--fanout", type=int, default=2, help="the broker's --relay-fanout")
     parser.add_argument(
-        "--max-inflight", type=int, default=2, help="each subscriber's --max-inflight (default 2)"
+        "--max-inflight",
+        type=int,
+        default=1,
+        help="each subscriber's --max-inflight (default 1, the subscriber's own default)",
     )
     parser.add_argument("--modes", default="relay,direct", help="relay,direct (default both)")
     parser.add_argument(
@@ -998,10 +1052,7 @@ def main() -> None:
         "",
         *per_round(cells),
         "",
-        *[
-            f"- {k}: `{json.dumps({x: y for x, y in v.items() if x not in ('version', 'row', 'others')})}`"
-            for k, v in extras.items()
-        ],
+        *scenario_lines(extras, nbytes / rate),
         MARK_END,
     ]
     text = "\n".join(lines)
