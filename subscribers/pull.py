@@ -134,8 +134,12 @@ def _relay_sources(route: Route | None, index: int) -> list[RelaySource]:
         return []
     parents = route.parents
     parent = parents[index % route.fanout] if index % route.fanout < len(parents) else None
-    sources = [parent] if parent is not None else []
-    seen = {(parent.endpoint, parent.name)} if parent is not None else set()
+    if parent is None:
+        # The trainer is this stripe's parent: the other holders are downstream of us in it
+        # (they wait for what we read), so asking them first parks every read until it expires.
+        return []
+    sources = [parent]
+    seen = {(parent.endpoint, parent.name)}
     for fallback in route.fallbacks:
         if (fallback.endpoint, fallback.name) not in seen:
             seen.add((fallback.endpoint, fallback.name))
