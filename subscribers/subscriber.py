@@ -162,8 +162,9 @@ class Subscriber:
         self._pulled = 0
         self._lock = asyncio.Lock()
         self.relay = relay
-        self._relay_client = RelayClient()
-        """Reads from peers' relay servers, whenever the broker sends a `Route`."""
+        self._relay_client: RelayClient | None = None
+        """Reads from peers' relay servers, made on the first `Route` (its ZeroMQ context then
+        lives until `close`; a subscriber never routed has none)."""
         self._sources: dict[str, int] = {}
         """Verified bytes per source of the pull in progress (for `Progress.sources`)."""
         self._served: dict[int, int] = {}
@@ -397,8 +398,12 @@ class Subscriber:
             if relay is not None:
                 relay.mark_verified(self.model, version, bucket)
 
+        relay_client = None
         if route is not None:
-            self._relay_client.keep_only(
+            if self._relay_client is None:
+                self._relay_client = RelayClient()
+            relay_client = self._relay_client
+            relay_client.keep_only(
                 [p for p in route.parents if p is not None] + list(route.fallbacks)
             )
         try:
@@ -418,7 +423,7 @@ class Subscriber:
                     map_shared=shared,
                     deadline=started + limit_s,
                     routes=self._newest_route(manifest.version) if route is not None else None,
-                    relay_client=self._relay_client if route is not None else None,
+                    relay_client=relay_client,
                     relay_one_sided=next(
                         (r for r in self.receivers if isinstance(r, MooncakeReceiver)), None
                     ),
@@ -537,4 +542,6 @@ class Subscriber:
         self.staging.close()
         if self.spare_staging is not None:
             self.spare_staging.close()
-        self._relay_client.close()
+        if self._relay_client is not None:
+            self._relay_client.close()
+            self._relay_client = None
