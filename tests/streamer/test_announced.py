@@ -115,11 +115,12 @@ async def subscribe_raw(socket: zmq.asyncio.Socket, model: str) -> tuple[Message
 
 @contextlib.asynccontextmanager
 async def publishing(
-    broker: RunningBroker, zmq_ctx, *models: tuple[str, int]
+    broker: RunningBroker, zmq_ctx, *models: tuple[str, int], heartbeat_s: float = 0.2
 ) -> AsyncIterator[None]:
     """Version 1 of each (model, number of tensors), readable while the block runs (a version
     whose publisher left is unreadable)."""
-    async with connect(broker.client_config(), role="publisher", context=zmq_ctx) as publisher:
+    config = broker.client_config(heartbeat_interval_s=heartbeat_s)
+    async with connect(config, role="publisher", context=zmq_ctx) as publisher:
         for model, num_tensors in models:
             assert (await publisher.publish(model, 1, 0, 1, shard(num_tensors))).complete
         yield
@@ -237,12 +238,14 @@ async def test_a_flood_of_fetches_is_served_a_bounded_number_of_times(
 async def test_the_client_fetches_a_manifest_once_and_a_reannouncement_uses_its_cache(
     zmq_ctx,
 ) -> None:
-    # The broker forgets peers silent for 0.3 s; the subscriber heartbeats only every 30 s,
-    # so its next request is refused as unknown_peer, and its re-Hello re-subscribes.
-    async with run_broker(broker_config(peer_timeout_s=0.3)) as broker:
+    # The broker forgets peers silent for 1 s; the subscriber heartbeats only every 30 s, so
+    # its next request is refused as unknown_peer, and its re-Hello re-subscribes. The
+    # publisher heartbeats every 0.1 s: gone, it would make the version unreadable (a loaded
+    # machine once stalled this one process, broker and all, past a 0.1 s margin).
+    async with run_broker(broker_config(peer_timeout_s=1.0)) as broker:
         config = broker.client_config(heartbeat_interval_s=30.0)
         async with (
-            publishing(broker, zmq_ctx, (LARGE, 10_000)),
+            publishing(broker, zmq_ctx, (LARGE, 10_000), heartbeat_s=0.1),
             connect(config, role="subscriber", context=zmq_ctx) as client,
         ):
             assert await client.subscribe(LARGE) == 1
