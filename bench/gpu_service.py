@@ -148,15 +148,7 @@ class BrokerThread:
     (allocating and registering 17 GB of shared memory), and the broker must not."""
 
     def __init__(self) -> None:
-        # Retention 1: the publisher alternates between two buffer sets. Generous timeouts:
-        # a publisher busy allocating sends no heartbeats for a while.
-        self.config = BrokerConfig(
-            endpoint="tcp://127.0.0.1:0",
-            http_port=0,
-            retention=1,
-            lease_ttl_s=120.0,
-            peer_timeout_s=120.0,
-        )
+        self.config = _broker_config()
         self.endpoint = ""
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()

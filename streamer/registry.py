@@ -25,6 +25,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -45,6 +46,9 @@ from streamer.errors import BrokerError, VersionUnavailable
 from streamer.peer_index import AppliedCounts, Liveness
 from streamer.routes import Relays, RelayVersion
 from streamer.waiters import Waiters
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 __all__ = ["Limits", "Outbox", "PeerState", "PullProgress", "Registry", "VersionRecord"]
 
@@ -610,10 +614,12 @@ class Registry:
         self.dirty = True
         logger.info("offered again model=%s version=%d rank=%d", name, version, rank)
         return [
-            (peer.peer_id, record.announcement(peer.protocol))
-            for peer in self.peers.values()
-            if name in peer.subscriptions and not peer.gone
+            (peer.peer_id, record.announcement(peer.protocol)) for peer in self._followers(name)
         ]
+
+    def _followers(self, name: str) -> Iterator[PeerState]:
+        """The live peers subscribed to model `name`."""
+        return (p for p in self.peers.values() if name in p.subscriptions and not p.gone)
 
     def _pending_shards(self) -> int:
         return sum(len(p.shards) for m in self.models.values() for p in m.pending.values())
@@ -668,10 +674,9 @@ class Registry:
             if old not in readable:
                 record.retiring = True
         record = model.versions[version]
-        for peer in self.peers.values():
-            if name in peer.subscriptions and not peer.gone:
-                peer.announced[name] = version
-                out.append((peer.peer_id, record.announcement(peer.protocol)))
+        for peer in self._followers(name):
+            peer.announced[name] = version
+            out.append((peer.peer_id, record.announcement(peer.protocol)))
         return out + self._retire_unleased(now)
 
     def _retire_unleased(self, now: float) -> Outbox:
@@ -738,11 +743,7 @@ class Registry:
                     record.unreadable,
                 )
                 withdraw = Withdraw(model=name, version=version, reason=record.unreadable)
-                out.extend(
-                    (peer.peer_id, withdraw)
-                    for peer in self.peers.values()
-                    if name in peer.subscriptions and not peer.gone
-                )
+                out.extend((peer.peer_id, withdraw) for peer in self._followers(name))
         return out
 
     # administration (the broker lets only admin keys reach these)

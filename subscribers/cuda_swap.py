@@ -167,7 +167,7 @@ class CudaSwapper:
             self.mode == "staged"
             and self.node is None
             and not self._offer_failed
-            and self._same_gpu_offers(manifest) is not None
+            and self._device_offers(manifest) is not None
         )
 
     def check(self, manifest: Manifest) -> None:
@@ -288,7 +288,7 @@ class CudaSwapper:
         self._plan_cache = (key, plan)
         return plan
 
-    def _same_gpu_offers(self, manifest: Manifest) -> list[CudaIpcLocator] | None:
+    def _device_offers(self, manifest: Manifest) -> list[CudaIpcLocator] | None:
         """Each region's CUDA IPC offer on this host, on this GPU where there is one, else on
         another GPU this one can read directly (peer access: NVLink or PCIe P2P); None if a
         region has neither."""
@@ -325,7 +325,7 @@ class CudaSwapper:
 
     def _peer_sources(self, manifest: Manifest) -> list[torch.Tensor] | None:
         """Each region in a same-GPU publisher's GPU copy, or None (then the host regions)."""
-        offers = self._same_gpu_offers(manifest)
+        offers = self._device_offers(manifest)
         if offers is None:
             return None
         sources: list[torch.Tensor] = []

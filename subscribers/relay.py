@@ -65,6 +65,7 @@ from schemas.frames import (
 )
 from schemas.manifest import MooncakeLocator
 from streamer.errors import TransportError
+from streamer.transport.zmq_frames import curve_server
 
 if TYPE_CHECKING:
     from schemas.manifest import Manifest
@@ -162,13 +163,7 @@ class RelayServer:
         self._socket.setsockopt(zmq.LINGER, 0)
         # Larger than a header, so an oversized one still gets an error reply; far larger: dropped.
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self.server_key = ""
-        if encrypt:
-            public, secret = zmq.curve_keypair()
-            self._socket.curve_secretkey = secret
-            self._socket.curve_publickey = public
-            self._socket.curve_server = True
-            self.server_key = public.decode("ascii")
+        self.server_key = curve_server(self._socket) if encrypt else ""
         try:
             if port:
                 self._socket.bind(f"tcp://{host}:{port}")

@@ -45,12 +45,22 @@ if TYPE_CHECKING:
 
     from streamer.transport.base import Fetch, Region
 
-__all__ = ["ZmqFrameReceiver", "ZmqFrameSender"]
+__all__ = ["ZmqFrameReceiver", "ZmqFrameSender", "curve_server"]
 
 logger = logging.getLogger(__name__)
 
 _HWM = 64
 _encoder = msgspec.msgpack.Encoder()
+
+
+def curve_server(socket: zmq.Socket[bytes]) -> str:
+    """Make `socket` a CURVE server with a fresh key pair of its own; its public key (Z85),
+    which readers need to connect."""
+    public, secret = zmq.curve_keypair()
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+    return public.decode("ascii")
 
 
 def _view(address: int, nbytes: int) -> memoryview:
@@ -70,13 +80,7 @@ class ZmqFrameSender:
         self._socket.setsockopt(zmq.LINGER, 0)
         # Requests are small headers: a larger frame is dropped by ZeroMQ before it is read.
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_HEADER_BYTES)
-        self.server_key = ""
-        if encrypt:
-            public, secret = zmq.curve_keypair()
-            self._socket.curve_secretkey = secret
-            self._socket.curve_publickey = public
-            self._socket.curve_server = True
-            self.server_key = public.decode("ascii")
+        self.server_key = curve_server(self._socket) if encrypt else ""
         if port:
             try:
                 self._socket.bind(f"tcp://{host}:{port}")
