@@ -1,7 +1,7 @@
 """Relay benchmark: publish -> every node applied, relay against direct reads, links shaped to B.
 
     sudo PYTHONPATH=. python bench/relay_bench.py [--nodes 1,2,4,8] [--rounds 3] [--size 250MB]
-        [--rate 50MB] [--bucket 4MiB] [--fanout 2] [--modes relay,direct]
+        [--rate 25MB] [--bucket 1MiB] [--fanout 2] [--modes relay,direct] [--warmup-versions 3]
 
 Topology (network namespaces; needs root, iproute2 and tc):
 
@@ -16,9 +16,11 @@ end of its veth: `weightstream.netns.NodeNet.shape`). B is measured too: a raw m
 one shaped link, and the floors use that.
 
 A cell is one (mode, N): a fresh broker (relay: `--relay-fanout K`; direct: the trainer serves
-every read) and N fresh subscribers; one publisher publishes version 1 over unshaped links (the
-warm-up: connection handshakes, the engines' first allocation), the links are then shaped during
-its `--interval-s` pause, and version 2 is the measured one: publish() -> all N applied, from the
+every read) and N fresh subscribers; one publisher publishes W warm-up versions over unshaped
+links (`--warmup-versions`, default 3: connection handshakes, and each subscriber's two
+alternating stagings and the publisher's three buffer sets allocated and touched once, as in a
+running RL loop), the links are then shaped during its `--interval-s` pause, and version W + 1 is the
+measured one: publish() -> all N applied, from the
 publisher's own log (its pack + checksum time plus its wait for N applied). A round is every N,
 each as relay and as direct, in alternating order; the host's rates swing 2x between minutes, so
 ratios are per round, then the median over rounds.
@@ -335,6 +337,10 @@ class Settings:
     relay_supported: bool
     timeout_s: float
     max_inflight: int
+    warmup: int = 2
+    """Versions applied over unshaped links before the measured one."""
+    one_sided: bool = False
+    """Relay readers read located buckets one-sided over mooncake (`--relay-one-sided`)."""
 
 
 @dataclass
@@ -401,6 +407,8 @@ class Fleet:
     def start_subscriber(self, node: int, *, dump_dir: Path | None = None) -> Proc:
         address = self.cluster.address(node)
         relay = ["--relay-listen", address] if self.mode == "relay" else []
+        if relay and self.settings.one_sided:
+            relay.append("--relay-one-sided")
         dump = ["--dump-dir", str(dump_dir), "--dump-all"] if dump_dir is not None else []
         proc = self.procs.weightstream(
             f"node{node}",
@@ -516,44 +524,45 @@ def _log_time(proc: Proc, pattern: str) -> float:
 def run_cell(
     cluster: Cluster, settings: Settings, cpu: CpuSampler, mode: str, nodes: int, round_: int
 ) -> Cell:
-    """Warm-up version 1 unshaped, shape every link, measure version 2."""
+    """Warm-up versions 1..W unshaped, shape every link, measure version W + 1."""
     cell = Cell(mode, nodes, round_)
     fleet = Fleet(cluster, settings, mode, f"r{round_}-{mode}-{nodes}")
+    measured = settings.warmup + 1
     try:
         fleet.start_broker()
         subscribers = [fleet.start_subscriber(node) for node in range(1, nodes + 1)]
         fleet.wait_registered(nodes)
-        trainer = fleet.start_trainer("1-2", wait=nodes, interval_s=2.0)
+        trainer = fleet.start_trainer(f"1-{measured}", wait=nodes, interval_s=2.0)
         cpu.track([p.pid for p in fleet.procs.started])
         wait_until(
-            lambda: _logged(trainer, _APPLIED.format(v=1)),
+            lambda: _logged(trainer, _APPLIED.format(v=settings.warmup)),
             timeout_s=settings.timeout_s,
-            what="the warm-up version applied",
+            what="the warm-up versions applied",
             procs=fleet.procs,
         )
         cluster.shape([Cluster.TRAINER, *range(1, nodes + 1)])
         shaped_at = time.time()
         published = wait_until(
-            lambda: _logged(trainer, _PUBLISHED.format(v=2)),
+            lambda: _logged(trainer, _PUBLISHED.format(v=measured)),
             timeout_s=60,
-            what="version 2 published",
+            what=f"version {measured} published",
             procs=fleet.procs,
         )
         done = wait_until(
-            lambda: _logged(trainer, _APPLIED.format(v=2)),
+            lambda: _logged(trainer, _APPLIED.format(v=measured)),
             timeout_s=settings.timeout_s,
-            what=f"version 2 applied by {nodes}",
+            what=f"version {measured} applied by {nodes}",
             procs=fleet.procs,
         )
         ended = time.time()
         cell.publish_s = float(published[1])
         cell.e2e_s = cell.publish_s + float(done[2])
         # The pause between versions must have covered the shaping (else the round is void).
-        cell.shaped_late = _log_time(trainer, _PUBLISHED.format(v=2)) < shaped_at
+        cell.shaped_late = _log_time(trainer, _PUBLISHED.format(v=measured)) < shaped_at
         cell.cpu_host, cell.cpu_ours = cpu.busy(ended - cell.e2e_s, ended)
         rows = {r["pid"]: r for r in fleet.rows()}
         cell.pulls_s = [rows[p.pid]["last_pull_s"] or math.nan for p in subscribers]
-        version = fleet.version_status(2)
+        version = fleet.version_status(measured)
         cell.status = {"version": version, "subscribers": [rows[p.pid] for p in subscribers]}
         served = (version.get("relay") or {}).get("served_bytes") or {}
         holders = served.get("holders") or {}
@@ -941,14 +950,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every cell (default 3)")
     parser.add_argument("--size", type=_size, default=_size("250MB"), help="model size S")
     parser.add_argument(
-        "--rate", type=_size, default=_size("50MB"), help="every link's rate B per second, each way"
+        "--rate",
+        type=_size,
+        default=_size("25MB"),
+        help="every link's rate B per second, each way (default 25MB: 8 relaying nodes stay "
+        "below the cores of a 2-core host)",
     )
     parser.add_argument(
         "--fifo",
         action="store_true",
         help="shape each link with one FIFO token bucket (tbf) instead of a fair share per peer",
     )
-    parser.add_argument("--bucket", type=_size, default=_size("4MiB"), help="bucket size c")
+    parser.add_argument(
+        "--bucket",
+        type=_size,
+        default=_size("1MiB"),
+        help="bucket size c (default 1MiB: c/S = 1/240, as 64 MiB buckets of a 16 GB model)",
+    )
     parser.add_argument("--fanout", type=int, default=2, help="the broker's --relay-fanout")
     parser.add_argument(
         "--max-inflight",
@@ -957,6 +975,18 @@ def main() -> None:
         help="each subscriber's --max-inflight (default 1, the subscriber's own default)",
     )
     parser.add_argument("--modes", default="relay,direct", help="relay,direct (default both)")
+    parser.add_argument(
+        "--warmup-versions",
+        type=int,
+        default=3,
+        help="versions applied unshaped before the measured one (default 3: every staging and "
+        "publish buffer set in use is allocated and touched once, as in a running loop)",
+    )
+    parser.add_argument(
+        "--relay-one-sided",
+        action="store_true",
+        help="relay readers read located buckets one-sided over mooncake (subscribe's flag)",
+    )
     parser.add_argument(
         "--late-trainer",
         choices=("saturated", "down", "skip"),
@@ -967,6 +997,8 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each wait")
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS_RELAY.md")
     args = parser.parse_args()
+    if args.warmup_versions < 1:
+        parser.error("--warmup-versions must be at least 1 (the connections are made in it)")
     if not netns_available():
         sys.exit("relay_bench needs root and iproute2 (ip netns) and tc")
     nodes = sorted(int(n) for n in args.nodes.split(","))
@@ -976,7 +1008,14 @@ def main() -> None:
         log("this checkout has no relay (--relay-fanout / --relay-listen): direct reads only")
         modes = [m for m in modes if m != "relay"]
     settings = Settings(
-        args.size, args.bucket, args.fanout, supported, args.timeout_s, args.max_inflight
+        args.size,
+        args.bucket,
+        args.fanout,
+        supported,
+        args.timeout_s,
+        args.max_inflight,
+        warmup=args.warmup_versions,
+        one_sided=args.relay_one_sided,
     )
     from publishers.sources import synthetic_llama
 
