@@ -202,6 +202,8 @@ class _Worker:
         self.recheck: set[int] = set()
         """Sockets to look at again: a send can take the edge of their ZMQ_FD."""
         self.interval_s = 1.0
+        self.base_interval_s = 1.0
+        """The broker's interval (Welcome); `interval_s` is it, or its pacing if longer."""
         self.hb_epoch: float | None = None
         self.hb_sent = 0
         self.hb_late_max_s = 0.0
@@ -310,8 +312,9 @@ class _Worker:
         sock = self.socks[i]
         message = self._decode(data)
         match message:
-            case Alive():
+            case Alive(heartbeat_at_least_s=pace):
                 self.count("alive")
+                self._pace(max(self.base_interval_s, pace), now)
             case Announce(manifest=manifest):
                 self.count("announce")
                 if manifest.version == self.expect and not self.t_announce[i]:
@@ -354,14 +357,17 @@ class _Worker:
                         self._notified(j, version, now)
                 else:
                     self._notified(i, version, now)
-            case Welcome(heartbeat_interval_s=interval):
+            case Welcome(heartbeat_interval_s=interval, heartbeat_at_least_s=pace):
                 if not sock.joined:
                     sock.joined = True
                     self.joined += 1
                 sock.welcomed = True
-                self.interval_s = interval
+                self.base_interval_s = interval
                 if self.hb_epoch is None:
+                    self.interval_s = max(interval, pace)
                     self.hb_epoch = time.monotonic()
+                else:
+                    self._pace(max(interval, pace), now)
                 sock.request_id += 1
                 self._send(sock, Subscribe(request_id=sock.request_id, model=self.spec.model))
             case Subscribed(latest=latest):
@@ -387,6 +393,15 @@ class _Worker:
                 pid=os.getpid(),
             ),
         )
+
+    def _pace(self, interval: float, now: float) -> None:
+        """The broker paces the fleet (as `BrokerClient._paced`): one interval for every
+        socket of this process, the schedule re-anchored so that no socket skips a beat."""
+        if interval == self.interval_s or self.hb_epoch is None:
+            return
+        self.count("pace_changes")
+        self.hb_epoch = now - self.hb_sent * interval / len(self.socks)
+        self.interval_s = interval
 
     def heartbeats(self, now: float) -> None:
         if self.hb_epoch is None:
@@ -615,6 +630,11 @@ class Fleet:
         config.write_text(
             f"heartbeat_interval_s = {args.heartbeat_s}\npeer_timeout_s = {args.peer_timeout_s}\n"
             f"retention = 2\n"
+            + (
+                f"max_heartbeats_per_s = {args.max_heartbeats_per_s}\n"
+                if args.max_heartbeats_per_s is not None
+                else ""
+            )
         )
         profile = ["-m", "cProfile", "-o", args.broker_profile] if args.broker_profile else []
         cmd = [
@@ -1205,6 +1225,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-curve", dest="curve", action="store_false")
     parser.add_argument("--heartbeat-s", type=float, default=1.0, help="the broker's interval")
     parser.add_argument("--peer-timeout-s", type=float, default=10.0)
+    parser.add_argument(
+        "--max-heartbeats-per-s",
+        type=float,
+        default=None,
+        help="the broker's heartbeat pacing (default: the broker's own, 2000; 0: off)",
+    )
     parser.add_argument("--max-fanout-gib", type=float, default=2.0)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument(

@@ -141,10 +141,16 @@ class Hello(Wire, frozen=True, tag="hello"):
     """A stable name for status and metric labels (kept across restarts); default host:pid."""
 
 
+HeartbeatPace = Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)]
+"""Seconds; 0 when the broker asks for no pacing."""
+
+
 class Welcome(Wire, frozen=True, tag="welcome"):
     broker_id: PeerId
     protocol_version: Small = PROTOCOL_VERSION
     heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0.0, le=3600.0)] = 1.0
+    heartbeat_at_least_s: HeartbeatPace = 0.0
+    """Pacing: heartbeat no more often than this (a large fleet; 0: at your own interval)."""
 
 
 class Error(Wire, frozen=True, tag="error"):
@@ -351,6 +357,9 @@ class AdminDone(Wire, frozen=True, tag="admin_done"):
 
 class Alive(Wire, frozen=True, tag="alive"):
     """The broker's answer to a Heartbeat: it still hears this peer on this routing id."""
+
+    heartbeat_at_least_s: HeartbeatPace = 0.0
+    """The broker's pacing now, as in `Welcome` (it changes as the fleet grows or shrinks)."""
 
 
 Message = (

@@ -79,6 +79,14 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         help="close HTTP connections idle or slower than this (default 15)",
     )
     parser.add_argument(
+        "--max-heartbeats-per-s",
+        type=float,
+        metavar="RATE",
+        help="heartbeat pacing: past this many heartbeats a second the broker asks peers to "
+        "heartbeat less often and stretches its peer timeout and lease TTL alike (default "
+        "2000; 0: a fixed interval)",
+    )
+    parser.add_argument(
         "--relay-fanout",
         type=int,
         metavar="K",

@@ -100,8 +100,8 @@ loop iterations each (~3 x the handling, bench/RESULTS_FLEET.md's profile)."""
 _BACKLOG = 4096
 """The listen backlog (libzmq's default is 100): thousands of subscribers connecting at once
 otherwise overflow it (the kernel answers with SYN cookies and some connects never finish)."""
-_ALIVE = encode(Alive())
-"""The heartbeat answer, the same bytes for everyone: encoded once."""
+_MAX_PACE_S = 60.0
+"""Heartbeat pacing stops doubling here (a fleet that needs more is past one broker)."""
 _WARNED_PEERS = 1024
 """Peers whose protocol errors were logged (once each); older ones are forgotten."""
 _REDELIVER_PEERS = 1024
@@ -138,6 +138,10 @@ class Broker:
             relay_fanout=config.relay_fanout,
         )
         self.stats = BrokerStats(started_at=time.time())
+        self._pace_s = 0.0
+        """Heartbeat pacing now (`BrokerConfig.max_heartbeats_per_s`); 0: none."""
+        self._alive = encode(Alive())
+        """The heartbeat answer, the same bytes for everyone: encoded once per pace."""
         self.stats.collector = RegistryCollector(self.registry, self.stats)
         self.stats.registry.register(self.stats.collector)
         self._warned: OrderedDict[bytes, None] = OrderedDict()
@@ -263,6 +267,7 @@ class Broker:
                     await self._send(outbox)
                 if time.monotonic() >= next_housekeeping:
                     await self._send(self.registry.expire(time.time()))
+                    self._pace()
                     self._prune_bound()
                     self._persist()
                     next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
@@ -271,6 +276,35 @@ class Broker:
             self.socket.close(linger=0)
             if self._authenticator is not None:
                 self._authenticator.stop()
+
+    def _pace(self) -> None:
+        """Heartbeat pacing: the doubling of `heartbeat_interval_s` that keeps the fleet's
+        heartbeats under `max_heartbeats_per_s`. Peers learn it from Welcome and from every
+        Alive; the peer timeout and the lease TTL stretch by the same factor, and never
+        shrink back while the broker runs (a peer told the longer pace may still use it)."""
+        base, rate = self.config.heartbeat_interval_s, self.config.max_heartbeats_per_s
+        peers = len(self.registry.peers)
+        pace = 0.0
+        if rate > 0 and peers / base > rate:
+            pace = base
+            while peers / pace > rate and pace < _MAX_PACE_S:
+                pace *= 2
+            pace = min(pace, _MAX_PACE_S)
+        if pace == self._pace_s:
+            return
+        self._pace_s = pace
+        self._alive = encode(Alive(heartbeat_at_least_s=pace))
+        factor = max(1.0, pace / base)
+        registry = self.registry
+        registry.peer_timeout_s = max(registry.peer_timeout_s, self.config.peer_timeout_s * factor)
+        registry.lease_ttl_s = max(registry.lease_ttl_s, self.config.lease_ttl_s * factor)
+        logger.info(
+            "heartbeat pace peers=%d at_least_s=%.1f peer_timeout_s=%.0f lease_ttl_s=%.0f",
+            peers,
+            pace,
+            registry.peer_timeout_s,
+            registry.lease_ttl_s,
+        )
 
     def _prune_bound(self) -> None:
         """Forget the keys of routing ids the registry forgot. Every peer's id is bound by
@@ -361,8 +395,11 @@ class Broker:
                 principal.name,
                 message.protocol_version,
             )
+            self._pace()
             welcome = Welcome(
-                broker_id=self.broker_id, heartbeat_interval_s=self.config.heartbeat_interval_s
+                broker_id=self.broker_id,
+                heartbeat_interval_s=self.config.heartbeat_interval_s,
+                heartbeat_at_least_s=self._pace_s,
             )
             held = self._undelivered.pop(peer_id, [])
             return [(peer_id, welcome), *((peer_id, m) for m in held)]
@@ -561,7 +598,7 @@ class Broker:
         version, not once per subscriber, and a manifest reply once per request id. The
         cache holds the message itself, so its `id` cannot be reused while cached."""
         if isinstance(message, Alive):
-            return _ALIVE
+            return self._alive
         if not isinstance(message, Announce | Announced | ManifestBody):
             return encode(message)
         cached = self._frames.get(id(message))

@@ -164,6 +164,8 @@ class BrokerClient:
         self._monitor = self._socket.get_monitor_socket(_HANDSHAKE_EVENTS)
         self._socket.connect(config.broker)
         self._last_heard = time.monotonic()
+        self.heartbeat_s = config.heartbeat_interval_s
+        """The heartbeat interval in use: ours, or the broker's pacing when that is longer."""
         self.cut_off: str | None = None
         """Why the broker is not answering, while it is not (None when all is well)."""
         self._ids = itertools.count(1)
@@ -474,7 +476,8 @@ class BrokerClient:
 
     def _dispatch(self, message: Message) -> None:
         match message:
-            case Welcome():
+            case Welcome(heartbeat_at_least_s=pace):
+                self._paced(pace)
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_result(message)
             case Announce(manifest=manifest):
@@ -507,8 +510,8 @@ class BrokerClient:
                     future.set_exception(_broker_error(code, detail))
             case Error(code=code, detail=detail):
                 logger.warning("broker error code=%s detail=%s", code, detail)
-            case Alive():
-                pass  # _last_heard is already fresh
+            case Alive(heartbeat_at_least_s=pace):
+                self._paced(pace)  # _last_heard is already fresh
             case (
                 Published()
                 | Subscribed()
@@ -725,10 +728,17 @@ class BrokerClient:
         except TimeoutError as exc:
             logger.warning("%s", exc)
 
+    def _paced(self, pace_s: float) -> None:
+        """The broker's pacing (Welcome, Alive): heartbeat no more often than it asks."""
+        interval = max(self.config.heartbeat_interval_s, pace_s)
+        if interval != self.heartbeat_s:
+            logger.info("heartbeat interval_s=%.1f (the broker paces a large fleet)", interval)
+            self.heartbeat_s = interval
+
     async def heartbeat(self) -> None:
         """Heartbeats; runs until cancelled."""
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
+            await asyncio.sleep(self.heartbeat_s)
             self._requeue_retires()
             try:
                 await self._send(Heartbeat(applied=dict(self._applied)))
@@ -738,7 +748,7 @@ class BrokerClient:
 
     def _check_heard(self) -> None:
         silent_s = time.monotonic() - self._last_heard
-        limit_s = max(5 * self.config.heartbeat_interval_s, self.config.request_timeout_s)
+        limit_s = max(5 * self.heartbeat_s, self.config.request_timeout_s)
         if silent_s > limit_s and self.cut_off is None:
             self.cut_off = f"no answer from the broker for {silent_s:.1f} s"
             logger.warning(

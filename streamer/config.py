@@ -34,6 +34,12 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     heartbeat_interval_s: Seconds = 1.0
     peer_timeout_s: Seconds = 10.0
     """A peer silent for this long is shown as gone and loses its leases."""
+    max_heartbeats_per_s: Annotated[float, msgspec.Meta(ge=0.0)] = 2000.0
+    """Heartbeat pacing: past this many heartbeats a second at `heartbeat_interval_s` (peers /
+    interval), the broker asks every peer to heartbeat less often (`Welcome`/`Alive`
+    `heartbeat_at_least_s`, doubling steps) and stretches `peer_timeout_s` and `lease_ttl_s` by
+    the same factor, so that a large fleet's heartbeats never crowd out announcements and a
+    live peer is never marked gone. 0: a fixed interval, whatever the fleet."""
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     """High-water mark of the broker's sockets, in messages."""
     manifest_limits: ManifestLimits = ManifestLimits()
