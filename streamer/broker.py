@@ -179,8 +179,9 @@ class Broker:
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
         # ZMTP heartbeats close a connection that died silently, so that its peer's reconnect
         # (same routing id) is not ignored as a duplicate for as long as TCP would take.
-        self.socket.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
+        ping_ms = int(config.connection_heartbeat_s * 1000)
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, ping_ms)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ping_ms)
         self.socket.setsockopt(zmq.SNDHWM, config.queue_size)
         self.socket.setsockopt(zmq.RCVHWM, config.queue_size)
         self.socket.setsockopt(zmq.LINGER, 0)

@@ -34,6 +34,13 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     heartbeat_interval_s: Seconds = 1.0
     peer_timeout_s: Seconds = 10.0
     """A peer silent for this long is shown as gone and loses its leases."""
+    connection_heartbeat_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600.0)] = 5.0
+    """ZMTP PING interval on every connection (timeout 3 x): a connection that died silently
+    is closed, so its peer's reconnect with the same routing id is not ignored as a duplicate.
+    libzmq cancels a timer in O(its timers) on each PONG, so the I/O threads' cost grows as
+    connections^2 / (io_threads x interval): 2 s on one thread took a whole core at 10,000."""
+    io_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """libzmq I/O threads of the broker's context (connections are spread over them)."""
     max_heartbeats_per_s: Annotated[float, msgspec.Meta(ge=0.0)] = 2000.0
     """Heartbeat pacing: past this many heartbeats a second at `heartbeat_interval_s` (peers /
     interval), the broker asks every peer to heartbeat less often (`Welcome`/`Alive`

@@ -60,7 +60,7 @@ async def serve(
         read_token(path) if path else None
         for path in (config.http_read_token_file, config.http_admin_token_file)
     ]
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.asyncio.Context(io_threads=config.io_threads)
     try:
         broker = Broker(config, context=ctx)
         http_ready = asyncio.Event()
