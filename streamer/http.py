@@ -42,11 +42,11 @@ from streamer.errors import BrokerError
 from streamer.metrics import CONTENT_TYPE, BrokerStats, render_off_loop
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable
+    from collections.abc import Awaitable, Callable, Generator, Iterable
 
     from streamer.registry import Outbox, PeerState, Registry, VersionRecord
 
-__all__ = ["AdminActions", "build_app", "fleet", "relay_status", "serve_http"]
+__all__ = ["AdminActions", "build_app", "fleet", "fleet_async", "relay_status", "serve_http"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,10 @@ def model_summary(registry: Registry, name: str, now: float) -> dict[str, Any]:
     }
 
 
+_SCAN_STEP = 500
+"""Subscribers a status scan reads before it lets the event loop run (`fleet_async`)."""
+
+
 def fleet(
     registry: Registry,
     now: float,
@@ -143,11 +147,58 @@ def fleet(
     subscriber that has applied nothing yet is behind any). One pass over the subscribers
     (kept sorted by the registry) that renders only the rows of the page: ~10 ms at 10,000.
     """
-    total = 0
     page: list[dict[str, Any]] = []
+    scan = _scan(registry, now, page, limit, offset, model, state, min_lag)
+    while True:
+        try:
+            next(scan)
+        except StopIteration as done:
+            return done.value, page
+
+
+async def fleet_async(
+    registry: Registry,
+    now: float,
+    *,
+    limit: int = DEFAULT_PAGE,
+    offset: int = 0,
+    model: str | None = None,
+    state: str | None = None,
+    min_lag: int | None = None,
+) -> tuple[int, list[dict[str, Any]]]:
+    """`fleet`, letting the event loop run every `_SCAN_STEP` subscribers: a page of a large
+    fleet does not hold up the broker's ZeroMQ loop for the whole scan (the HTTP route's)."""
+    page: list[dict[str, Any]] = []
+    scan = _scan(registry, now, page, limit, offset, model, state, min_lag)
+    while True:
+        try:
+            next(scan)
+        except StopIteration as done:
+            return done.value, page
+        await asyncio.sleep(0)
+
+
+def _scan(
+    registry: Registry,
+    now: float,
+    page: list[dict[str, Any]],
+    limit: int,
+    offset: int,
+    model: str | None,
+    state: str | None,
+    min_lag: int | None,
+) -> Generator[None, None, int]:
+    """Fill `page`, pausing (yield) every `_SCAN_STEP` subscribers; returns the total. The
+    id list is the registry's snapshot (replaced, never changed, as peers come and go), and a
+    peer forgotten during a pause is skipped."""
+    total = 0
     latest = {name: m.latest for name, m in registry.models.items()}
-    for peer_id in registry.subscriber_ids():
-        peer = registry.peers[peer_id]
+    for index, peer_id in enumerate(registry.subscriber_ids()):
+        if index and index % _SCAN_STEP == 0:
+            yield
+        peer = registry.peers.get(peer_id)
+        if peer is None:
+            continue
         if model is not None:
             names: Iterable[str] = (
                 (model,) if model in peer.subscriptions or model in peer.applied else ()
@@ -166,7 +217,7 @@ def fleet(
             if offset <= total < offset + limit:
                 page.append(_subscriber_row(registry, peer, name, now))
             total += 1
-    return total, page
+    return total
 
 
 def _behind(latest: int | None, applied: int | None, min_lag: int) -> bool:
@@ -392,7 +443,7 @@ def build_app(
                 },
                 400,
             )
-        total, page = fleet(
+        total, page = await fleet_async(
             registry,
             time.time(),
             limit=limit,

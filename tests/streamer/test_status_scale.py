@@ -3,10 +3,11 @@ exactly what a plain scan of every peer shows."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
-from streamer.http import _behind, _state, _subscriber_row, fleet
+from streamer.http import _SCAN_STEP, _behind, _scan, _state, _subscriber_row, fleet, fleet_async
 from streamer.metrics import BrokerStats, RegistryCollector, render, render_off_loop
 from streamer.registry import Registry
 from tests.streamer.test_announced import shard
@@ -124,3 +125,46 @@ async def test_metrics_rendered_off_the_loop_are_the_same_text() -> None:
     for name, (_, applied) in newest.items():
         line = f'weightstream_subscriber_version{{model="org/a",subscriber="{name}"}} {applied:.1f}'
         assert line in lines
+
+
+async def test_the_http_scan_lets_the_loop_run_between_steps_and_matches_fleet() -> None:
+    """The route's scan (`fleet_async`) gives `fleet`'s page, and other tasks run during it:
+    a task counting loop turns sees one per `_SCAN_STEP` subscribers."""
+    reg = fleet_of(2_000)
+    turns = 0
+    stop = asyncio.Event()
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while not stop.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    before = turns
+    page = await fleet_async(reg, 5.0, limit=10_000, offset=0)
+    during = turns - before
+    stop.set()
+    await counter
+    assert page == fleet(reg, 5.0, limit=10_000, offset=0)
+    assert during >= len(reg.subscriber_ids()) // _SCAN_STEP - 1
+
+
+def test_a_peer_forgotten_during_a_pause_of_the_scan_is_skipped() -> None:
+    reg = fleet_of(3 * _SCAN_STEP)
+    ids = reg.subscriber_ids()
+    page: list[dict[str, Any]] = []
+    scan_ = _scan(reg, 5.0, page, 10_000, 0, None, None, None)
+    next(scan_)  # paused after the first step
+    late = ids[-1]
+    # What Registry._forget_gone does to a gone peer past its TTL, between two steps.
+    del reg.peers[late]
+    reg._subscriber_ids = None
+    try:
+        while True:
+            next(scan_)
+    except StopIteration as done:
+        total = done.value
+    assert late not in {row["peer_id"] for row in page}
+    assert total == len(page) == fleet(reg, 5.0, limit=10_000, offset=0)[0]
