@@ -6,7 +6,7 @@ Real ZeroMQ sockets throughout: `RelayServer` + `RelayClient` for the frames (of
 until offered, refused, bounded), then an in-process broker, a Publisher and relay
 `Subscriber`s: four of them take the manifest from the broker once (the stripe-0 root) and
 three times from peers, and a lying peer (a relay offering a wrong body under the right digest)
-costs its reader a fetch from the broker, never a wrong manifest.
+(or one that never answers) costs its reader a fetch from the broker, never a wrong manifest.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from publishers.publisher import open_publisher
 from publishers.sources import synthetic_llama
 from schemas.frames import RelayManifestRead, RelayRead, decode_relay_read
 from schemas.messages import RelayOffer, RelaySource
-from streamer.client import BrokerClient, connect
+from streamer.client import PEER_MANIFEST_S, BrokerClient, connect
 from streamer.transport import ZmqFrameReceiver, ZmqFrameSender
 from subscribers.relay import MAX_HELD, MAX_MANIFESTS_PER_MODEL, RelayError, RelayServer
 from subscribers.relay_client import RelayClient
@@ -292,10 +292,12 @@ async def test_relay_subscribers_take_the_manifest_from_peers_and_the_broker_ser
 
 class LyingPeer:
     """A relay subscriber's manifest hook, hostile: it offers every manifest it takes with
-    one byte flipped, under the true digest (and reads none from peers itself)."""
+    one byte flipped, under the true digest (and reads none from peers itself); or, `silent`,
+    never offers one (its readers wait for it until their deadline)."""
 
-    def __init__(self, server: RelayServer) -> None:
+    def __init__(self, server: RelayServer, *, silent: bool = False) -> None:
         self.server = server
+        self.silent = silent
 
     async def read(
         self, *, model: str, version: int, digest: str, nbytes: int, deadline: float
@@ -303,12 +305,15 @@ class LyingPeer:
         return None
 
     def offer(self, *, model: str, version: int, digest: str, body: bytes) -> None:
+        if self.silent:
+            return
         wrong = body[:-1] + bytes([body[-1] ^ 0xFF])
         self.server.offer_manifest(model, version, digest, wrong)
 
 
-async def test_a_peer_serving_a_wrong_manifest_costs_a_fetch_from_the_broker(
-    zmq_ctx,
+@pytest.mark.parametrize("silent", [False, True], ids=["wrong-body", "never-answers"])
+async def test_a_peer_with_a_wrong_or_no_manifest_costs_a_fetch_from_the_broker(
+    zmq_ctx, silent: bool
 ) -> None:
     async with (
         run_broker(broker_config(relay_fanout=1)) as broker,
@@ -321,7 +326,7 @@ async def test_a_peer_serving_a_wrong_manifest_costs_a_fetch_from_the_broker(
         liar = await stack.enter_async_context(
             connect(liar_config, role="subscriber", context=zmq_ctx)
         )
-        liar.manifest_peers = LyingPeer(liar_server)
+        liar.manifest_peers = LyingPeer(liar_server, silent=silent)
         await liar.subscribe(MODEL, relay=RelayOffer(endpoint=liar_server.endpoint))
         honest = await stack.enter_async_context(relay_node(broker, zmq_ctx, "b-honest"))
         await relay_offers(broker, 2)
@@ -335,9 +340,15 @@ async def test_a_peer_serving_a_wrong_manifest_costs_a_fetch_from_the_broker(
             )
         )
         await publisher.publish(1, weights(1))
-        # The liar served its wrong body (so the reader did get it, not a timeout) ...
-        await until(lambda: liar_server.served_manifests == 1, timeout_s=10)
+        started = time.monotonic()
         await until(lambda: honest.client.peer_manifest_failures == 1, timeout_s=10)
+        waited_s = time.monotonic() - started
+        if silent:  # parked until the read's wait (inside PEER_MANIFEST_S), then refused
+            assert liar_server.served_manifests == 0
+            assert 1.0 < waited_s < PEER_MANIFEST_S + 5
+        else:  # it served its wrong body: refused at once, not at a deadline
+            assert liar_server.served_manifests == 1
+            assert waited_s < PEER_MANIFEST_S
         # ... and holds no bucket: gone, its bucket readers go to the trainer at once.
         liar_server.close()
         await asyncio.wait_for(publisher.wait_applied(1, 1), 30)
