@@ -4,6 +4,9 @@
 `RelayRead`/`RelayReply`: a subscriber reading a bucket from another subscriber's relay
 server (`subscribers.relay`), named in the manifest's own layout (model, version, region,
 offset, nbytes), since a relay's staging mirrors the manifest's regions.
+`RelayManifestRead`: a subscriber reading a version's manifest from a relay by its digest
+(the SHA-256 of its encoding, as `Announced` names it), answered by the same `RelayReply`
+with the encoded manifest as the payload frame; the reader checks the digest.
 
 All are small: a header longer than `MAX_FRAME_HEADER_BYTES` is refused unread, and every
 field is bounded in its type.
@@ -24,6 +27,7 @@ from schemas.manifest import (
     NonNegative,
     Version,
 )
+from schemas.messages import ManifestDigest
 
 __all__ = [
     "MAX_FRAME_HEADER_BYTES",
@@ -32,8 +36,10 @@ __all__ = [
     "RELAY_PROTOCOL",
     "FrameRead",
     "FrameReply",
+    "RelayManifestRead",
     "RelayRead",
     "RelayReply",
+    "RelayRequest",
     "decode_frame_read",
     "decode_frame_reply",
     "decode_relay_read",
@@ -87,8 +93,27 @@ class RelayRead(msgspec.Struct, frozen=True, kw_only=True, tag="relay_read"):
     without mooncake sends the bytes anyway."""
 
 
+class RelayManifestRead(msgspec.Struct, frozen=True, kw_only=True, tag="relay_manifest_read"):
+    """Read the manifest whose encoding has SHA-256 `digest` (of `model` `version`) from a
+    relay that took it (or is about to: it waits up to `wait_s` for a version newer than any
+    it holds). Added beside `RelayRead` in relay protocol 1: a relay that predates it answers
+    `protocol` (undecodable), and the reader asks the broker."""
+
+    request_id: NonNegative
+    model: ModelName
+    version: Version
+    digest: ManifestDigest
+    wait_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_RELAY_WAIT_S)] = 0.0
+    protocol: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = RELAY_PROTOCOL
+
+
+RelayRequest = RelayRead | RelayManifestRead
+"""What a relay server decodes: a bucket read or a manifest read."""
+
+
 class RelayReply(msgspec.Struct, frozen=True, kw_only=True, tag="relay_reply"):
-    """The answer to a `RelayRead`; with `code="ok"` the bucket's bytes follow as a frame."""
+    """The answer to a `RelayRead` or `RelayManifestRead`; with `code="ok"` the bucket's bytes
+    (or the encoded manifest) follow as a frame."""
 
     request_id: NonNegative
     code: RelayCode
@@ -112,13 +137,17 @@ def decode_frame_reply(data: bytes | memoryview) -> FrameReply:
     return guarded_decode(_reply_decoder, data, max_bytes=MAX_FRAME_HEADER_BYTES)
 
 
-_relay_read_decoder = msgspec.msgpack.Decoder(RelayRead)
+_relay_read_decoder = msgspec.msgpack.Decoder(RelayRequest)
 _relay_reply_decoder = msgspec.msgpack.Decoder(RelayReply)
 
 
-def decode_relay_read(data: bytes | memoryview) -> RelayRead:
-    """Raises `msgspec.DecodeError` (only) for anything but a valid `RelayRead`."""
-    return guarded_decode(_relay_read_decoder, data, max_bytes=MAX_FRAME_HEADER_BYTES)
+def decode_relay_read(data: bytes | memoryview) -> RelayRequest:
+    """Raises `msgspec.DecodeError` (only) for anything but a valid `RelayRead` or
+    `RelayManifestRead`."""
+    request: RelayRequest = guarded_decode(
+        _relay_read_decoder, data, max_bytes=MAX_FRAME_HEADER_BYTES
+    )
+    return request
 
 
 def decode_relay_reply(data: bytes | memoryview) -> RelayReply:

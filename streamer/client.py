@@ -15,6 +15,9 @@ overflow and is queued again as room appears, never silently dropped.
                  │   Route (-> the latest per (model, version), a few per model; `wait_route`)
                  └── Announced (protocol 2: a digest) -> one fetch per digest -> SHA-256
                      checked, decoded, cached by digest -> as an Announce
+                     (the fetch asks `manifest_peers` first, a relay subscriber's Route
+                     parent, within `PEER_MANIFEST_S`; a wrong, slow or refused peer costs a
+                     fetch from the broker; every body taken is offered back to it)
     _heartbeat() ── Heartbeat every interval (also renews leases); the broker answers Alive
     watch()      ── the socket's handshake events: a refused CURVE key fails the client
 
@@ -35,7 +38,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 import zmq
@@ -83,6 +86,7 @@ from streamer.errors import (
     IncompatiblePeer,
     ProtocolError,
     StreamerError,
+    TransportError,
     VersionUnavailable,
 )
 from streamer.frames import decode_header
@@ -94,7 +98,7 @@ if TYPE_CHECKING:
     from schemas.messages import ErrorCode
     from streamer.config import ClientConfig
 
-__all__ = ["BrokerClient", "BrokerTimeout", "ManifestMismatch", "connect"]
+__all__ = ["BrokerClient", "BrokerTimeout", "ManifestMismatch", "ManifestPeers", "connect"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,11 @@ _FETCH_RETRY_S = 0.5
 """Pause before the next attempt, times the attempt number."""
 MAX_ROUTES_PER_MODEL = 4
 """Routes kept per model (the newest versions'): a relay subscriber needs the current one."""
+PEER_MANIFEST_S = 2.0
+"""How long a manifest may take from a peer (at most the request timeout) before the broker
+is asked: a parent fetches it from its own parent or the broker in milliseconds."""
+_PEER_GRACE_S = 0.5
+"""Past the peer's deadline, how long its read (a thread) may take to say so."""
 
 
 class BrokerTimeout(StreamerError, TimeoutError):
@@ -127,6 +136,23 @@ class ManifestMismatch(ProtocolError):
         self.version = version
         self.expected = expected
         self.got = got
+
+
+class ManifestPeers(Protocol):
+    """Where a client reads announced manifests from peers before asking the broker, and
+    offers the ones it takes (`BrokerClient.manifest_peers`; a relay subscriber installs
+    `subscribers.relay_client.PeerManifests`)."""
+
+    async def read(
+        self, *, model: str, version: int, digest: str, nbytes: int, deadline: float
+    ) -> tuple[str, bytes] | None:
+        """(the peer's name, the encoded manifest, unverified) by `deadline`
+        (`time.monotonic()`), or None when no peer is known; raises `TransportError`."""
+        ...
+
+    def offer(self, *, model: str, version: int, digest: str, body: bytes) -> None:
+        """A manifest this client verified and took: serve it on."""
+        ...
 
 
 class BrokerClient:
@@ -176,14 +202,20 @@ class BrokerClient:
         """model -> the newest version announced, from our last Subscribed (one per model)."""
         self._manifests: dict[str, Manifest] = {}
         self._manifest_changed = asyncio.Condition()
-        self._by_digest: OrderedDict[str, Manifest] = OrderedDict()
+        self._by_digest: OrderedDict[str, tuple[Manifest, bytes]] = OrderedDict()
+        """digest -> verified manifest and its encoding, the newest `_MANIFESTS_CACHED`."""
         self._digests: dict[str, str] = {}
         """model -> the digest of the manifest in `_manifests` ("" if it came whole)."""
-        """digest -> verified manifest, the newest `_MANIFESTS_CACHED`."""
         self._fetching: dict[str, tuple[Announced, asyncio.Task[None]]] = {}
         """digest -> its one fetch under way (at most `_FETCHES_IN_FLIGHT`)."""
         self.manifest_fetches = 0
-        """FetchManifest requests sent (one per manifest, plus retries)."""
+        """FetchManifest requests sent to the broker (one per manifest, plus retries)."""
+        self.peer_manifest_fetches = 0
+        """Manifests taken from a peer (`manifest_peers`), verified."""
+        self.peer_manifest_failures = 0
+        """Manifest reads from a peer that failed (wrong, slow, refused): the broker's then."""
+        self.manifest_peers: ManifestPeers | None = None
+        """Installed by a relay subscriber: peers to read manifests from (None: the broker)."""
         self.manifest_error: StreamerError | None = None
         """Why the last manifest fetch failed (None once one succeeds)."""
         self.retired: asyncio.Queue[Retire] = asyncio.Queue(maxsize=config.queue_size)
@@ -566,7 +598,7 @@ class BrokerClient:
         cached = self._by_digest.get(message.digest)
         if cached is not None:
             self._by_digest.move_to_end(message.digest)
-            self._take_manifest(cached, message.digest)
+            self._take_manifest(cached[0], message.digest)
             return
         if message.digest in self._fetching:
             return
@@ -593,7 +625,9 @@ class BrokerClient:
             if self._have(message):
                 return  # a newer version (or this one) came meanwhile
             try:
-                manifest = await self._load_manifest(message)
+                # A peer once: a retry follows a broker failure, and a peer that failed
+                # would cost its deadline again.
+                manifest = await self._load_manifest(message, ask_peer=attempt == 1)
             except VersionUnavailable as exc:
                 self.manifest_error = exc
                 logger.warning(
@@ -633,10 +667,80 @@ class BrokerClient:
             _FETCH_ATTEMPTS,
         )
 
-    async def _load_manifest(self, message: Announced) -> Manifest:
-        """The manifest `message` names: fetched, its SHA-256 checked against the digest,
-        decoded through the guarded codec, and cached by digest."""
-        body = await self._fetch_manifest_body(message.model, message.version, message.digest)
+    def manifest_body(self, digest: str) -> bytes | None:
+        """The encoding of a manifest taken by `digest` (one of the newest few), to serve on."""
+        cached = self._by_digest.get(digest)
+        return None if cached is None else cached[1]
+
+    async def _load_manifest(self, message: Announced, *, ask_peer: bool = True) -> Manifest:
+        """The manifest `message` names: from a peer (`manifest_peers`) or the broker, its
+        SHA-256 checked against the digest, decoded through the guarded codec, cached by
+        digest and offered to `manifest_peers`."""
+        taken = await self._manifest_from_peer(message) if ask_peer else None
+        if taken is None:
+            body = await self._fetch_manifest_body(message.model, message.version, message.digest)
+            manifest, source = self._verified(message, body), "broker"
+        else:
+            manifest, body, source = taken
+        self._by_digest[message.digest] = (manifest, body)
+        while len(self._by_digest) > _MANIFESTS_CACHED:
+            self._by_digest.popitem(last=False)
+        logger.info(
+            "manifest model=%s version=%d digest=%s bytes=%d source=%s",
+            message.model,
+            message.version,
+            message.digest[:12],
+            len(body),
+            source,
+        )
+        if self.manifest_peers is not None:
+            self.manifest_peers.offer(
+                model=message.model, version=message.version, digest=message.digest, body=body
+            )
+        return manifest
+
+    async def _manifest_from_peer(self, message: Announced) -> tuple[Manifest, bytes, str] | None:
+        """(manifest, body, "peer:<name>") from the peer `manifest_peers` names, verified like
+        the broker's; None when there is no peer, or it failed (logged and counted: the
+        caller asks the broker). A peer's body is never taken unverified."""
+        peers = self.manifest_peers
+        if peers is None:
+            return None
+        limit_s = min(PEER_MANIFEST_S, self.config.request_timeout_s)
+        try:
+            async with asyncio.timeout(limit_s + _PEER_GRACE_S):
+                got = await peers.read(
+                    model=message.model,
+                    version=message.version,
+                    digest=message.digest,
+                    nbytes=message.nbytes,
+                    deadline=time.monotonic() + limit_s,
+                )
+        except (TransportError, TimeoutError) as exc:  # a RelayError names the peer
+            self._peer_failed(message, str(exc) or f"no answer within {limit_s:g} s")
+            return None
+        if got is None:
+            return None
+        name, body = got
+        try:
+            manifest = self._verified(message, body)
+        except ProtocolError as exc:
+            self._peer_failed(message, f"peer {name}: {exc}")
+            return None
+        self.peer_manifest_fetches += 1
+        return manifest, body, f"peer:{name}"
+
+    def _peer_failed(self, message: Announced, reason: str) -> None:
+        self.peer_manifest_failures += 1
+        logger.warning(
+            "manifest from a peer failed model=%s version=%d: %s; asking the broker",
+            message.model,
+            message.version,
+            reason,
+        )
+
+    def _verified(self, message: Announced, body: bytes) -> Manifest:
+        """`body` as the manifest `message` announced, or ManifestMismatch / ProtocolError."""
         got = hashlib.sha256(body).hexdigest()
         if got != message.digest:
             raise ManifestMismatch(
@@ -654,14 +758,11 @@ class BrokerClient:
                 f"digest {message.digest} was announced as {message.model} version "
                 f"{message.version} but is {manifest.model} version {manifest.version}"
             )
-        self._by_digest[message.digest] = manifest
-        while len(self._by_digest) > _MANIFESTS_CACHED:
-            self._by_digest.popitem(last=False)
         return manifest
 
     async def _fetch_manifest_body(self, model: str, version: int, digest: str) -> bytes:
-        """The encoded manifest of `digest`, unverified, from the broker (the one source
-        today; a relay peer can be a second one here). Raises BrokerTimeout, BrokerError."""
+        """The encoded manifest of `digest`, unverified, from the broker. Raises
+        BrokerTimeout, BrokerError."""
         self.manifest_fetches += 1
         reply = await self._request(
             FetchManifest(request_id=next(self._ids), model=model, version=version, digest=digest)

@@ -8,6 +8,8 @@
                    verified?  ──> RelayReply(ok), payload (zero copy from staging) ──> into
                    not yet?   ──> parked (bounded), answered once verified or at its wait   staging
                    not held?  ──> RelayReply(not_held) at once                              verify
+                   manifests[digest]  <── offer_manifest (as the broker client takes one)
+                   RelayManifestRead ──> RelayReply(ok), body   (or parked / not_held, likewise)
 
 `RelayServer` answers `RelayRead`s (model, version, region, offset, nbytes: the manifest's own
 layout, which the holder's staging mirrors) with the bucket's bytes straight from staging.
@@ -36,6 +38,15 @@ request, the pipelined wait and every refusal stay on ZeroMQ; a holder without m
 sends the bytes. The holder cannot see those reads, so `drop` cannot wait for them: the
 broker's leases and the reader's verification cover them.
 
+Manifests (`offer_manifest(model, version, digest, body)`, docs/relay.md "Manifests from
+peers"): the subscriber offers the encoded body of every manifest it takes, as soon as its
+broker client has it; a `RelayManifestRead(model, version, digest)` is answered with that
+body (`RelayReply(ok)` + the payload). One not offered yet, for a version newer than any this
+server held or offered, is parked like a bucket read (the reader asks at announcement time,
+as its holder does); an older one is refused `not_held`. A few bodies per model are kept
+(`MAX_MANIFESTS_PER_MODEL`, `MAX_HELD` in all, oldest dropped); the reader checks the body's
+SHA-256 against the digest, so a lying holder costs it a fetch from the broker.
+
 The reading side is `subscribers.relay_client.RelayClient`. With `encrypt=True` the server is a
 CURVE server whose public key the subscriber offers the broker (`RelayOffer.server_key`).
 """
@@ -48,6 +59,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,8 +71,9 @@ from schemas.frames import (
     MAX_FRAME_HEADER_BYTES,
     RELAY_PROTOCOL,
     RelayCode,
-    RelayRead,
+    RelayManifestRead,
     RelayReply,
+    RelayRequest,
     decode_relay_read,
 )
 from schemas.manifest import MooncakeLocator
@@ -87,6 +100,8 @@ MAX_PARKED_WAIT_S = 30.0
 """The server's cap on a read's `wait_s`."""
 MAX_MODELS = 64
 """Models whose newest started version the server remembers."""
+MAX_MANIFESTS_PER_MODEL = 4
+"""Encoded manifests kept per model (the newest offered); `MAX_HELD` in all."""
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -131,8 +146,17 @@ class _Held:
 @dataclass
 class _Parked:
     identity: bytes
-    read: RelayRead
+    read: RelayRequest
     deadline: float
+
+
+@dataclass(frozen=True)
+class _Body:
+    """An encoded manifest offered for serving (its digest is its key)."""
+
+    model: str
+    version: int
+    body: bytes
 
 
 class RelayServer:
@@ -188,6 +212,10 @@ class RelayServer:
         self._held: dict[tuple[str, int], _Held] = {}
         self._started: dict[str, int] = {}
         """model -> the newest version this server started holding (older unheld: refused)."""
+        self._manifests: OrderedDict[str, _Body] = OrderedDict()
+        """digest -> an offered manifest body, oldest first (bounded: `offer_manifest`)."""
+        self._offered: dict[str, int] = {}
+        """model -> the newest version whose manifest was offered (at most MAX_MODELS)."""
         self._parked: list[_Parked] = []
         """Owned by the server thread."""
         self.served_bytes = 0
@@ -196,6 +224,8 @@ class RelayServer:
         """Bytes of buckets readers were told to read one-sided (mooncake)."""
         self.refused = 0
         """Reads answered with an error, or dropped (all causes)."""
+        self.served_manifests = 0
+        """Manifest bodies sent to readers."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="relay-server", daemon=True)
         self._thread.start()
@@ -228,6 +258,30 @@ class RelayServer:
                 return
             held.verified[bucket] = 1
         self._wake()
+
+    def offer_manifest(self, model: str, version: int, digest: str, body: bytes) -> None:
+        """Serve `body`, the encoded manifest of `model` `version` whose SHA-256 is `digest`
+        (verified by the caller; readers check it again). Keeps the newest
+        `MAX_MANIFESTS_PER_MODEL` per model and `MAX_HELD` in all, dropping the oldest."""
+        with self._lock:
+            self._manifests[digest] = _Body(model, version, body)
+            self._manifests.move_to_end(digest)
+            mine = [d for d, held in self._manifests.items() if held.model == model]
+            for old in mine[:-MAX_MANIFESTS_PER_MODEL]:
+                del self._manifests[old]
+            while len(self._manifests) > MAX_HELD:
+                self._manifests.popitem(last=False)
+            newest = self._offered.pop(model, -1)
+            self._offered[model] = max(newest, version)
+            while len(self._offered) > MAX_MODELS:
+                del self._offered[next(iter(self._offered))]
+        self._wake()
+        logger.debug("relay offers manifest model=%s version=%d digest=%s", model, version, digest)
+
+    def manifests(self) -> list[tuple[str, int, str]]:
+        """The (model, version, digest) of the manifests kept now, oldest first."""
+        with self._lock:
+            return [(held.model, held.version, d) for d, held in self._manifests.items()]
 
     @property
     def waiting(self) -> int:
@@ -337,14 +391,19 @@ class RelayServer:
                 continue
             if now >= parked.deadline:
                 read = parked.read
-                detail = f"bucket at region {read.region} offset {read.offset} not verified yet"
+                if isinstance(read, RelayManifestRead):
+                    detail = f"no manifest of version {read.version} with that digest yet"
+                else:
+                    detail = f"bucket at region {read.region} offset {read.offset} not verified yet"
                 self._refuse(parked.identity, read.request_id, "not_verified", detail)
             else:
                 waiting.append(parked)
         self._parked = waiting
 
-    def _try_answer(self, identity: bytes, read: RelayRead) -> bool:
+    def _try_answer(self, identity: bytes, read: RelayRequest) -> bool:
         """Answer `read` now (bytes or a refusal) and return True, or False: it must wait."""
+        if isinstance(read, RelayManifestRead):
+            return self._try_answer_manifest(identity, read)
         with self._lock:
             held = self._held.get((read.model, read.version))
             if held is None:
@@ -380,6 +439,22 @@ class RelayServer:
             if tracker is not None:
                 held.trackers.append(tracker)
             self.served_bytes += read.nbytes
+        return True
+
+    def _try_answer_manifest(self, identity: bytes, read: RelayManifestRead) -> bool:
+        with self._lock:
+            held = self._manifests.get(read.digest)
+            if held is None or (held.model, held.version) != (read.model, read.version):
+                newest = max(self._started.get(read.model, -1), self._offered.get(read.model, -1))
+                if held is None and read.version > newest:
+                    return False  # not taken yet: it is being fetched as the reader asks
+                detail = "this relay does not hold that manifest"
+                self._refuse(identity, read.request_id, "not_held", detail)
+                return True
+            reply = _encoder.encode(RelayReply(request_id=read.request_id, code="ok"))
+            # bytes are immutable: sent without a copy, no tracker needed
+            self._socket.send_multipart([identity, reply, held.body], copy=False)
+            self.served_manifests += 1
         return True
 
     def _refuse(self, identity: bytes, request_id: int, code: RelayCode, detail: str) -> None:

@@ -4,6 +4,8 @@
         │ DEALER per relay endpoint (+ its monitor), idle between reads
         ├── RelayRead ──> relay ──> RelayReply(ok) + payload ──> copied into staging
         │                       └─> RelayReply(ok, located) ──> mooncake one-sided read
+        ├── RelayManifestRead ──> relay ──> RelayReply(ok) + the encoded manifest ──> bytes
+        │       (read_manifest; `PeerManifests` asks it for `BrokerClient.manifest_peers`)
         └── a refusal, no answer by the deadline, or the connection gone ──> RelayError
 
 One DEALER per relay endpoint and read at a time (kept idle between reads), a CURVE client
@@ -16,6 +18,7 @@ the trainer's manifest.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import secrets
@@ -29,17 +32,24 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from schemas.frames import MAX_RELAY_WAIT_S, RelayRead, decode_relay_reply
+from schemas.frames import (
+    MAX_RELAY_WAIT_S,
+    RelayManifestRead,
+    RelayRead,
+    RelayReply,
+    decode_relay_reply,
+)
 from streamer.transport.base import Fetch, FetchTimeout
 from subscribers.relay import RelayError, RelayTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
-    from schemas.messages import RelaySource
+    from schemas.messages import RelaySource, Route
     from streamer.transport.base import BulkReceiver
+    from subscribers.relay import RelayServer
 
-__all__ = ["RelayClient"]
+__all__ = ["PeerManifests", "RelayClient", "manifest_source"]
 
 _HWM = 64
 _encoder = msgspec.msgpack.Encoder()
@@ -108,7 +118,6 @@ class RelayClient:
         peer = (source.endpoint, source.server_key)
         name = source.name or source.endpoint
         link = self._checkout(peer)
-        socket = link.socket
         healthy = False
         try:
             request_id = secrets.randbits(40)
@@ -125,34 +134,8 @@ class RelayClient:
                 wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(1.0, left_s / 4))),
                 locate=one_sided is not None,
             )
-            socket.send(_encoder.encode(read))
-            poller = zmq.Poller()
-            poller.register(socket, zmq.POLLIN)
-            poller.register(link.monitor, zmq.POLLIN)
-            while True:
-                left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-                events = dict(poller.poll(left_ms))
-                if not events:
-                    raise RelayTimeout(
-                        f"relay {name} did not serve {model} version {version} region "
-                        f"{region} offset {offset} in time"
-                    )
-                if link.monitor in events:
-                    event = parse_monitor_message(link.monitor.recv_multipart())
-                    if event["event"] & _GONE_EVENTS:
-                        raise RelayError(
-                            f"relay {name} at {source.endpoint} is gone (connection closed, "
-                            "refused, or its handshake failed)"
-                        )
-                if socket not in events:
-                    continue
-                frames = socket.recv_multipart(copy=False)
-                try:
-                    reply = decode_relay_reply(frames[0].buffer)
-                except msgspec.DecodeError as exc:
-                    raise RelayError(f"undecodable relay reply from {source.endpoint}") from exc
-                if reply.request_id == request_id:
-                    break  # else a late answer to an earlier read on this socket
+            what = f"{model} version {version} region {region} offset {offset}"
+            reply, frames = self._exchange(link, source, read, what, deadline)
             if reply.code != "ok":
                 healthy = True  # the relay answered: the socket is in step
                 raise RelayError(
@@ -186,6 +169,107 @@ class RelayClient:
                 self._checkin(peer, link)
             else:
                 self._drop(link)
+
+    def read_manifest(
+        self,
+        source: RelaySource,
+        model: str,
+        version: int,
+        digest: str,
+        nbytes_max: int,
+        deadline: float,
+    ) -> bytes:
+        """The encoded manifest `digest` of `model` `version` from `source`, by `deadline`
+        (`time.monotonic()`), at most `nbytes_max` bytes. Unverified: the caller checks its
+        SHA-256 against `digest` before it decodes a byte. Raises `RelayError`, `RelayTimeout`.
+
+        >>> body = client.read_manifest(source, "llama", 7, digest, 1 << 20, deadline)  # doctest: +SKIP
+        """
+        peer = (source.endpoint, source.server_key)
+        name = source.name or source.endpoint
+        link = self._checkout(peer)
+        healthy = False
+        try:
+            left_s = max(0.0, deadline - time.monotonic())
+            read = RelayManifestRead(
+                request_id=secrets.randbits(40),
+                model=model,
+                version=version,
+                digest=digest,
+                wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(1.0, left_s / 4))),
+            )
+            what = f"the manifest of {model} version {version}"
+            reply, frames = self._exchange(link, source, read, what, deadline)
+            healthy = True  # the relay answered in step
+            if reply.code != "ok":
+                raise RelayError(
+                    f"relay {name} refused a manifest read ({reply.code}): {reply.detail}",
+                    code=reply.code,
+                )
+            if len(frames) != 2 or len(frames[1].buffer) > nbytes_max:
+                got = len(frames[1].buffer) if len(frames) == 2 else 0
+                raise RelayError(
+                    f"relay {name} sent a manifest of {got} bytes in {len(frames) - 1} frames "
+                    f"(one of at most {nbytes_max} bytes was asked)"
+                )
+            return frames[1].bytes
+        finally:
+            if healthy:
+                self._checkin(peer, link)
+            else:
+                self._drop(link)
+
+    def _exchange(
+        self,
+        link: _Link,
+        source: RelaySource,
+        request: RelayRead | RelayManifestRead,
+        what: str,
+        deadline: float,
+    ) -> tuple[RelayReply, list[zmq.Frame]]:
+        """Send `request`, return its reply (and its frames) by `deadline`; raises RelayError
+        (a closed connection, by the monitor; garbage) or RelayTimeout. Late answers to earlier
+        requests on the same socket are skipped."""
+        try:
+            return self._exchange_frames(link, source, request, what, deadline)
+        except zmq.ZMQError as exc:  # the socket closed under us (`close`), or a full queue
+            raise RelayError(f"relay read from {source.endpoint} failed: {exc}") from exc
+
+    def _exchange_frames(
+        self,
+        link: _Link,
+        source: RelaySource,
+        request: RelayRead | RelayManifestRead,
+        what: str,
+        deadline: float,
+    ) -> tuple[RelayReply, list[zmq.Frame]]:
+        name = source.name or source.endpoint
+        socket = link.socket
+        socket.send(_encoder.encode(request))
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(link.monitor, zmq.POLLIN)
+        while True:
+            left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            events = dict(poller.poll(left_ms))
+            if not events:
+                raise RelayTimeout(f"relay {name} did not serve {what} in time")
+            if link.monitor in events:
+                event = parse_monitor_message(link.monitor.recv_multipart())
+                if event["event"] & _GONE_EVENTS:
+                    raise RelayError(
+                        f"relay {name} at {source.endpoint} is gone (connection closed, "
+                        "refused, or its handshake failed)"
+                    )
+            if socket not in events:
+                continue
+            frames = socket.recv_multipart(copy=False)
+            try:
+                reply = decode_relay_reply(frames[0].buffer)
+            except msgspec.DecodeError as exc:
+                raise RelayError(f"undecodable relay reply from {source.endpoint}") from exc
+            if reply.request_id == request.request_id:
+                return reply, frames
 
     def keep_only(self, sources: Iterable[RelaySource]) -> None:
         """Close idle sockets to relays not among `sources` (bounds the sockets kept)."""
@@ -240,3 +324,74 @@ class RelayClient:
             self._links.clear()
             self._idle.clear()
         self._ctx.term()
+
+
+def manifest_source(route: Route | None) -> RelaySource | None:
+    """The peer to read a version's manifest from: the Route's stripe-0 parent, or None (the
+    broker) when that is the trainer.
+
+    Only stripe 0: its parents form one tree rooted at the trainer, so following them always
+    ends at a node that asks the broker. Another stripe's parent (or a fallback) of a stripe-0
+    root is, in the same plan, a descendant of that root in stripe 0: it would wait for the
+    root while the root waits for it.
+    """
+    if route is None or not route.parents:
+        return None
+    return route.parents[0]
+
+
+class PeerManifests:
+    """A relay subscriber's `BrokerClient.manifest_peers`: reads an announced manifest from its
+    Route's stripe-0 parent (`manifest_source`; never its own `server`) and offers every
+    manifest its client takes to `server`, for the readers one level down.
+
+    Install it before subscribing, so that the first version's manifest comes from a peer too
+    (the `subscribe` command does; a relay `Subscriber` installs one if none is).
+
+    >>> client.manifest_peers = PeerManifests(server=relay, routes=client.route)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        server: RelayServer,
+        routes: Callable[[str, int], Route | None],
+        reader: Callable[[], RelayClient] | None = None,
+    ) -> None:
+        """`routes(model, version)`: the broker's Route (`BrokerClient.route`); `reader()`:
+        the RelayClient to read with; None: one of its own, made on the first read and closed
+        by `close`."""
+        self._server = server
+        self._routes = routes
+        self._reader = reader
+        self._own: RelayClient | None = None
+
+    async def read(
+        self, *, model: str, version: int, digest: str, nbytes: int, deadline: float
+    ) -> tuple[str, bytes] | None:
+        """(the peer's name, the body, unverified), or None when the Route names no peer;
+        raises RelayError (RelayTimeout past `deadline`)."""
+        source = manifest_source(self._routes(model, version))
+        if source is None or source.endpoint == self._server.endpoint:
+            return None
+        reader = self._client()
+        body = await asyncio.to_thread(
+            reader.read_manifest, source, model, version, digest, nbytes, deadline
+        )
+        return source.name or source.endpoint, body
+
+    def offer(self, *, model: str, version: int, digest: str, body: bytes) -> None:
+        self._server.offer_manifest(model, version, digest, body)
+
+    def _client(self) -> RelayClient:
+        if self._reader is not None:
+            return self._reader()
+        if self._own is None:
+            self._own = RelayClient()
+        return self._own
+
+    def close(self) -> None:
+        """Close its own RelayClient, if it made one (safe to call twice)."""
+        if self._own is not None:
+            self._own.close()
+            self._own = None

@@ -33,7 +33,12 @@ a staging that still serves an older version, it waits for the broker's `Retire`
 version (readers hold leases while they read, so a retire means no reader is left), at most
 `relay_hold_s` (default the lease TTL: a reader silent that long has lost its lease); past
 that it stops serving the version first (its readers fail over) and then reuses the staging.
-The swap only reads staging, so serving never races the engine's own update.
+The swap only reads staging, so serving never races the engine's own update. Manifests
+travel the same way: with `PeerManifests` as its client's `manifest_peers` (installed here
+unless the client has one: the `subscribe` command installs it before subscribing), an
+announced manifest is read from the Route's stripe-0 parent (the broker's if that is the
+trainer, or the parent fails), and every manifest the client takes is offered to the relay
+server at once, for the readers one level down.
 
     Retire(v) from the broker ──> relay.drop(v) ──> a pull waiting to reuse v's staging goes on
 """
@@ -56,7 +61,7 @@ from streamer.errors import StreamerError, TransportError
 from streamer.signing import UntrustedVersion
 from streamer.transport.mooncake import MooncakeReceiver
 from subscribers.pull import PullReport, PullTimeout, pull
-from subscribers.relay_client import RelayClient
+from subscribers.relay_client import PeerManifests, RelayClient
 from subscribers.staging import Staging
 from subscribers.swap import SwapError, Swapper, SwapReport
 
@@ -177,6 +182,14 @@ class Subscriber:
         """The route of the version `apply` pulls now (None: from the trainer only)."""
         self.waiting_for_retire: int | None = None
         """The served version a pull waits to see retired before reusing its staging."""
+        self._peer_manifests: PeerManifests | None = None
+        """Installed as the client's `manifest_peers` (a relay subscriber whose client has
+        none yet: the `subscribe` command installs its own before subscribing)."""
+        if relay is not None and client.manifest_peers is None:
+            self._peer_manifests = PeerManifests(
+                server=relay, routes=client.route, reader=self._reader
+            )
+            client.manifest_peers = self._peer_manifests
 
     async def run(self) -> None:
         """Follow the model forever (until cancelled)."""
@@ -400,9 +413,7 @@ class Subscriber:
 
         relay_client = None
         if route is not None:
-            if self._relay_client is None:
-                self._relay_client = RelayClient()
-            relay_client = self._relay_client
+            relay_client = self._reader()
             relay_client.keep_only(
                 [p for p in route.parents if p is not None] + list(route.fallbacks)
             )
@@ -473,6 +484,12 @@ class Subscriber:
                 return None
         return route if route is None else self._without_self(route)
 
+    def _reader(self) -> RelayClient:
+        """The client for peers' relay servers, made on first use (a `Route` came)."""
+        if self._relay_client is None:
+            self._relay_client = RelayClient()
+        return self._relay_client
+
     def _without_self(self, route: Route) -> Route:
         """`route` less any source that is this subscriber's own relay server."""
         if self.relay is None:
@@ -539,6 +556,8 @@ class Subscriber:
                 self._retire_changed.notify_all()
 
     def close(self) -> None:
+        if self._peer_manifests is not None and self.client.manifest_peers is self._peer_manifests:
+            self.client.manifest_peers = None
         self.staging.close()
         if self.spare_staging is not None:
             self.spare_staging.close()

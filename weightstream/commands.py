@@ -29,6 +29,7 @@ from streamer.transport.choice import make_receivers, make_senders
 from streamer.transport.mooncake import MooncakeReceiver
 from subscribers.dtypes import torch_dtype
 from subscribers.relay import RelayServer
+from subscribers.relay_client import PeerManifests
 from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
 from subscribers.swap import SwapReport, TorchSwapper
@@ -296,6 +297,7 @@ async def run_subscribe(job: SubscribeJob) -> None:
     receivers = make_receivers(job.transport, host=job.host, protocol=job.protocol)
     done = asyncio.Event()
     relay: RelayServer | None = None
+    peer_manifests: PeerManifests | None = None
     try:
         if job.relay_listen is not None:
             host, port = job.relay_listen
@@ -309,11 +311,12 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 one_sided=engines[0] if job.relay_one_sided else None,
             )
         async with connect(job.client, role="subscriber", context=ctx) as client:
-            offer = (
-                None
-                if relay is None
-                else RelayOffer(endpoint=relay.endpoint, server_key=relay.server_key)
-            )
+            offer = None
+            if relay is not None:
+                offer = RelayOffer(endpoint=relay.endpoint, server_key=relay.server_key)
+                # Before subscribing: the first version's manifest comes from a peer too.
+                peer_manifests = PeerManifests(server=relay, routes=client.route)
+                client.manifest_peers = peer_manifests
             await client.subscribe(job.model, relay=offer)
             if job.init_checkpoint:
                 tensors = await asyncio.to_thread(load_checkpoint, job.init_checkpoint)
@@ -360,6 +363,8 @@ async def run_subscribe(job: SubscribeJob) -> None:
                 await asyncio.gather(runner, waiter, return_exceptions=True)
                 subscriber.close()
     finally:
+        if peer_manifests is not None:
+            peer_manifests.close()
         if relay is not None:
             relay.close()
         for receiver in receivers:
