@@ -42,7 +42,7 @@ from streamer.errors import BrokerError
 from streamer.metrics import CONTENT_TYPE, BrokerStats, render_off_loop
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Generator, Iterable
+    from collections.abc import Awaitable, Callable, Collection, Generator, Iterable
 
     from streamer.registry import Outbox, PeerState, Registry, VersionRecord
 
@@ -202,7 +202,7 @@ def _scan(
         if peer is None:
             continue
         if model is not None:
-            names: Iterable[str] = (
+            names: Collection[str] = (
                 (model,) if model in peer.subscriptions or model in peer.applied else ()
             )
         elif len(peer.subscriptions) == 1 and peer.applied.keys() <= peer.subscriptions:
