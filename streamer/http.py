@@ -42,7 +42,7 @@ from streamer.errors import BrokerError
 from streamer.metrics import CONTENT_TYPE, BrokerStats, render_off_loop
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection, Generator, Iterable
+    from collections.abc import Awaitable, Callable, Collection, Generator
 
     from streamer.registry import Outbox, PeerState, Registry, VersionRecord
 
