@@ -864,10 +864,16 @@ class BrokerClient:
 
     async def watch(self) -> None:
         """Handshake events; a refused key fails every request. Runs until cancelled."""
+        closed = 0
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                closed = 0
                 continue
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                closed += 1
+                if closed < _CLOSED_HANDSHAKES:
+                    continue
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 reason = (
                     f"the broker at {self.config.broker} refused our key (ZAP status "
@@ -911,7 +917,13 @@ _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+_CLOSED_HANDSHAKES = 3
+"""Handshakes in a row the broker closes before they complete (no success between) that
+mean the two sides disagree on keys: a keyless client's greeting to a CURVE broker is often
+answered only by the connection closing (the mechanism mismatch seen by the broker first), not
+by a protocol error. One or two are a broker restarting."""
 
 
 def _broker_error(code: ErrorCode, detail: str) -> BrokerError:
