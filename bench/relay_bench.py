@@ -404,6 +404,26 @@ class Fleet:
         self.endpoint = info["endpoint"]
         self.http = f"http://127.0.0.1:{info['http_port']}"
 
+    def _peer_args(self, key: str, host: str, name: str) -> list[str]:
+        """What a subscriber and the trainer both say: the broker, the model, mooncake from
+        `host`, the stable name, and the test key `key` (CURVE)."""
+        return [
+            "--broker",
+            self.endpoint,
+            "--model",
+            MODEL,
+            "--transport",
+            "mooncake",
+            "--host",
+            host,
+            "--name",
+            name,
+            "--key-file",
+            self.cluster.keys[key],
+            "--broker-key-file",
+            self.cluster.keys["broker.public"],
+        ]
+
     def start_subscriber(self, node: int, *, dump_dir: Path | None = None) -> Proc:
         address = self.cluster.address(node)
         relay = ["--relay-listen", address] if self.mode == "relay" else []
@@ -415,20 +435,7 @@ class Fleet:
             "--log-level",
             "INFO",
             "subscribe",
-            "--broker",
-            self.endpoint,
-            "--model",
-            MODEL,
-            "--transport",
-            "mooncake",
-            "--host",
-            address,
-            "--name",
-            f"node-{node}",
-            "--key-file",
-            self.cluster.keys["subscriber"],
-            "--broker-key-file",
-            self.cluster.keys["broker.public"],
+            *self._peer_args("subscriber", address, f"node-{node}"),
             "--pull-timeout-s",
             str(self.settings.timeout_s),
             "--max-inflight",
@@ -446,20 +453,7 @@ class Fleet:
             "--log-level",
             "INFO",
             "publish",
-            "--broker",
-            self.endpoint,
-            "--model",
-            MODEL,
-            "--transport",
-            "mooncake",
-            "--host",
-            self.cluster.address(Cluster.TRAINER),
-            "--name",
-            "trainer",
-            "--key-file",
-            self.cluster.keys["trainer"],
-            "--broker-key-file",
-            self.cluster.keys["broker.public"],
+            *self._peer_args("trainer", self.cluster.address(Cluster.TRAINER), "trainer"),
             "--synthetic",
             str(self.settings.size),
             "--bucket",

@@ -82,6 +82,14 @@ _GONE_EVENTS = (
 """A relay whose connection closes (a killed process), refuses us, or fails the handshake."""
 
 
+def _wait_s(deadline: float) -> float:
+    """The `wait_s` of a read due by `deadline`: the relay answers `not_verified` a little
+    before it, so that a holder that is alive but behind is told apart from a dead or frozen
+    one (no answer)."""
+    left_s = max(0.0, deadline - time.monotonic())
+    return min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(1.0, left_s / 4)))
+
+
 class RelayClient:
     """Reads buckets from other subscribers' relay servers (blocking; call it in a thread).
 
@@ -115,60 +123,43 @@ class RelayClient:
 
         With `one_sided` (a mooncake receiver our staging is registered with) the relay is
         asked where the bucket is, and it is read one-sided, if the relay offers that."""
-        peer = (source.endpoint, source.server_key)
         name = source.name or source.endpoint
-        link = self._checkout(peer)
-        healthy = False
-        try:
-            request_id = secrets.randbits(40)
-            # The relay answers `not_verified` a little before our deadline, so that a holder
-            # that is alive but behind is told apart from a dead or frozen one (no answer).
-            left_s = max(0.0, deadline - time.monotonic())
-            read = RelayRead(
-                request_id=request_id,
-                model=model,
-                version=version,
-                region=region,
-                offset=offset,
-                nbytes=nbytes,
-                wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(1.0, left_s / 4))),
-                locate=one_sided is not None,
+        read = RelayRead(
+            request_id=secrets.randbits(40),
+            model=model,
+            version=version,
+            region=region,
+            offset=offset,
+            nbytes=nbytes,
+            wait_s=_wait_s(deadline),
+            locate=one_sided is not None,
+        )
+        what = f"{model} version {version} region {region} offset {offset}"
+        reply, frames = self._exchange(source, read, what, deadline)
+        if reply.code != "ok":
+            raise RelayError(
+                f"relay {name} refused a read ({reply.code}): {reply.detail}", code=reply.code
             )
-            what = f"{model} version {version} region {region} offset {offset}"
-            reply, frames = self._exchange(link, source, read, what, deadline)
-            if reply.code != "ok":
-                healthy = True  # the relay answered: the socket is in step
-                raise RelayError(
-                    f"relay {name} refused a read ({reply.code}): {reply.detail}",
-                    code=reply.code,
-                )
-            healthy = True  # the relay answered in step; the bytes are checked below
-            locator = reply.located
-            if locator is not None and one_sided is not None:
-                if not one_sided.accepts(locator):
-                    raise RelayError(f"relay {name} offers mooncake over {locator.protocol}")
-                try:
-                    one_sided.fetch([Fetch(locator, 0, nbytes, address)], deadline=deadline)
-                except FetchTimeout:
-                    # Given up, the read may still land: wait for it (mooncake's own transfer
-                    # timeout bounds it) before the bucket is read elsewhere and verified, so
-                    # that no late write lands over verified bytes. Then fail over.
-                    with contextlib.suppress(FetchTimeout):
-                        one_sided.fetch([], deadline=None)
-                    raise
-                return
-            payload = frames[1].buffer if len(frames) == 2 else b""
-            if len(payload) != nbytes:
-                raise RelayError(
-                    f"relay {source.endpoint} sent {len(payload)} bytes where {nbytes} were asked"
-                )
-            _view(address, nbytes)[:] = payload
-            healthy = True
-        finally:
-            if healthy:
-                self._checkin(peer, link)
-            else:
-                self._drop(link)
+        locator = reply.located
+        if locator is not None and one_sided is not None:
+            if not one_sided.accepts(locator):
+                raise RelayError(f"relay {name} offers mooncake over {locator.protocol}")
+            try:
+                one_sided.fetch([Fetch(locator, 0, nbytes, address)], deadline=deadline)
+            except FetchTimeout:
+                # Given up, the read may still land: wait for it (mooncake's own transfer
+                # timeout bounds it) before the bucket is read elsewhere and verified, so
+                # that no late write lands over verified bytes. Then fail over.
+                with contextlib.suppress(FetchTimeout):
+                    one_sided.fetch([], deadline=None)
+                raise
+            return
+        payload = frames[1].buffer if len(frames) == 2 else b""
+        if len(payload) != nbytes:
+            raise RelayError(
+                f"relay {source.endpoint} sent {len(payload)} bytes where {nbytes} were asked"
+            )
+        _view(address, nbytes)[:] = payload
 
     def read_manifest(
         self,
@@ -185,55 +176,53 @@ class RelayClient:
 
         >>> body = client.read_manifest(source, "llama", 7, digest, 1 << 20, deadline)  # doctest: +SKIP
         """
-        peer = (source.endpoint, source.server_key)
         name = source.name or source.endpoint
-        link = self._checkout(peer)
-        healthy = False
-        try:
-            left_s = max(0.0, deadline - time.monotonic())
-            read = RelayManifestRead(
-                request_id=secrets.randbits(40),
-                model=model,
-                version=version,
-                digest=digest,
-                wait_s=min(MAX_RELAY_WAIT_S, max(0.0, left_s - min(1.0, left_s / 4))),
+        read = RelayManifestRead(
+            request_id=secrets.randbits(40),
+            model=model,
+            version=version,
+            digest=digest,
+            wait_s=_wait_s(deadline),
+        )
+        what = f"the manifest of {model} version {version}"
+        reply, frames = self._exchange(source, read, what, deadline)
+        if reply.code != "ok":
+            raise RelayError(
+                f"relay {name} refused a manifest read ({reply.code}): {reply.detail}",
+                code=reply.code,
             )
-            what = f"the manifest of {model} version {version}"
-            reply, frames = self._exchange(link, source, read, what, deadline)
-            healthy = True  # the relay answered in step
-            if reply.code != "ok":
-                raise RelayError(
-                    f"relay {name} refused a manifest read ({reply.code}): {reply.detail}",
-                    code=reply.code,
-                )
-            if len(frames) != 2 or len(frames[1].buffer) > nbytes_max:
-                got = len(frames[1].buffer) if len(frames) == 2 else 0
-                raise RelayError(
-                    f"relay {name} sent a manifest of {got} bytes in {len(frames) - 1} frames "
-                    f"(one of at most {nbytes_max} bytes was asked)"
-                )
-            return frames[1].bytes
-        finally:
-            if healthy:
-                self._checkin(peer, link)
-            else:
-                self._drop(link)
+        if len(frames) != 2 or len(frames[1].buffer) > nbytes_max:
+            got = len(frames[1].buffer) if len(frames) == 2 else 0
+            raise RelayError(
+                f"relay {name} sent a manifest of {got} bytes in {len(frames) - 1} frames "
+                f"(one of at most {nbytes_max} bytes was asked)"
+            )
+        return frames[1].bytes
 
     def _exchange(
         self,
-        link: _Link,
         source: RelaySource,
         request: RelayRead | RelayManifestRead,
         what: str,
         deadline: float,
     ) -> tuple[RelayReply, list[zmq.Frame]]:
-        """Send `request`, return its reply (and its frames) by `deadline`; raises RelayError
-        (a closed connection, by the monitor; garbage) or RelayTimeout. Late answers to earlier
-        requests on the same socket are skipped."""
+        """Send `request` on a socket to `source` lent for it, return its reply (and its
+        frames) by `deadline`; raises RelayError (a closed connection, by the monitor;
+        garbage) or RelayTimeout. Late answers to earlier requests on the same socket are
+        skipped. A socket that answered in step is kept for the next read; any other is
+        closed."""
+        peer = (source.endpoint, source.server_key)
+        link = self._checkout(peer)
         try:
-            return self._exchange_frames(link, source, request, what, deadline)
+            answer = self._exchange_frames(link, source, request, what, deadline)
         except zmq.ZMQError as exc:  # the socket closed under us (`close`), or a full queue
+            self._drop(link)
             raise RelayError(f"relay read from {source.endpoint} failed: {exc}") from exc
+        except BaseException:
+            self._drop(link)
+            raise
+        self._checkin(peer, link)
+        return answer
 
     def _exchange_frames(
         self,

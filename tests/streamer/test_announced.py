@@ -77,9 +77,15 @@ def shard(num_tensors: int = 1) -> Shard:
 
 @contextlib.asynccontextmanager
 async def raw_peer(
-    ctx: zmq.asyncio.Context, endpoint: str, peer_id: str, *, protocol: int
+    ctx: zmq.asyncio.Context,
+    endpoint: str,
+    peer_id: str,
+    *,
+    protocol: int,
+    welcomes: list[Welcome] | None = None,
 ) -> AsyncIterator[zmq.asyncio.Socket]:
-    """A bare DEALER speaking `protocol`, admitted with the test key; Hello said."""
+    """A bare DEALER speaking `protocol`, admitted with the test key; Hello said (its
+    Welcome appended to `welcomes`)."""
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.ROUTING_ID, peer_id.encode())
@@ -91,6 +97,8 @@ async def raw_peer(
         )
         welcome, _ = await receive(socket)
         assert isinstance(welcome, Welcome), welcome
+        if welcomes is not None:
+            welcomes.append(welcome)
         yield socket
     finally:
         socket.close(linger=0)

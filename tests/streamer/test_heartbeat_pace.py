@@ -14,10 +14,10 @@ import contextlib
 import zmq.asyncio
 
 from schemas.codec import encode
-from schemas.messages import PROTOCOL_VERSION, Alive, Heartbeat, Hello, Welcome
+from schemas.messages import PROTOCOL_VERSION, Alive, Heartbeat, Welcome
 from streamer.client import connect
 from tests.streamer.test_announced import raw_peer, receive
-from tests.support import broker_config, run_broker, test_keys, until
+from tests.support import broker_config, run_broker, until
 
 PACED = {"heartbeat_interval_s": 0.2, "peer_timeout_s": 0.5, "max_heartbeats_per_s": 4.0}
 
@@ -53,14 +53,11 @@ async def test_the_welcome_past_the_rate_names_the_pace(zmq_ctx: zmq.asyncio.Con
             await stack.enter_async_context(
                 raw_peer(zmq_ctx, broker.endpoint, f"early-{i}", protocol=PROTOCOL_VERSION)
             )
-        socket = stack.enter_context(zmq_ctx.socket(zmq.DEALER))
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.ROUTING_ID, b"late")
-        test_keys().apply(socket)
-        socket.connect(broker.endpoint)
-        await socket.send(encode(Hello(peer_id="late", role="subscriber")))
-        welcome, _ = await receive(socket)
-        assert isinstance(welcome, Welcome)
+        welcomes: list[Welcome] = []
+        await stack.enter_async_context(
+            raw_peer(zmq_ctx, broker.endpoint, "late", protocol=PROTOCOL_VERSION, welcomes=welcomes)
+        )
+        [welcome] = welcomes
         assert (welcome.heartbeat_interval_s, welcome.heartbeat_at_least_s) == (0.2, 0.8)
 
 

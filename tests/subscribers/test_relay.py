@@ -569,18 +569,27 @@ async def test_relay_client_raises_relay_error_for_a_dropped_version(
 
 @contextlib.asynccontextmanager
 async def relay_subscriber(
-    broker: RunningBroker, zmq_ctx: zmq.asyncio.Context, config: PullConfig
+    broker: RunningBroker,
+    zmq_ctx: zmq.asyncio.Context,
+    config: PullConfig,
+    *,
+    model: str = MODEL,
+    shapes: dict[str, torch.Tensor] | None = None,
+    name: str = "",
 ) -> AsyncIterator[tuple[Subscriber, dict[str, torch.Tensor]]]:
+    """A relay subscriber of `model` (an engine shaped like `shapes`, default this module's
+    weights), running (`Subscriber.run`) until the block ends."""
     receiver = ZmqFrameReceiver(timeout_s=5.0)
-    tensors = {name: torch.zeros_like(t) for name, t in weights(0).items()}
+    tensors = {n: torch.zeros_like(t) for n, t in (shapes or weights(0)).items()}
     server = RelayServer()
+    client_config = msgspec.structs.replace(broker.client_config(), name=name)
     try:
-        async with connect(broker.client_config(), role="subscriber", context=zmq_ctx) as client:
+        async with connect(client_config, role="subscriber", context=zmq_ctx) as client:
             subscriber = Subscriber(
                 client=client,
                 receivers=[receiver],
                 swapper=TorchSwapper(tensors),
-                model=MODEL,
+                model=model,
                 config=config,
                 staging=Staging(receivers=[receiver], pin_memory=False),
                 spare_staging=Staging(receivers=[receiver], pin_memory=False),

@@ -28,13 +28,12 @@ from publishers.sources import synthetic_llama
 from schemas.frames import RelayManifestRead, RelayRead, decode_relay_read
 from schemas.messages import RelayOffer, RelaySource
 from streamer.client import PEER_MANIFEST_S, BrokerClient, connect
-from streamer.transport import ZmqFrameReceiver, ZmqFrameSender
+from streamer.transport import ZmqFrameSender
 from subscribers.relay import MAX_HELD, MAX_MANIFESTS_PER_MODEL, RelayError, RelayServer
 from subscribers.relay_client import RelayClient
-from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
-from subscribers.swap import TorchSwapper
 from tests.e2e.procs import get_json, get_text, metric
+from tests.subscribers.test_relay import relay_subscriber
 from tests.support import RunningBroker, broker_config, eventually, run_broker, until
 
 MODEL = "org/relay-manifest"
@@ -198,34 +197,10 @@ async def relay_node(
     broker: RunningBroker, zmq_ctx: zmq.asyncio.Context, name: str
 ) -> AsyncIterator[Node]:
     """A relay subscriber named `name`, running (`Subscriber.run`) until the block ends."""
-    receiver = ZmqFrameReceiver(timeout_s=5.0)
-    tensors = {n: torch.zeros_like(t) for n, t in weights(0).items()}
-    server = RelayServer()
-    config = msgspec.structs.replace(broker.client_config(), name=name)
-    try:
-        async with connect(config, role="subscriber", context=zmq_ctx) as client:
-            subscriber = Subscriber(
-                client=client,
-                receivers=[receiver],
-                swapper=TorchSwapper(tensors),
-                model=MODEL,
-                config=CONFIG,
-                staging=Staging(receivers=[receiver], pin_memory=False),
-                spare_staging=Staging(receivers=[receiver], pin_memory=False),
-                relay=server,
-            )
-            task = asyncio.create_task(subscriber.run())
-            try:
-                yield Node(subscriber, tensors)
-            finally:
-                task.cancel()
-                [outcome] = await asyncio.gather(task, return_exceptions=True)
-                subscriber.close()
-                if isinstance(outcome, Exception):
-                    raise outcome
-    finally:
-        server.close()
-        receiver.close()
+    async with relay_subscriber(
+        broker, zmq_ctx, CONFIG, model=MODEL, shapes=weights(0), name=name
+    ) as (subscriber, tensors):
+        yield Node(subscriber, tensors)
 
 
 async def relay_offers(broker: RunningBroker, count: int) -> None:
