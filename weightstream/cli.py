@@ -607,7 +607,7 @@ def _bind_message(args: argparse.Namespace, exc: BaseException) -> str:
     import zmq
 
     if getattr(exc, "errno", None) != errno.EADDRINUSE:
-        return str(exc)
+        return str(exc) or f"{type(exc).__name__} (no detail: a bug; please report it)"
     if args.command != "broker":
         return f"an address is already in use ({exc}): stop the other process or pick another port"
     if isinstance(exc, zmq.ZMQError):  # the ROUTER socket's bind

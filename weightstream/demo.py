@@ -5,7 +5,7 @@
         │      └── N subscriber processes (`weightstream subscribe`), each keeping a torch model current
         └───────── the trainer (this process) publishes versions 1..V of a synthetic Llama-like model
 
-At the end every subscriber's live tensors (dumped after its last swap) must equal the
+At the end every subscriber's live tensors (dumped after each swap) must equal the
 trainer's last version byte for byte; the demo exits non-zero otherwise.
 
 Security is on, as in production: the demo makes CURVE keys for the broker, the trainer
@@ -42,6 +42,9 @@ from weightstream.status import fetch_status, render_status
 __all__ = ["run_demo"]
 
 logger = logging.getLogger(__name__)
+
+_APPLY_TIMEOUT_S = 300.0
+"""How long a version may take to reach every subscriber before the demo gives up."""
 
 
 def run_demo(*, size: int, versions: int, subscribers: int, transport: list[str]) -> int:
@@ -108,6 +111,7 @@ def _progress_line(version: int, status: dict[str, Any]) -> str:
 
 async def _demo(*, size: int, versions: int, subscribers: int, transport: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="weightstream-demo-"))
+    keep = False  # a failed run (a timeout, a version that differs) keeps its logs
     processes: list[subprocess.Popen[bytes]] = []
     ctx = zmq.asyncio.Context()
     print(
@@ -153,10 +157,12 @@ async def _demo(*, size: int, versions: int, subscribers: int, transport: list[s
                 [
                     "subscribe",
                     *common,
+                    # Each subscriber dumps every version it applies and runs until the demo
+                    # stops it: one that exited on its own after the last version could be
+                    # gone before the trainer's wait for it reached the broker (which counts
+                    # live subscribers), and the demo would wait for nobody.
                     "--dump-dir",
                     str(workdir / f"subscriber-{index}"),
-                    "--exit-after-version",
-                    str(versions),
                 ],
                 workdir / f"subscriber-{index}.log",
             )
@@ -179,25 +185,38 @@ async def _demo(*, size: int, versions: int, subscribers: int, transport: list[s
                 started = time.perf_counter()
                 wait = asyncio.create_task(publisher.wait_applied(version, subscribers))
                 shown = ""
-                async with asyncio.timeout(300):
-                    while not wait.done():
-                        await asyncio.wait({wait}, timeout=0.25)
-                        line = _progress_line(version, await fetch_status(http))
-                        if line != shown:
-                            print(line)
-                            shown = line
-                    await wait
+                try:
+                    async with asyncio.timeout(_APPLY_TIMEOUT_S):
+                        while not wait.done():
+                            await asyncio.wait({wait}, timeout=0.25)
+                            line = _progress_line(version, await fetch_status(http))
+                            if line != shown:
+                                print(line)
+                                shown = line
+                        await wait
+                except TimeoutError:
+                    keep = True
+                    raise TimeoutError(
+                        f"version {version} did not reach all {subscribers} subscribers within "
+                        f"{_APPLY_TIMEOUT_S:.0f} s (last status: {shown.strip() or 'none'}); "
+                        f"the processes' logs are kept in {workdir}"
+                    ) from None
                 print(
                     f"  v{version} on all {subscribers} subscribers {time.perf_counter() - started:.2f}s after publishing"
                 )
             print()
             print(render_status(await fetch_status(http)))
             print()
-            return await asyncio.to_thread(_verify, workdir, subscribers, versions, tensors)
+            code = await asyncio.to_thread(_verify, workdir, subscribers, versions, tensors)
+            if code:
+                keep = True
+                print(f"the processes' logs are kept in {workdir}")
+            return code
     finally:
         _stop(processes)
         ctx.destroy(linger=0)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _verify(
