@@ -25,6 +25,7 @@ restart) gets `Error("unknown_peer")`, and the client says Hello again.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -116,6 +117,11 @@ _BODIES_CACHED = 8
 """ManifestBody replies kept by (digest, request_id): a homogeneous fleet's subscribers ask
 with the same request ids, and then share one frame instead of a copy of the body each."""
 _STATE_ERROR_LOG_S = 60.0
+_MEMBERS_PER_FRAME = 256
+"""Members of one node link named in one frame of a fan-out (a bound on the frame)."""
+_MEMBER_ID = re.compile(rb"[A-Za-z0-9._:@+=-]{1,128}")
+"""What a node link's member may call itself (no "/": it joins link and member ids; no " ":
+it separates members in a fan-out frame)."""
 _OWNERS_FILE = "owners.json"
 
 
@@ -340,19 +346,22 @@ class Broker:
 
     async def _receive(self, frames: list[zmq.Frame]) -> None:
         self.stats.messages_total += 1
-        identity = frames[0].bytes
-        if len(frames) != 2:
-            await self._protocol_error(identity, f"expected one frame, got {len(frames) - 1}")
+        route = [frame.bytes for frame in frames[:-1]]
+        problem = _route_problem(route)
+        if problem is not None:
+            await self._protocol_error(route[:1], problem)
             return
         try:
-            message = decode_header(frames[1].buffer)
+            message = decode_header(frames[-1].buffer)
         except ProtocolError as exc:
-            await self._protocol_error(identity, str(exc), request_id_of(frames[1].buffer))
+            await self._protocol_error(route, str(exc), request_id_of(frames[-1].buffer))
             return
-        # latin-1 maps any routing id to a str and back exactly (ours are ASCII peer ids).
-        peer_id = identity.decode("latin-1")
+        # latin-1 maps any routing id to a str and back exactly (ours are ASCII peer ids). A
+        # member of a node link is "<link's routing id>/<member's>" (`_route_problem` keeps
+        # "/" out of every routing id, so the split back is exact).
+        peer_id = b"/".join(route).decode("latin-1")
         try:
-            principal = self._principal(frames[1])
+            principal = self._principal(frames[-1])
             self._check_identity(peer_id, principal, message)
             await self._send(self._handle(peer_id, principal, message))
         except BrokerError as exc:
@@ -573,24 +582,67 @@ class Broker:
         self._deferred.extend(outbox)
 
     async def _send(self, outbox: Outbox) -> None:
-        # One Announce fans out to many peers: encode each message object once.
+        """Send an outbox in order. One Announce fans out to many peers: each message object
+        is encoded once, and a run of one message to several members of one node link leaves
+        as one frame naming them all (the link hands it to each): 1,250 sends, not 10,000,
+        for 10,000 subscribers on 8-engine nodes. Within a run every recipient gets the same
+        message once, so grouping it by link reorders nothing that any one peer sees."""
         encoded: dict[int, bytes] = {}
-        for peer_id, message in outbox:
+        start = 0
+        while start < len(outbox):
+            message = outbox[start][1]
+            end = start + 1
+            while end < len(outbox) and outbox[end][1] is message:
+                end += 1
             data = encoded.get(id(message))
             if data is None:
                 data = encoded[id(message)] = self._encode(message)
-            try:
-                self._sender.send_multipart([peer_id.encode("latin-1"), data], flags=zmq.NOBLOCK)
-            except zmq.Again:
-                logger.warning(
-                    "dropped %s to peer=%s: its queue is full", type(message).__name__, peer_id
-                )
-                self._hold(peer_id, message)
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                logger.debug("peer=%s unreachable, held %s", peer_id, type(message).__name__)
-                self._hold(peer_id, message)
+            if end - start == 1:
+                self._send_one(outbox[start][0], [], message, data)
+            else:
+                self._send_run([peer_id for peer_id, _ in outbox[start:end]], message, data)
+            start = end
+
+    def _send_run(self, peer_ids: list[str], message: Message, data: bytes) -> None:
+        by_link: dict[str, list[str]] = {}
+        for peer_id in peer_ids:
+            link, slash, member = peer_id.partition("/")
+            if slash:
+                by_link.setdefault(link, []).append(member)
+            else:
+                self._send_one(peer_id, [], message, data)
+        for link, members in by_link.items():
+            for chunk in range(0, len(members), _MEMBERS_PER_FRAME):
+                self._send_one(link, members[chunk : chunk + _MEMBERS_PER_FRAME], message, data)
+
+    def _send_one(self, peer_id: str, members: list[str], message: Message, data: bytes) -> None:
+        """To one peer (`members` empty; a member's id is "link/member"), or to `members` of
+        the node link `peer_id` in one frame."""
+        if members:
+            frames = [peer_id.encode("latin-1"), " ".join(members).encode("latin-1"), data]
+        else:
+            frames = [*peer_id.encode("latin-1").split(b"/"), data]
+        try:
+            self._sender.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning(
+                "dropped %s to peer=%s members=%d: its queue is full",
+                type(message).__name__,
+                peer_id,
+                len(members),
+            )
+            self._hold_all(peer_id, members, message)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            logger.debug("peer=%s unreachable, held %s", peer_id, type(message).__name__)
+            self._hold_all(peer_id, members, message)
+
+    def _hold_all(self, peer_id: str, members: list[str], message: Message) -> None:
+        if not members:
+            self._hold(peer_id, message)
+        for member in members:
+            self._hold(f"{peer_id}/{member}", message)
 
     def _encode(self, message: Message) -> bytes:
         """Announcements are one object per version (`VersionRecord.announcement`), sent again
@@ -627,8 +679,9 @@ class Broker:
         while len(self._undelivered) > _REDELIVER_PEERS:
             self._undelivered.popitem(last=False)
 
-    async def _protocol_error(self, identity: bytes, detail: str, request_id: int = 0) -> None:
+    async def _protocol_error(self, route: list[bytes], detail: str, request_id: int = 0) -> None:
         self.stats.protocol_errors_total += 1
+        identity = b"/".join(route)
         if identity not in self._warned:
             self._warned[identity] = None
             if len(self._warned) > _WARNED_PEERS:
@@ -636,7 +689,7 @@ class Broker:
             logger.warning("protocol error peer=%r detail=%s", identity, detail)
         try:
             error = encode(Error(code="protocol", detail=detail[:8000], request_id=request_id))
-            await self.socket.send_multipart([identity, error], flags=zmq.NOBLOCK)
+            await self.socket.send_multipart([*route, error], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             logger.debug("could not answer peer=%r", identity)
 
@@ -671,3 +724,21 @@ class Broker:
             logger.info("state written again path=%s", self.state.path)
             self.stats.state_last_error = None
         self.stats.state_written_at = time.time()
+
+
+def _route_problem(route: list[bytes]) -> str | None:
+    """Why a message's routing frames are not [peer] or [node link, member], or None.
+
+    A peer's own routing id may be any bytes but "/"; a node link adds its member's, which
+    must match `_MEMBER_ID`. A message that fails gets a protocol error on its connection.
+    """
+    if len(route) > 2:
+        return f"expected one frame, or a node link's [member, message], got {len(route)} frames"
+    if b"/" in route[0]:
+        return "a routing id may not contain '/' (it joins a node link's id and its member's)"
+    if len(route) == 2 and _MEMBER_ID.fullmatch(route[1]) is None:
+        return (
+            "a node link's member id must be 1-128 characters of A-Z a-z 0-9 . _ : @ + = - "
+            f"(got {route[1][:40]!r})"
+        )
+    return None

@@ -536,6 +536,11 @@ class BrokerClient:
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_exception(error)
                 self._fail(error)
+            case Error(code="forbidden", detail=detail, request_id=0) if (
+                self._welcome is not None and not self._welcome.done()
+            ):
+                # Our Hello refused (a node link whose key the broker refuses says so).
+                self._welcome.set_exception(AuthError(detail))
             case Error(code=code, detail=detail, request_id=rid) if rid in self._pending:
                 _, future = self._pending[rid]
                 if not future.done():

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from weightstream.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
@@ -314,6 +315,35 @@ def _parser() -> argparse.ArgumentParser:
     for action in broker._actions:
         if action.dest == "endpoint":
             action.type = parse_endpoint  # the same one-line error as the clients' --broker
+
+    link = commands.add_parser(
+        "link",
+        parents=[common],
+        help="one broker connection for the engines of this node (they --broker the link)",
+        description="Run a node link: the engines of this node connect to it (`weightstream "
+        "subscribe --broker ipc://PATH`) instead of to the broker; it holds one connection to "
+        "the broker for them all, with this node's key, and fetches each manifest once. "
+        "Every engine stays a subscriber of its own in the broker's status.",
+    )
+    link.add_argument(
+        "--broker",
+        type=parse_endpoint,
+        default=os.environ.get("WEIGHTSTREAM_BROKER", DEFAULT_BROKER),
+        help=f"broker endpoint (env WEIGHTSTREAM_BROKER; default {DEFAULT_BROKER})",
+    )
+    link.add_argument(
+        "--listen",
+        default=os.environ.get("WEIGHTSTREAM_LINK", "ipc:///tmp/weightstream-link/link.sock"),
+        help="where this node's engines connect: ipc://PATH (its directory is made mode 0700) "
+        "or tcp://127.0.0.1:PORT (env WEIGHTSTREAM_LINK; default "
+        "ipc:///tmp/weightstream-link/link.sock)",
+    )
+    link.add_argument("--link-id", default="", help="the link's routing id (default: made up)")
+    link.add_argument(
+        "--max-members", type=int, default=1024, help="engines served at most (default 1024)"
+    )
+    link.add_argument("--ready-file", help="write {endpoint, link_id} here once listening")
+    _key_args(link)
 
     publish = commands.add_parser(
         "publish",
@@ -634,6 +664,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         status = asyncio.run(fetch_status(args.http.rstrip("/"), min_lag=args.min_lag))
         print(json.dumps(status, indent=2) if args.json else render_status(status))
         return 0
+    if args.command == "link":
+        return _run_link(args)
     if args.command in ("keys", "admin"):
         return _run_security_command(args)
     if args.command == "demo":
@@ -675,6 +707,36 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return _run(run_publish(job))
     return _subscribe(args, client)
+
+
+def _run_link(args: argparse.Namespace) -> int:
+    import json
+
+    import msgspec
+
+    from streamer.node_link import NodeLink, NodeLinkConfig, serve_link
+    from streamer.server import run_until_signal
+
+    try:
+        config = NodeLinkConfig(
+            broker=args.broker,
+            listen=args.listen,
+            key_file=args.key_file,
+            broker_key_file=args.broker_key_file,
+            link_id=args.link_id,
+            max_members=args.max_members,
+        )
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"bad node link setting: {exc}") from exc
+
+    def on_ready(link: NodeLink) -> None:
+        if args.ready_file:
+            tmp = Path(args.ready_file).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"endpoint": link.endpoint, "link_id": link.link_id}))
+            os.replace(tmp, args.ready_file)
+
+    run_until_signal(serve_link(config, on_ready=on_ready))
+    return 0
 
 
 def _subscribe(args: argparse.Namespace, client: Any) -> int:

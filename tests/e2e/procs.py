@@ -47,8 +47,13 @@ class Fleet:
     workdir: Path
     procs: list[Proc] = field(default_factory=list)
 
-    async def start(self, name: str, *args: str, prefix: tuple[str, ...] = ()) -> Proc:
+    async def start(
+        self, name: str, *args: str, prefix: tuple[str, ...] = (), keyless: bool = False
+    ) -> Proc:
+        """Start `python -m weightstream ARGS`; `keyless`: without the test key (an engine
+        behind a node link, which speaks for it with its own key)."""
         log = self.workdir / f"{name}.log"
+        env = {k: v for k, v in ENV.items() if k not in test_keys().env()} if keyless else ENV
         with log.open("ab") as out:
             process = await asyncio.create_subprocess_exec(
                 *prefix,
@@ -58,7 +63,7 @@ class Fleet:
                 *args,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                env=ENV,
+                env=env,
             )
         proc = Proc(name, process, log)
         self.procs.append(proc)
