@@ -125,7 +125,7 @@ def test_gone_peers_and_their_rows_leave_after_their_ttl() -> None:
     reg.hello("sub", "subscriber", "host", 2, now=0.0)
     reg.subscribe("sub", MODEL)
     reg.goodbye("sub", now=1.0)
-    assert [r["state"] for r in fleet(reg, 2.0)[1]] == ["gone"]
+    assert [r.state for r in fleet(reg, 2.0)[1]] == ["gone"]
 
     reg.expire(now=61.5)
 
@@ -233,7 +233,7 @@ def test_a_staged_version_shows_as_staged_not_pulling() -> None:
     publish(reg, 1)
     reg.progress("sub", MODEL, 1, 100, 100, 5.0, "staged")
     [row] = fleet(reg, 1.0)[1]
-    assert (row["state"], row["pulling_version"], row["progress"]) == ("staged", 1, 1.0)
+    assert (row.state, row.pulling_version, row.progress) == ("staged", 1, 1.0)
     assert fleet(reg, 1.0, state="pulling") == (0, [])
 
 
