@@ -11,7 +11,8 @@
                                                   each subscriber: version, lag, progress, rate
                                                   (a page: at most 1000 rows by default;
                                                   min_lag=N: only those N or more versions
-                                                  behind the newest)
+                                                  behind the newest), where it took the
+                                                  applied version's manifest
     GET /metrics                                  Prometheus text (prometheus-client)
     POST /v1/models/{model}/versions/{version}/retire   admin: stop serving a version
     DELETE /v1/models/{model}                     admin: forget a model
@@ -172,6 +173,9 @@ class SubscriberRow(msgspec.Struct, gc=False):
     """Where it reads the pulling (else the latest) version's stripes from, per stripe."""
     served_bytes: int
     """Bytes readers verified from it over the model's retained versions."""
+    manifest_source: str | None
+    """Where it took the applied version's manifest: "broker" or "peer:<name>" (None: not
+    known, an older subscriber, or nothing applied)."""
 
 
 def fleet(
@@ -351,6 +355,7 @@ class _Rows:
             offer.endpoint if offer is not None else None,
             _names(self.registry, parents) if parents is not None else None,
             served,
+            peer.manifest_source.get(name),
         )
 
 
