@@ -123,6 +123,9 @@ Endpoint = Annotated[str, msgspec.Meta(max_length=300)]
 CurveKey = Annotated[str, msgspec.Meta(max_length=64)]
 """A Z85 CURVE public key (40 characters), or "" for a plain socket."""
 PeerName = Annotated[str, msgspec.Meta(max_length=128)]
+ManifestSource = Annotated[str, msgspec.Meta(max_length=160)]
+"""Where a subscriber took a version's manifest: "broker", or "peer:<name>" (a relay peer's
+stable name, at most 128 characters); "" unknown (an older subscriber)."""
 MAX_STRIPES = 64
 MAX_SOURCES = 64
 
@@ -298,6 +301,8 @@ class Applied(Wire, frozen=True, tag="applied"):
     pull_s: Seconds = 0.0
     pause_s: Seconds = 0.0
     bytes_total: NonNegative = 0
+    manifest_source: ManifestSource = ""
+    """Where this version's manifest came from (`ManifestSource`); "" from older peers."""
 
 
 class PullFailed(Wire, frozen=True, tag="pull_failed"):

@@ -504,9 +504,16 @@ class Broker:
                     pull_s=message.pull_s,
                     pause_s=message.pause_s,
                     since_announce_s=now - record.announced_at if record else None,
+                    manifest_source=message.manifest_source,
                 )
                 return registry.applied(
-                    peer_id, model, version, message.pull_s, message.pause_s, now
+                    peer_id,
+                    model,
+                    version,
+                    message.pull_s,
+                    message.pause_s,
+                    now,
+                    manifest_source=message.manifest_source,
                 )
             case PullFailed(model=model, version=version, reason=reason):
                 self.stats.pull_failures_total += 1

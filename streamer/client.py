@@ -104,6 +104,8 @@ logger = logging.getLogger(__name__)
 
 _MANIFESTS_CACHED = 8
 """Manifests kept by digest (a re-announcement after a reconnect costs no fetch)."""
+_SOURCES_KEPT = 256
+"""(model, version) -> where its manifest came from, the newest kept (for `Applied`)."""
 _FETCHES_IN_FLIGHT = 16
 """Distinct manifests being fetched at once; an announcement past it waits for the next one."""
 _FETCH_ATTEMPTS = 3
@@ -202,8 +204,12 @@ class BrokerClient:
         """model -> the newest version announced, from our last Subscribed (one per model)."""
         self._manifests: dict[str, Manifest] = {}
         self._manifest_changed = asyncio.Condition()
-        self._by_digest: OrderedDict[str, tuple[Manifest, bytes]] = OrderedDict()
-        """digest -> verified manifest and its encoding, the newest `_MANIFESTS_CACHED`."""
+        self._by_digest: OrderedDict[str, tuple[Manifest, bytes, str]] = OrderedDict()
+        """digest -> verified manifest, its encoding and where it came from, the newest
+        `_MANIFESTS_CACHED`."""
+        self._sources: OrderedDict[tuple[str, int], str] = OrderedDict()
+        """(model, version) -> "broker" or "peer:<name>": where the manifest taken for that
+        version came from (reported in `Applied`), the newest `_SOURCES_KEPT`."""
         self._digests: dict[str, str] = {}
         """model -> the digest of the manifest in `_manifests` ("" if it came whole)."""
         self._fetching: dict[str, tuple[Announced, asyncio.Task[None]]] = {}
@@ -384,9 +390,19 @@ class BrokerClient:
         self._applied[model] = version
         await self._send(
             Applied(
-                model=model, version=version, pull_s=pull_s, pause_s=pause_s, bytes_total=nbytes
+                model=model,
+                version=version,
+                pull_s=pull_s,
+                pause_s=pause_s,
+                bytes_total=nbytes,
+                manifest_source=self.manifest_source(model, version),
             )
         )
+
+    def manifest_source(self, model: str, version: int) -> str:
+        """Where the manifest taken for `version` of `model` came from: "broker" (announced
+        whole, or fetched by digest) or "peer:<name>"; "" if not known (not taken, or long ago)."""
+        return self._sources.get((model, version), "")
 
     async def report_failure(self, model: str, version: int, reason: str) -> None:
         await self._send(PullFailed(model=model, version=version, reason=reason[:2000]))
@@ -513,7 +529,7 @@ class BrokerClient:
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_result(message)
             case Announce(manifest=manifest):
-                self._take_manifest(manifest)
+                self._take_manifest(manifest, source="broker")
             case Announced():
                 self._announced(message)
             case Withdraw(model=model, version=version, reason=reason):
@@ -563,10 +579,16 @@ class BrokerClient:
             case _:
                 logger.warning("ignored unexpected %s from the broker", type(message).__name__)
 
-    def _take_manifest(self, manifest: Manifest, digest: str = "") -> None:
+    def _take_manifest(self, manifest: Manifest, digest: str = "", *, source: str) -> None:
         """A version is announced (whole, or fetched by `digest`): the newest one is kept. The
         same version again with another manifest is it offered in more places (a colocated
-        trainer's host copy after its GPU copy): the bytes are the same, the locators differ."""
+        trainer's host copy after its GPU copy): the bytes are the same, the locators differ.
+        `source`: where it came from ("broker", "peer:<name>")."""
+        key = (manifest.model, manifest.version)
+        self._sources[key] = source
+        self._sources.move_to_end(key)
+        while len(self._sources) > _SOURCES_KEPT:
+            self._sources.popitem(last=False)
         current = self._manifests.get(manifest.model)
         newer = current is None or manifest.version > current.version
         if newer or (
@@ -603,7 +625,7 @@ class BrokerClient:
         cached = self._by_digest.get(message.digest)
         if cached is not None:
             self._by_digest.move_to_end(message.digest)
-            self._take_manifest(cached[0], message.digest)
+            self._take_manifest(cached[0], message.digest, source=cached[2])
             return
         if message.digest in self._fetching:
             return
@@ -632,7 +654,7 @@ class BrokerClient:
             try:
                 # A peer once: a retry follows a broker failure, and a peer that failed
                 # would cost its deadline again.
-                manifest = await self._load_manifest(message, ask_peer=attempt == 1)
+                manifest, source = await self._load_manifest(message, ask_peer=attempt == 1)
             except VersionUnavailable as exc:
                 self.manifest_error = exc
                 logger.warning(
@@ -662,7 +684,7 @@ class BrokerClient:
                 )
                 return
             self.manifest_error = None
-            self._take_manifest(manifest, message.digest)
+            self._take_manifest(manifest, message.digest, source=source)
             return
         logger.error(
             "gave up on the manifest of model=%s version=%d after %d attempts; waiting for "
@@ -677,17 +699,20 @@ class BrokerClient:
         cached = self._by_digest.get(digest)
         return None if cached is None else cached[1]
 
-    async def _load_manifest(self, message: Announced, *, ask_peer: bool = True) -> Manifest:
-        """The manifest `message` names: from a peer (`manifest_peers`) or the broker, its
-        SHA-256 checked against the digest, decoded through the guarded codec, cached by
-        digest and offered to `manifest_peers`."""
+    async def _load_manifest(
+        self, message: Announced, *, ask_peer: bool = True
+    ) -> tuple[Manifest, str]:
+        """The manifest `message` names and where it came from: from a peer
+        (`manifest_peers`, "peer:<name>") or the broker ("broker"), its SHA-256 checked
+        against the digest, decoded through the guarded codec, cached by digest and offered
+        to `manifest_peers`."""
         taken = await self._manifest_from_peer(message) if ask_peer else None
         if taken is None:
             body = await self._fetch_manifest_body(message.model, message.version, message.digest)
             manifest, source = self._verified(message, body), "broker"
         else:
             manifest, body, source = taken
-        self._by_digest[message.digest] = (manifest, body)
+        self._by_digest[message.digest] = (manifest, body, source)
         while len(self._by_digest) > _MANIFESTS_CACHED:
             self._by_digest.popitem(last=False)
         logger.info(
@@ -702,7 +727,7 @@ class BrokerClient:
             self.manifest_peers.offer(
                 model=message.model, version=message.version, digest=message.digest, body=body
             )
-        return manifest
+        return manifest, source
 
     async def _manifest_from_peer(self, message: Announced) -> tuple[Manifest, bytes, str] | None:
         """(manifest, body, "peer:<name>") from the peer `manifest_peers` names, verified like

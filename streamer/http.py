@@ -11,7 +11,8 @@
                                                   each subscriber: version, lag, progress, rate
                                                   (a page: at most 1000 rows by default;
                                                   min_lag=N: only those N or more versions
-                                                  behind the newest)
+                                                  behind the newest), where it took the
+                                                  applied version's manifest
     GET /metrics                                  Prometheus text (prometheus-client)
     POST /v1/models/{model}/versions/{version}/retire   admin: stop serving a version
     DELETE /v1/models/{model}                     admin: forget a model
@@ -46,7 +47,15 @@ if TYPE_CHECKING:
 
     from streamer.registry import Outbox, PeerState, Registry, VersionRecord
 
-__all__ = ["AdminActions", "build_app", "fleet", "fleet_async", "relay_status", "serve_http"]
+__all__ = [
+    "AdminActions",
+    "SubscriberRow",
+    "build_app",
+    "fleet",
+    "fleet_async",
+    "relay_status",
+    "serve_http",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +137,45 @@ def model_summary(registry: Registry, name: str, now: float) -> dict[str, Any]:
 
 
 _SCAN_STEP = 2000
-"""Subscribers a status scan reads before it lets the event loop run (`fleet_async`)."""
+"""Subscribers a status scan looks at (renders or filters) before it lets the event loop
+run (`fleet_async`)."""
+_COUNT_COST = 8
+"""Subscribers only counted (outside an unfiltered page) cost 1/_COUNT_COST of one looked
+at: a step counts at most `_SCAN_STEP * _COUNT_COST` (~3 ms at 10,000; a rendered row costs
+~10x a counted one)."""
+
+
+class SubscriberRow(msgspec.Struct, gc=False):
+    """One row of `/v1/subscribers` (one subscriber, one model it follows or applied).
+
+    Encoded by msgspec in field order (the JSON object's keys); no dict per row, and not
+    tracked by the garbage collector. Evolve additively: new fields go last."""
+
+    peer_id: str
+    name: str
+    host: str
+    pid: int
+    state: str
+    model: str
+    applied_version: int | None
+    latest_version: int | None
+    lag: int | None
+    pulling_version: int | None
+    progress: float | None
+    bytes_per_s: float | None
+    last_pull_s: float | None
+    last_pause_s: float | None
+    last_heartbeat_age_s: float
+    last_error: str | None
+    relay_endpoint: str | None
+    """Its relay offer for this model (None: it does not relay)."""
+    reads_from: list[str] | None
+    """Where it reads the pulling (else the latest) version's stripes from, per stripe."""
+    served_bytes: int
+    """Bytes readers verified from it over the model's retained versions."""
+    manifest_source: str | None
+    """Where it took the applied version's manifest: "broker" or "peer:<name>" (None: not
+    known, an older subscriber, or nothing applied)."""
 
 
 def fleet(
@@ -140,15 +187,15 @@ def fleet(
     model: str | None = None,
     state: str | None = None,
     min_lag: int | None = None,
-) -> tuple[int, list[dict[str, Any]]]:
+) -> tuple[int, list[SubscriberRow]]:
     """One row per subscriber and model it follows, by peer id: (rows in all, this page).
 
     `min_lag`: only rows at least that many versions behind their model's newest (a
     subscriber that has applied nothing yet is behind any). One pass over the subscribers
-    (kept sorted by the registry) that renders only the rows of the page: 15-25 ms at 10,000
-    subscribers (bench/RESULTS_FLEET.md).
+    (kept sorted by the registry) that renders only the rows of the page: a page of 1,000
+    at 10,000 subscribers in ~5 ms (bench/status_bench.py, bench/RESULTS_FLEET.md).
     """
-    page: list[dict[str, Any]] = []
+    page: list[SubscriberRow] = []
     scan = _scan(registry, now, page, limit, offset, model, state, min_lag)
     while True:
         try:
@@ -166,10 +213,10 @@ async def fleet_async(
     model: str | None = None,
     state: str | None = None,
     min_lag: int | None = None,
-) -> tuple[int, list[dict[str, Any]]]:
+) -> tuple[int, list[SubscriberRow]]:
     """`fleet`, letting the event loop run every `_SCAN_STEP` subscribers: a page of a large
     fleet does not hold up the broker's ZeroMQ loop for the whole scan (the HTTP route's)."""
-    page: list[dict[str, Any]] = []
+    page: list[SubscriberRow] = []
     scan = _scan(registry, now, page, limit, offset, model, state, min_lag)
     while True:
         try:
@@ -182,45 +229,60 @@ async def fleet_async(
 def _scan(
     registry: Registry,
     now: float,
-    page: list[dict[str, Any]],
+    page: list[SubscriberRow],
     limit: int,
     offset: int,
     model: str | None,
     state: str | None,
     min_lag: int | None,
 ) -> Generator[None, None, int]:
-    """Fill `page`, pausing (yield) every `_SCAN_STEP` subscribers; returns the total. The
-    id list is the registry's snapshot (replaced, never changed, as peers come and go), and a
-    peer forgotten during a pause is skipped."""
+    """Fill `page`, pausing (yield) every `_SCAN_STEP` subscribers looked at (or
+    `_SCAN_STEP * _COUNT_COST` only counted); returns the total. The id list is the
+    registry's snapshot (replaced, never changed, as peers come and go), and a peer
+    forgotten during a pause is skipped."""
     total = 0
-    latest = {name: m.latest for name, m in registry.models.items()}
+    end = offset + limit
+    rows = _Rows(registry, now)
+    latest = rows.latest
     unfiltered = state is None and min_lag is None
-    for index, peer_id in enumerate(registry.subscriber_ids()):
-        if index and index % _SCAN_STEP == 0:
+    peers = registry.peers
+    step = _SCAN_STEP * _COUNT_COST
+    spent = 0
+    for peer_id in registry.subscriber_ids():
+        if spent >= step:
+            spent = 0
             yield
-        peer = registry.peers.get(peer_id)
+        peer = peers.get(peer_id)
         if peer is None:
             continue
+        subscriptions = peer.subscriptions
+        applied = peer.applied
+        if unfiltered:
+            # Rows outside the page: counted, not looked at.
+            if model is not None:
+                count = 1 if model in subscriptions or model in applied else 0
+            elif applied.keys() <= subscriptions:
+                count = len(subscriptions)
+            else:
+                count = len(subscriptions | applied.keys())
+            if total + count <= offset or total >= end:
+                total += count
+                spent += 1
+                continue
+        spent += _COUNT_COST
         if model is not None:
-            names: Collection[str] = (
-                (model,) if model in peer.subscriptions or model in peer.applied else ()
-            )
-        elif len(peer.subscriptions) == 1 and peer.applied.keys() <= peer.subscriptions:
-            names = peer.subscriptions
+            names: Collection[str] = (model,) if model in subscriptions or model in applied else ()
+        elif len(subscriptions) == 1 and applied.keys() <= subscriptions:
+            names = subscriptions
         else:
-            names = sorted(peer.subscriptions | peer.applied.keys())
-        if unfiltered and (total + len(names) <= offset or total >= offset + limit):
-            total += len(names)  # rows outside the page: counted, not looked at
-            continue
+            names = sorted(subscriptions | applied.keys())
         for name in names:
             if state is not None and _state(peer, name) != state:
                 continue
-            if min_lag is not None and not _behind(
-                latest.get(name), peer.applied.get(name), min_lag
-            ):
+            if min_lag is not None and not _behind(latest.get(name), applied.get(name), min_lag):
                 continue
-            if offset <= total < offset + limit:
-                page.append(_subscriber_row(registry, peer, name, now))
+            if offset <= total < end:
+                page.append(rows.row(peer, name))
             total += 1
     return total
 
@@ -238,54 +300,68 @@ def _state(peer: PeerState, name: str) -> str:
     return progress.state if progress else "idle"
 
 
-def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) -> dict[str, Any]:
-    model = registry.models.get(name)
-    latest = model.latest if model else None
-    applied = peer.applied.get(name)
-    lag = None if latest is None or applied is None else latest - applied
-    progress = peer.progress.get(name)
-    return {
-        "peer_id": peer.peer_id,
-        "name": peer.name,
-        "host": peer.host,
-        "pid": peer.pid,
-        "state": _state(peer, name),
-        "model": name,
-        "applied_version": applied,
-        "latest_version": latest,
-        "lag": lag,
-        "pulling_version": progress.version if progress else None,
-        "progress": round(progress.bytes_done / progress.bytes_total, 4)
-        if progress and progress.bytes_total
-        else None,
-        "bytes_per_s": progress.bytes_per_s if progress else None,
-        "last_pull_s": peer.last_pull_s.get(name),
-        "last_pause_s": peer.last_pause_s.get(name),
-        "last_heartbeat_age_s": round(now - peer.last_seen, 3),
-        "last_error": peer.last_error.get(name),
-        **_relay_row(registry, peer, name, progress.version if progress else latest),
-    }
+class _Rows:
+    """Renders rows for one scan, reading each model's latest version, retained versions
+    and relay offers once (not once per row)."""
+
+    def __init__(self, registry: Registry, now: float) -> None:
+        self.registry = registry
+        self.now = now
+        self.latest = {name: m.latest for name, m in registry.models.items()}
+        self._models: dict[str, tuple[dict[int, VersionRecord], list[dict[str, int]]]] = {}
+
+    def _model(self, name: str) -> tuple[dict[int, VersionRecord], list[dict[str, int]]]:
+        known = self._models.get(name)
+        if known is None:
+            model = self.registry.models.get(name)
+            versions = model.versions if model is not None else {}
+            known = (versions, [r.relay.served_by for r in versions.values()])
+            self._models[name] = known
+        return known
+
+    def row(self, peer: PeerState, name: str) -> SubscriberRow:
+        latest = self.latest.get(name)
+        applied = peer.applied.get(name)
+        progress = peer.progress.get(name)
+        versions, served_by = self._model(name)
+        offer = self.registry.relays.offered(peer.peer_id, name)
+        # Relay columns: where it reads the pulling (else the latest) version from.
+        version = progress.version if progress is not None else latest
+        record = versions.get(version) if version is not None else None
+        parents = record.relay.routes.get(peer.peer_id) if record is not None else None
+        served = 0
+        for holders in served_by:
+            served += holders.get(peer.name, 0)
+        # Positional, in field order: msgspec builds it faster than from keywords.
+        return SubscriberRow(
+            peer.peer_id,
+            peer.name,
+            peer.host,
+            peer.pid,
+            "gone" if peer.gone else progress.state if progress is not None else "idle",
+            name,
+            applied,
+            latest,
+            None if latest is None or applied is None else latest - applied,
+            progress.version if progress is not None else None,
+            round(progress.bytes_done / progress.bytes_total, 4)
+            if progress is not None and progress.bytes_total
+            else None,
+            progress.bytes_per_s if progress is not None else None,
+            peer.last_pull_s.get(name),
+            peer.last_pause_s.get(name),
+            round(self.now - peer.last_seen, 3),
+            peer.last_error.get(name),
+            offer.endpoint if offer is not None else None,
+            _names(self.registry, parents) if parents is not None else None,
+            served,
+            peer.manifest_source.get(name),
+        )
 
 
-def _relay_row(
-    registry: Registry, peer: PeerState, name: str, version: int | None
-) -> dict[str, Any]:
-    """A subscriber's relay columns: its offer, where it reads `version`'s stripes from,
-    and the bytes readers verified from it over the model's retained versions."""
-    offer = registry.relays.offered(peer.peer_id, name)
-    model = registry.models.get(name)
-    record = model.versions.get(version) if model is not None and version is not None else None
-    parents = record.relay.routes.get(peer.peer_id) if record is not None else None
-    served = (
-        sum(r.relay.served_by.get(peer.name, 0) for r in model.versions.values())
-        if model is not None
-        else 0
-    )
-    return {
-        "relay_endpoint": offer.endpoint if offer is not None else None,
-        "reads_from": _names(registry, parents) if parents is not None else None,
-        "served_bytes": served,
-    }
+def _subscriber_row(registry: Registry, peer: PeerState, name: str, now: float) -> SubscriberRow:
+    """One row on its own (`fleet` renders a page's rows through one `_Rows`)."""
+    return _Rows(registry, now).row(peer, name)
 
 
 def _names(registry: Registry, parents: tuple[str, ...]) -> list[str]:

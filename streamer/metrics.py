@@ -1,7 +1,8 @@
 """Prometheus metrics of the broker, through `prometheus-client`.
 
     BrokerStats          counters the broker bumps, and per-model histograms it observes on
-                         every Applied: pull seconds, pause seconds, announce -> applied seconds
+                         every Applied: pull seconds, pause seconds, announce -> applied seconds;
+                         and applied versions by where their manifest came from
     RegistryCollector    gauges read from the registry at scrape time (latest, pending and
                          unreadable versions, subscribers' versions and lag, peers by role,
                          relay subscribers), and the bytes each relay holder served
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ANNOUNCED_TOTAL",
     "ANNOUNCE_TO_APPLIED_SECONDS",
+    "APPLIED_MANIFEST_SOURCES_TOTAL",
     "APPLIED_TOTAL",
     "CONTENT_TYPE",
     "FORBIDDEN_TOTAL",
@@ -48,6 +50,7 @@ __all__ = [
     "MANIFEST_FETCHES_TOTAL",
     "MANIFEST_FETCH_BYTES_TOTAL",
     "MANIFEST_FETCH_REFUSED_TOTAL",
+    "MANIFEST_SOURCES",
     "MESSAGES_TOTAL",
     "PAUSE_SECONDS",
     "PEERS",
@@ -76,6 +79,10 @@ PROTOCOL_ERRORS_TOTAL = "weightstream_broker_protocol_errors_total"
 STATE_WRITE_ERRORS_TOTAL = "weightstream_broker_state_write_errors_total"
 ANNOUNCED_TOTAL = "weightstream_versions_announced_total"
 APPLIED_TOTAL = "weightstream_versions_applied_total"
+APPLIED_MANIFEST_SOURCES_TOTAL = "weightstream_versions_applied_manifest_sources_total"
+MANIFEST_SOURCES = ("broker", "peer", "unknown")
+"""`APPLIED_MANIFEST_SOURCES_TOTAL`'s `source` label: the broker, a relay peer (any: peer
+names would make a series per node), or not said (an older subscriber)."""
 PULL_FAILURES_TOTAL = "weightstream_pull_failures_total"
 LATEST_VERSION = "weightstream_latest_version"
 PENDING_VERSIONS = "weightstream_pending_versions"
@@ -111,6 +118,8 @@ class BrokerStats:
         self.protocol_errors_total = 0
         self.announced_total = 0
         self.applied_total = 0
+        self.applied_manifest_sources = dict.fromkeys(MANIFEST_SOURCES, 0)
+        """Applied versions by where their manifest came from (`MANIFEST_SOURCES`)."""
         self.pull_failures_total = 0
         self.forbidden_total = 0
         self.manifest_fetches_total = 0
@@ -148,8 +157,23 @@ class BrokerStats:
         )
 
     def observe_applied(
-        self, model: str, *, pull_s: float, pause_s: float, since_announce_s: float | None
+        self,
+        model: str,
+        *,
+        pull_s: float,
+        pause_s: float,
+        since_announce_s: float | None,
+        manifest_source: str = "",
     ) -> None:
+        """`manifest_source`: `Applied.manifest_source` ("broker", "peer:<name>", "")."""
+        label = (
+            "broker"
+            if manifest_source == "broker"
+            else "peer"
+            if manifest_source.startswith("peer:")
+            else "unknown"
+        )
+        self.applied_manifest_sources[label] += 1
         self.pull_seconds.labels(model).observe(max(0.0, pull_s))
         self.pause_seconds.labels(model).observe(max(0.0, pause_s))
         if since_announce_s is not None:
@@ -193,6 +217,8 @@ class _Snapshot:
     text can be made in a worker thread while the loop goes on)."""
 
     counters: tuple[tuple[str, str, int], ...]
+    manifest_sources: tuple[tuple[str, int], ...]
+    """(source label, applied versions) in `MANIFEST_SOURCES` order"""
     insecure: bool
     models: list[tuple[str, int | None, int, int, int]]
     """(model, latest, pending versions, missing ranks, unreadable versions)"""
@@ -301,6 +327,7 @@ class RegistryCollector:
         ]
         return _Snapshot(
             counters=counters,
+            manifest_sources=tuple(stats.applied_manifest_sources.items()),
             insecure=stats.security == "insecure",
             models=models,
             subscribers=subscribers,
@@ -314,6 +341,15 @@ def _families(snapshot: _Snapshot) -> Iterator[Metric]:
         counter = CounterMetricFamily(name, text)
         counter.add_metric([], value)
         yield counter
+    sources = CounterMetricFamily(
+        APPLIED_MANIFEST_SOURCES_TOTAL,
+        "Versions reported applied, by where the subscriber took the manifest "
+        "(broker, a relay peer, or unknown: an older subscriber).",
+        labels=["source"],
+    )
+    for source, count in snapshot.manifest_sources:
+        sources.add_metric([source], count)
+    yield sources
     insecure = GaugeMetricFamily(
         INSECURE, "1 if the broker serves off loopback without CURVE keys (--insecure)."
     )

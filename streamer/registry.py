@@ -112,6 +112,9 @@ class PeerState:
     """model -> the pull under way."""
     last_pull_s: dict[str, float] = field(default_factory=dict)
     last_pause_s: dict[str, float] = field(default_factory=dict)
+    manifest_source: dict[str, str] = field(default_factory=dict)
+    """model -> where the applied version's manifest came from ("broker", "peer:<name>");
+    absent when unknown (an older subscriber, or a version learnt from a Heartbeat)."""
     last_error: dict[str, str] = field(default_factory=dict)
     failed_version: dict[str, int] = field(default_factory=dict)
     """model -> the version `last_error` is about (a later applied version clears it)."""
@@ -339,6 +342,7 @@ class Registry:
             state.applied_at = previous.applied_at
             state.last_pull_s = previous.last_pull_s
             state.last_pause_s = previous.last_pause_s
+            state.manifest_source = previous.manifest_source
             state.last_error = previous.last_error
             state.failed_version = previous.failed_version
         if previous is None or previous.role != role:
@@ -920,14 +924,27 @@ class Registry:
         return followed.versions.get(version) if followed is not None else None
 
     def applied(
-        self, peer_id: str, model: str, version: int, pull_s: float, pause_s: float, now: float
+        self,
+        peer_id: str,
+        model: str,
+        version: int,
+        pull_s: float,
+        pause_s: float,
+        now: float,
+        *,
+        manifest_source: str = "",
     ) -> Outbox:
+        """`manifest_source`: where the peer took the version's manifest ("" unknown)."""
         peer = self.peers[peer_id]
         if model not in peer.applied and len(peer.applied) >= self.limits.subscriptions_per_peer:
             return []
         if version >= peer.applied.get(model, -1):
             self._set_applied(peer, model, version)
             peer.applied_at[model] = now
+            if manifest_source:
+                peer.manifest_source[model] = self._text(manifest_source)
+            else:
+                peer.manifest_source.pop(model, None)
         peer.progress.pop(model, None)
         peer.last_pull_s[model] = pull_s
         peer.last_pause_s[model] = pause_s
@@ -957,6 +974,7 @@ class Registry:
             if version > peer.applied.get(model, -1):
                 self._set_applied(peer, model, version)
                 peer.applied_at[model] = now
+                peer.manifest_source.pop(model, None)  # not said in a Heartbeat
                 self._clear_error(peer, model)
                 out += self._wake(model, version)
             record = self._record(model, version)

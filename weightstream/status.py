@@ -2,6 +2,8 @@
 
 With relays, each subscriber row also says where it reads each stripe from (READS FROM: one
 name per stripe, `trainer` for the trainer) and how many bytes others verified from it (SERVED).
+MANIFEST says where it took the applied version's manifest: `broker`, a relay peer's name, or
+`-` (not known: an older subscriber or broker).
 """
 
 from __future__ import annotations
@@ -93,6 +95,13 @@ def _reads_from(parents: list[str] | None) -> str:
     return ",".join(parents)[:40]
 
 
+def _manifest_source(source: str | None) -> str:
+    """ "broker", the peer's name (of "peer:<name>", cut to 24), or "-" when not known."""
+    if not source:
+        return "-"
+    return source.removeprefix("peer:")[:24]
+
+
 def render_status(status: dict[str, Any]) -> str:
     """Two tables: models, then subscribers."""
     now = time.time()
@@ -126,6 +135,7 @@ def render_status(status: dict[str, Any]) -> str:
                 progress,
                 "-" if s["last_pull_s"] is None else f"{s['last_pull_s']:.2f}s",
                 "-" if s["last_pause_s"] is None else f"{s['last_pause_s'] * 1e3:.1f}ms",
+                _manifest_source(s.get("manifest_source")),
                 _reads_from(s.get("reads_from")),
                 _size(s["served_bytes"])
                 if s.get("relay_endpoint") or s.get("served_bytes")
@@ -160,6 +170,7 @@ def render_status(status: dict[str, Any]) -> str:
                     "PULLING",
                     "LAST PULL",
                     "PAUSE",
+                    "MANIFEST",
                     "READS FROM",
                     "SERVED",
                     "LAST ERROR",

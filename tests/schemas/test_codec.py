@@ -241,6 +241,9 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
         pull_s=SECONDS,
         pause_s=SECONDS,
         bytes_total=NON_NEGATIVE,
+        manifest_source=st.one_of(
+            st.just(""), st.just("broker"), st.text(max_size=128).map("peer:".__add__)
+        ),
     ),
     PullFailed: st.builds(PullFailed, model=MODEL_NAMES, version=NON_NEGATIVE, reason=DETAILS),
     WaitApplied: st.builds(
@@ -325,6 +328,20 @@ def test_every_message_round_trips_through_the_codec(
     assert codec.decode_message(encoded) == message
     assert decode_header(encoded) == message
     assert decode_header(memoryview(encoded)) == message
+
+
+def test_an_older_peers_applied_without_a_manifest_source_decodes_as_unknown() -> None:
+    """Schema evolution: a field added last, with a default, reads "" from older writers."""
+    old = msgspec.msgpack.encode({"kind": "applied", "model": "m", "version": 3, "pull_s": 0.5})
+    assert decode_header(old) == Applied(model="m", version=3, pull_s=0.5, manifest_source="")
+
+
+def test_a_manifest_source_longer_than_its_bound_is_a_protocol_error() -> None:
+    long = msgspec.msgpack.encode(
+        {"kind": "applied", "model": "m", "version": 3, "manifest_source": "peer:" + "x" * 200}
+    )
+    with pytest.raises(ProtocolError, match="length"):
+        decode_header(long)
 
 
 @given(MANIFESTS)

@@ -21,6 +21,7 @@ from streamer.client import connect
 from streamer.metrics import (
     ANNOUNCE_TO_APPLIED_SECONDS,
     ANNOUNCED_TOTAL,
+    APPLIED_MANIFEST_SOURCES_TOTAL,
     APPLIED_TOTAL,
     CONTENT_TYPE,
     FORBIDDEN_TOTAL,
@@ -29,6 +30,7 @@ from streamer.metrics import (
     MANIFEST_FETCH_BYTES_TOTAL,
     MANIFEST_FETCH_REFUSED_TOTAL,
     MANIFEST_FETCHES_TOTAL,
+    MANIFEST_SOURCES,
     MESSAGES_TOTAL,
     PAUSE_SECONDS,
     PEERS,
@@ -240,6 +242,57 @@ async def test_subscribers_shows_progress_errors_and_applied_versions(
     assert gone["applied_version"] == 2
 
 
+async def test_subscribers_and_metrics_say_where_each_applied_manifest_came_from(
+    broker: RunningBroker, zmq_ctx
+) -> None:
+    """A client that fetched the manifest from the broker reports "broker"; one that says a
+    peer gave it is shown with the peer; an older peer's Applied (no source) is unknown."""
+    config = msgspec.structs.replace(broker.client_config(), name="engine-0")
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        connect(config, role="subscriber", context=zmq_ctx) as client,
+    ):
+        relayed = stack.enter_context(contextlib.closing(zmq_ctx.socket(zmq.DEALER)))
+        older = stack.enter_context(contextlib.closing(zmq_ctx.socket(zmq.DEALER)))
+        await client.subscribe(MODEL)
+        await publish_versions(broker, zmq_ctx, 1)
+        manifest = await asyncio.wait_for(client.next_manifest(MODEL, after=0), 10)
+        assert (manifest.version, client.manifest_fetches) == (1, 1)  # by digest, from the broker
+        assert client.manifest_source(MODEL, 1) == "broker"
+        await client.report_applied(MODEL, 1, pull_s=0.1, pause_s=0.01, nbytes=256)
+        # Raw peers: one whose manifest came from a relay peer, one too old to say.
+        for socket, peer_id, source in (
+            (relayed, "relayed", "peer:node-3"),
+            (older, "older", None),
+        ):
+            socket.setsockopt(zmq.LINGER, 0)
+            test_keys().apply(socket)
+            socket.connect(broker.endpoint)
+            await socket.send(encode(Hello(peer_id=peer_id, role="subscriber", name=peer_id)))
+            assert isinstance(decode_message(await socket.recv()), Welcome)
+            applied = (
+                Applied(model=MODEL, version=1, manifest_source=source)
+                if source is not None
+                else Applied(model=MODEL, version=1)
+            )
+            await socket.send(encode(applied))
+
+        async def sources() -> dict[str, Any] | None:
+            _, body = await get(broker, "/v1/subscribers")
+            rows = {r["name"]: r["manifest_source"] for r in body["subscribers"]}
+            return rows if len(rows) == 3 and rows["older"] is None else None
+
+        shown = await eventually(sources)
+        assert shown == {"engine-0": "broker", "relayed": "peer:node-3", "older": None}
+        _, text = await get(broker, "/metrics")
+    _, samples = parse_prometheus(text)
+    counted = {
+        source: samples[(APPLIED_MANIFEST_SOURCES_TOTAL, frozenset({("source", source)}))]
+        for source in MANIFEST_SOURCES
+    }
+    assert counted == {"broker": 1, "peer": 1, "unknown": 1}
+
+
 # /metrics
 
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>[^ ]+)$")
@@ -318,6 +371,7 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         PROTOCOL_ERRORS_TOTAL: "counter",
         ANNOUNCED_TOTAL: "counter",
         APPLIED_TOTAL: "counter",
+        APPLIED_MANIFEST_SOURCES_TOTAL: "counter",
         PULL_FAILURES_TOTAL: "counter",
         STATE_WRITE_ERRORS_TOTAL: "counter",
         LATEST_VERSION: "gauge",
@@ -341,6 +395,9 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
     assert all(name.startswith("weightstream_") for name in types)
     assert samples[(ANNOUNCED_TOTAL, frozenset())] == 2
     assert samples[(APPLIED_TOTAL, frozenset())] == 1
+    # It applied version 1 without having taken its manifest (it joined at version 2).
+    assert samples[(APPLIED_MANIFEST_SOURCES_TOTAL, frozenset({("source", "unknown")}))] == 1
+    assert samples[(APPLIED_MANIFEST_SOURCES_TOTAL, frozenset({("source", "broker")}))] == 0
     assert samples[(PROTOCOL_ERRORS_TOTAL, frozenset())] == 0
     assert samples[(MESSAGES_TOTAL, frozenset())] >= 6
     assert samples[(LATEST_VERSION, frozenset({("model", MODEL)}))] == 2

@@ -125,7 +125,7 @@ def test_gone_peers_and_their_rows_leave_after_their_ttl() -> None:
     reg.hello("sub", "subscriber", "host", 2, now=0.0)
     reg.subscribe("sub", MODEL)
     reg.goodbye("sub", now=1.0)
-    assert [r["state"] for r in fleet(reg, 2.0)[1]] == ["gone"]
+    assert [r.state for r in fleet(reg, 2.0)[1]] == ["gone"]
 
     reg.expire(now=61.5)
 
@@ -233,7 +233,7 @@ def test_a_staged_version_shows_as_staged_not_pulling() -> None:
     publish(reg, 1)
     reg.progress("sub", MODEL, 1, 100, 100, 5.0, "staged")
     [row] = fleet(reg, 1.0)[1]
-    assert (row["state"], row["pulling_version"], row["progress"]) == ("staged", 1, 1.0)
+    assert (row.state, row.pulling_version, row.progress) == ("staged", 1, 1.0)
     assert fleet(reg, 1.0, state="pulling") == (0, [])
 
 
@@ -260,3 +260,19 @@ def test_a_pending_version_whose_publisher_left_expires_at_once() -> None:
     [(_, _, reason)] = [r for r in reasons(out) if r[0] == "rank0"]
     assert reason.startswith("publisher rank1 is gone: ranks [2] of 3 never published")
     assert reg.models[MODEL].pending == {}
+
+
+def test_the_manifest_source_follows_the_applied_version() -> None:
+    """Kept per model with the applied version (cut like other peer text), kept across a
+    reconnect, and dropped when a newer version is learnt without one (a Heartbeat)."""
+    reg = registry()
+    reg.subscribe("sub", MODEL)
+    publish(reg, 1)
+    reg.applied("sub", MODEL, 1, 0.1, 0.01, now=1.0, manifest_source="peer:" + "n" * 1000)
+    [row] = fleet(reg, 1.0)[1]
+    assert row.manifest_source == "peer:" + "n" * (reg.limits.text_chars - 8) + "..."
+    reg.applied("sub", MODEL, 1, 0.1, 0.01, now=1.0, manifest_source="broker")
+    reg.hello("sub", "subscriber", "host", 1, now=2.0)
+    assert [r.manifest_source for r in fleet(reg, 2.0)[1]] == ["broker"]
+    reg.heartbeat("sub", {MODEL: 2}, now=3.0)
+    assert [(r.applied_version, r.manifest_source) for r in fleet(reg, 3.0)[1]] == [(2, None)]

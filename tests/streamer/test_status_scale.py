@@ -7,7 +7,17 @@ import asyncio
 import random
 from typing import Any
 
-from streamer.http import _SCAN_STEP, _behind, _scan, _state, _subscriber_row, fleet, fleet_async
+from streamer.http import (
+    _COUNT_COST,
+    _SCAN_STEP,
+    SubscriberRow,
+    _behind,
+    _scan,
+    _state,
+    _subscriber_row,
+    fleet,
+    fleet_async,
+)
 from streamer.metrics import BrokerStats, RegistryCollector, render, render_off_loop
 from streamer.registry import Registry
 from tests.streamer.test_announced import shard
@@ -24,7 +34,7 @@ def scan(
     model: str | None = None,
     state: str | None = None,
     min_lag: int | None = None,
-) -> tuple[int, list[dict[str, Any]]]:
+) -> tuple[int, list[SubscriberRow]]:
     """The page as the unindexed code made it: every peer sorted, every row considered."""
     rows = []
     for peer in sorted(reg.peers.values(), key=lambda p: p.peer_id):
@@ -154,7 +164,7 @@ async def test_the_http_scan_lets_the_loop_run_between_steps_and_matches_fleet()
 def test_a_peer_forgotten_during_a_pause_of_the_scan_is_skipped() -> None:
     reg = fleet_of(3 * _SCAN_STEP)
     ids = reg.subscriber_ids()
-    page: list[dict[str, Any]] = []
+    page: list[SubscriberRow] = []
     scan_ = _scan(reg, 5.0, page, 10_000, 0, None, None, None)
     next(scan_)  # paused after the first step
     late = ids[-1]
@@ -166,5 +176,40 @@ def test_a_peer_forgotten_during_a_pause_of_the_scan_is_skipped() -> None:
             next(scan_)
     except StopIteration as done:
         total = done.value
-    assert late not in {row["peer_id"] for row in page}
+    assert late not in {row.peer_id for row in page}
     assert total == len(page) == fleet(reg, 5.0, limit=10_000, offset=0)[0]
+
+
+def pauses(reg: Registry, **query: Any) -> int:
+    """How often `_scan` lets the loop run for this query."""
+    page: list[SubscriberRow] = []
+    scan_ = _scan(
+        reg,
+        5.0,
+        page,
+        query.get("limit", 1000),
+        query.get("offset", 0),
+        query.get("model"),
+        query.get("state"),
+        query.get("min_lag"),
+    )
+    count = 0
+    try:
+        while True:
+            next(scan_)
+            count += 1
+    except StopIteration:
+        return count
+
+
+def test_subscribers_only_counted_cost_a_fraction_of_a_step() -> None:
+    """Rows outside an unfiltered page are counted in steps `_COUNT_COST` times longer:
+    a small page of a large fleet does not pause (each pause is a loop turn a busy broker
+    makes it wait), a filtered or whole-fleet scan pauses every `_SCAN_STEP` subscribers."""
+    reg = fleet_of(3 * _SCAN_STEP)
+    subscribers = len(reg.subscriber_ids())
+    assert subscribers < _SCAN_STEP * _COUNT_COST
+    assert pauses(reg, limit=100) == 0
+    assert pauses(reg, limit=100, offset=5000) == 0
+    assert pauses(reg, limit=10_000) == (subscribers - 1) // _SCAN_STEP
+    assert pauses(reg, limit=100, state="idle") == (subscribers - 1) // _SCAN_STEP

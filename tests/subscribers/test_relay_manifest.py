@@ -28,6 +28,7 @@ from publishers.sources import synthetic_llama
 from schemas.frames import RelayManifestRead, RelayRead, decode_relay_read
 from schemas.messages import RelayOffer, RelaySource
 from streamer.client import PEER_MANIFEST_S, BrokerClient, connect
+from streamer.metrics import APPLIED_MANIFEST_SOURCES_TOTAL
 from streamer.transport import ZmqFrameSender
 from subscribers.relay import MAX_HELD, MAX_MANIFESTS_PER_MODEL, RelayError, RelayServer
 from subscribers.relay_client import RelayClient
@@ -251,6 +252,17 @@ async def test_relay_subscribers_take_the_manifest_from_peers_and_the_broker_ser
         assert fetches == {"node-0": (1, 0), "node-1": (0, 1), "node-2": (0, 1), "node-3": (0, 1)}
         assert all(n.client.peer_manifest_failures == 0 for n in nodes)
         assert await broker_bodies(broker) == 1 < NODES
+        # The broker's status says where each node took it (wait_applied: all Applied are in).
+        rows = (await get_json(f"{broker.url}/v1/subscribers"))["subscribers"]
+        assert {row["name"]: row["manifest_source"] for row in rows} == {
+            "node-0": "broker",
+            "node-1": "peer:node-0",
+            "node-2": "peer:node-0",
+            "node-3": "peer:node-1",
+        }
+        lines = (await get_text(f"{broker.url}/metrics")).splitlines()
+        assert f'{APPLIED_MANIFEST_SOURCES_TOTAL}{{source="broker"}} 1.0' in lines
+        assert f'{APPLIED_MANIFEST_SOURCES_TOTAL}{{source="peer"}} {NODES - 1:.1f}' in lines
         # Every node serves the body it took, under its digest, byte for byte the broker's.
         root_relay = nodes[0].subscriber.relay
         assert root_relay is not None

@@ -31,6 +31,7 @@ def test_status_shows_pending_unreadable_and_expired_versions_and_staged_rows() 
         "last_pull_s": None,
         "last_pause_s": None,
         "last_error": None,
+        "manifest_source": "peer:node-3",
     }
     text = render_status({"models": [model], "subscribers": [row], "subscribers_total": 3})
 
@@ -39,4 +40,5 @@ def test_status_shows_pending_unreadable_and_expired_versions_and_staged_rows() 
     assert "v2 expired, ranks 1 missing" in text
     [line] = [line for line in text.splitlines() if line.startswith("node-7")]
     assert "staged" in line.split()
+    assert "node-3" in line.split()  # the manifest's source, without "peer:"
     assert "(2 more subscriber rows: GET /v1/subscribers?offset=1)" in text
