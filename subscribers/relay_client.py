@@ -82,6 +82,22 @@ _GONE_EVENTS = (
 """A relay whose connection closes (a killed process), refuses us, or fails the handshake."""
 
 
+_Peer = tuple[str, str, int]
+"""(endpoint, server key, frame class): sockets are pooled by all three."""
+_MIN_FRAME_CLASS = 64 * 1024
+"""The smallest frame bound a relay socket takes (any reply header fits)."""
+
+
+def _frame_class(nbytes: int) -> int:
+    """The power of two >= `nbytes` (at least 64 KiB): a read's socket takes no larger frame,
+    and reads of similar sizes share sockets.
+
+    >>> _frame_class(1), _frame_class(65537), _frame_class(64 << 20)
+    (65536, 131072, 67108864)
+    """
+    return max(_MIN_FRAME_CLASS, 1 << max(0, nbytes - 1).bit_length())
+
+
 def _wait_s(deadline: float) -> float:
     """The `wait_s` of a read due by `deadline`: the relay answers `not_verified` a little
     before it, so that a holder that is alive but behind is told apart from a dead or frozen
@@ -102,7 +118,8 @@ class RelayClient:
 
     def __init__(self) -> None:
         self._ctx = zmq.Context()
-        self._idle: dict[tuple[str, str], list[_Link]] = defaultdict(list)
+        self._idle: dict[_Peer, list[_Link]] = defaultdict(list)
+        """Sockets in step, by relay and frame class (`_frame_class`)."""
         self._links: list[_Link] = []
         self._client_keys: tuple[bytes, bytes] | None = None
         self._lock = threading.Lock()
@@ -135,7 +152,7 @@ class RelayClient:
             locate=one_sided is not None,
         )
         what = f"{model} version {version} region {region} offset {offset}"
-        reply, frames = self._exchange(source, read, what, deadline)
+        reply, frames = self._exchange(source, read, what, deadline, nbytes)
         if reply.code != "ok":
             raise RelayError(
                 f"relay {name} refused a read ({reply.code}): {reply.detail}", code=reply.code
@@ -185,7 +202,7 @@ class RelayClient:
             wait_s=_wait_s(deadline),
         )
         what = f"the manifest of {model} version {version}"
-        reply, frames = self._exchange(source, read, what, deadline)
+        reply, frames = self._exchange(source, read, what, deadline, nbytes_max)
         if reply.code != "ok":
             raise RelayError(
                 f"relay {name} refused a manifest read ({reply.code}): {reply.detail}",
@@ -205,13 +222,15 @@ class RelayClient:
         request: RelayRead | RelayManifestRead,
         what: str,
         deadline: float,
+        max_bytes: int,
     ) -> tuple[RelayReply, list[zmq.Frame]]:
         """Send `request` on a socket to `source` lent for it, return its reply (and its
         frames) by `deadline`; raises RelayError (a closed connection, by the monitor;
         garbage) or RelayTimeout. Late answers to earlier requests on the same socket are
         skipped. A socket that answered in step is kept for the next read; any other is
-        closed."""
-        peer = (source.endpoint, source.server_key)
+        closed. The socket takes no frame over `max_bytes`' class: a relay that sends a
+        larger one is disconnected by libzmq before the bytes are buffered (a RelayError)."""
+        peer = (source.endpoint, source.server_key, _frame_class(max_bytes))
         link = self._checkout(peer)
         try:
             answer = self._exchange_frames(link, source, request, what, deadline)
@@ -264,20 +283,21 @@ class RelayClient:
         """Close idle sockets to relays not among `sources` (bounds the sockets kept)."""
         keep = {(source.endpoint, source.server_key) for source in sources}
         with self._lock:
-            for peer in [peer for peer in self._idle if peer not in keep]:
+            for peer in [peer for peer in self._idle if peer[:2] not in keep]:
                 for link in self._idle.pop(peer):
                     self._links.remove(link)
                     link.close()
 
-    def _checkout(self, peer: tuple[str, str]) -> _Link:
+    def _checkout(self, peer: _Peer) -> _Link:
         with self._lock:
             if self._idle.get(peer):
                 return self._idle[peer].pop()
-        endpoint, server_key = peer
+        endpoint, server_key, max_frame_bytes = peer
         socket = self._ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.SNDHWM, _HWM)
         socket.setsockopt(zmq.RCVHWM, _HWM)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         link = _Link(socket, socket.get_monitor_socket(_GONE_EVENTS))
         try:
             if server_key:
@@ -296,7 +316,7 @@ class RelayClient:
             self._links.append(link)
         return link
 
-    def _checkin(self, peer: tuple[str, str], link: _Link) -> None:
+    def _checkin(self, peer: _Peer, link: _Link) -> None:
         with self._lock:
             self._idle[peer].append(link)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
@@ -27,7 +29,7 @@ from hypothesis import given, settings, strategies as st
 
 from publishers.publisher import Publisher, open_publisher
 from publishers.sources import synthetic_llama
-from schemas.frames import RelayRead, decode_relay_read, decode_relay_reply
+from schemas.frames import RelayRead, RelayReply, decode_relay_read, decode_relay_reply
 from schemas.messages import RelaySource, Retire, Route
 from streamer.client import connect
 from streamer.transport import ZmqFrameReceiver, ZmqFrameSender
@@ -531,6 +533,42 @@ async def test_hostile_relay_frames_get_an_error_reply_and_kill_nothing(
     }
     assert report.sources == {"holder": total(manifest)}
     assert holds_version(read, manifest, 1)
+
+
+def test_a_relay_that_answers_with_a_frame_far_past_the_read_is_cut_off_unread(
+    relay_client: RelayClient,
+) -> None:
+    """A hostile relay answers a 4 KiB read with a 64 MiB frame: the reader's socket takes no
+    frame past the read's class (64 KiB here), so libzmq drops the connection before buffering
+    it, and the read fails at once (its reader then fails over), not at the deadline."""
+    context = zmq.Context()
+    hostile = context.socket(zmq.ROUTER)
+    hostile.setsockopt(zmq.LINGER, 0)
+    port = hostile.bind_to_random_port("tcp://127.0.0.1")
+    source = RelaySource(name="hostile", endpoint=f"tcp://127.0.0.1:{port}")
+    payload = b"\0" * (64 << 20)
+
+    def serve() -> None:
+        if hostile.poll(10_000):
+            identity, request = hostile.recv_multipart()
+            read = decode_relay_read(request)
+            reply = msgspec.msgpack.encode(RelayReply(request_id=read.request_id, code="ok"))
+            hostile.send_multipart([identity, reply, payload])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    into = bytearray(4096)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(into))
+    started = time.monotonic()
+    try:
+        with pytest.raises(RelayError, match="is gone"):
+            relay_client.read(source, MODEL, 1, 0, 0, 4096, address, time.monotonic() + 20)
+        elapsed_s = time.monotonic() - started
+    finally:
+        server.join(timeout=10)
+        context.destroy(linger=0)
+    assert elapsed_s < 10  # at once (the connection dropped), not at the 20 s deadline
+    assert bytes(into) == bytes(4096)  # nothing written
 
 
 async def test_relay_client_raises_relay_error_for_a_dropped_version(
