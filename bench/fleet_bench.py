@@ -968,16 +968,17 @@ class Bench:
     ) -> Round | None:
         fleet, args = self.fleet, self.args
         nbytes = self.manifest_bytes[size]
-        # protocol 1 sends the manifest to everyone (one frame per node in node mode); protocol
-        # 2 with one fetch per subscriber too, per node `connections` copies, per process
-        # `workers` copies
+        # protocol 1 sends the manifest to everyone (a round's Announce is one frame per node
+        # in node mode, but switching to protocol 1 re-subscribes every member, and each gets
+        # the latest Announce of its own); protocol 2 with one fetch per subscriber too, per
+        # node `connections` copies, per process `workers` copies
         copies = {
             "subscriber": args.subscribers,
             "node": connections(args),
             "process": args.workers,
         }[args.fetch]
         if protocol == 1:
-            copies = connections(args)
+            copies = args.subscribers
         if copies * nbytes > args.max_fanout_gib * (1 << 30):
             note = (
                 f"protocol {protocol} (fetch={args.fetch}), {size} manifest ({nbytes / 1e6:.2f} MB)"
