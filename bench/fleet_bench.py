@@ -1,8 +1,8 @@
 """The control plane at fleet scale (issue 10): one broker process, thousands of subscribers.
 
     PYTHONPATH=. python bench/fleet_bench.py [--subscribers 10000] [--workers 4] [--rounds 5]
-        [--sizes small,large] [--protocols 2,1] [--fetch subscriber|process] [--no-curve]
-        [--status] [--json out.json]
+        [--sizes small,large] [--protocols 2,1] [--fetch subscriber|node|process] [--no-curve]
+        [--per-node 8] [--status] [--json out.json]
 
 `weightstream broker` runs as a real process (CURVE keys and an allowlist, like the tests;
 `--no-curve` for a plain socket). The subscribers are raw ZeroMQ DEALER sockets spread over
@@ -24,8 +24,19 @@ again with the other protocol version and re-subscribes. A protocol-1 round whos
 (subscribers x manifest) exceeds `--max-fanout-gib` is not run (it would queue that much in
 the broker: say 10,000 x 2 MB = 20 GB per version) and is reported as such.
 
+Node mode (`--per-node M`, M > 1): each worker opens count/M DEALER connections ("nodes",
+routing id node-<worker>-<k>, one CURVE handshake each), each speaking for M subscribers as a
+`streamer.node_link.NodeLink` does on the wire: every member sends its own Hello, Subscribe,
+Heartbeat and FetchManifest as [member id, message]; the broker names it "node-w-k/member" and
+sends a message for several members of a node as one frame [member ids joined by " ",
+message]. A worker decodes such a frame once and hands it to each member named (what a link
+does for its engines; here they are in-process, so the link's local hop is not in the figure:
+bench/link_handoff_bench.py measures it). `--fetch node`: the first member of a node to see a
+digest fetches it, the node's others wait for it (the link's per-node manifest cache).
+
 Also measured: broker CPU per version (utime+stime from /proc/<pid>/stat over the round,
-less the heartbeat-only rate measured before the rounds), broker RSS per subscriber (VmRSS
+less the heartbeat-only rate measured before the rounds), the subscriber workers' CPU over
+the round (all of it, heartbeats included), broker RSS per subscriber (VmRSS
 after everyone subscribed, less before anyone connected, / N), and peers the broker marked
 gone (`/v1/subscribers?state=gone`) and `unknown_peer` errors the subscribers got, which must
 stay 0. With `--status`: `/v1/subscribers` (pages, filters) and `weightstream status` timed
@@ -167,18 +178,25 @@ class WorkerSpec:
     """(client public, client secret, broker public), z85."""
     protocol: int = 2
     """The protocol of the first Hello."""
+    per_node: int = 1
+    """Members per connection: 1, a DEALER per subscriber; more, a DEALER per node speaking
+    for that many members as a `NodeLink` does on the wire ([member, message] both ways)."""
 
 
 @dataclass
 class _Sock:
-    socket: zmq.Socket[bytes]
+    """One subscriber: its own connection (`route` None) or a member of a node's (`route`
+    its member id, the first frame of everything it sends and of what the broker sends it)."""
+
+    conn: int
+    """Its connection's index in `_Worker.sockets`."""
+    route: bytes | None = None
     protocol: int = 2
     welcomed: bool = False
     subscribed: bool = False
     latest: int | None = None
     held: int | None = None
     """The newest version this subscriber is notified of (announcement and manifest)."""
-    digests: set[str] = field(default_factory=set)
     request_id: int = 0
     """Counted per subscriber from 1, as `BrokerClient` counts them."""
     joined: bool = False
@@ -187,7 +205,8 @@ class _Sock:
 
 
 class _Worker:
-    """`count` subscribers in one process; answers the orchestrator over a Pipe."""
+    """`count` subscribers in one process, on `count / per_node` connections; answers the
+    orchestrator over a Pipe."""
 
     def __init__(self, spec: WorkerSpec, conn: multiprocessing.connection.Connection) -> None:
         self.spec = spec
@@ -195,12 +214,16 @@ class _Worker:
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
         self.context.set(zmq.MAX_SOCKETS, spec.count + 64)
         self.socks: list[_Sock] = []
-        self.by_socket: dict[zmq.Socket[bytes], int] = {}
+        self.sockets: list[zmq.Socket[bytes]] = []
+        """The connections: one per subscriber, or one per node."""
+        self.members: list[dict[bytes, int]] = []
+        """Per connection in node mode: member id -> index in `socks`."""
         self.epoll = select.epoll()
         """One wake-up costs O(ready sockets), not O(sockets) as zmq.Poller's would."""
         self.by_fd: dict[int, int] = {}
+        """A connection's ZMQ_FD -> its index in `sockets`."""
         self.recheck: set[int] = set()
-        """Sockets to look at again: a send can take the edge of their ZMQ_FD."""
+        """Connections to look at again: a send can take the edge of their ZMQ_FD."""
         self.interval_s = 1.0
         self.base_interval_s = 1.0
         """The broker's interval (Welcome); `interval_s` is it, or its pacing if longer."""
@@ -213,11 +236,13 @@ class _Worker:
         self.t_announce: list[float] = []
         self.t_notified: list[float] = []
         self.reported = True
-        self.process_digests: set[str] = set()
-        self.waiting: dict[str, list[int]] = {}
-        """process fetch mode: digest -> sockets waiting on the one fetch in flight."""
+        self.cached: set[tuple[int, str]] = set()
+        """(scope, digest) of manifests held: per subscriber, node or process (`_scope`)."""
+        self.waiting: dict[tuple[int, str], list[int]] = {}
+        """(scope, digest) -> subscribers waiting on the one fetch in flight for it."""
         self.validated: set[str] = set()
         self.connected = 0
+        """Connections connected so far (`ramp`)."""
         self.joined = 0
         self.versions_of: dict[str, int] = {}
         self.notified_count = 0
@@ -228,56 +253,91 @@ class _Worker:
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
 
+    def _peer_id(self, i: int) -> str:
+        return f"fleet-{self.spec.index}-{i}"
+
+    def _new_socket(self, routing_id: str) -> zmq.Socket[bytes]:
+        s: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, routing_id.encode())
+        s.setsockopt(zmq.LINGER, 0)
+        # a node's connection carries its members' messages: its queues grow with them
+        s.setsockopt(zmq.SNDHWM, 1000 * self.spec.per_node)
+        s.setsockopt(zmq.RCVHWM, 1000 * self.spec.per_node)
+        if self.spec.curve is not None:
+            public, secret, server = self.spec.curve
+            s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server
+        fd = int(s.getsockopt(zmq.FD))
+        self.by_fd[fd] = len(self.sockets)
+        self.epoll.register(fd, select.EPOLLIN)
+        self.sockets.append(s)
+        return s
+
     def open(self) -> None:
+        m = self.spec.per_node
         for i in range(self.spec.count):
-            s: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
-            s.setsockopt(zmq.ROUTING_ID, f"fleet-{self.spec.index}-{i}".encode())
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 1000)
-            s.setsockopt(zmq.RCVHWM, 1000)
-            if self.spec.curve is not None:
-                public, secret, server = self.spec.curve
-                s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server
-            self.socks.append(_Sock(socket=s))
-            self.by_socket[s] = i
-            fd = int(s.getsockopt(zmq.FD))
-            self.by_fd[fd] = i
-            self.epoll.register(fd, select.EPOLLIN)
+            if m == 1:
+                self._new_socket(self._peer_id(i))
+                self.socks.append(_Sock(conn=i))
+                continue
+            if i % m == 0:
+                self._new_socket(f"node-{self.spec.index}-{i // m}")
+                self.members.append({})
+            route = self._peer_id(i).encode()
+            self.members[-1][route] = i
+            self.socks.append(_Sock(conn=len(self.sockets) - 1, route=route))
+
+    def _members_of(self, c: int) -> range:
+        m = self.spec.per_node
+        return range(c * m, min((c + 1) * m, len(self.socks)))
 
     def ramp(self) -> None:
-        """Connect the next sockets, at most `_JOINING` waiting for their Welcome at once (a
-        storm of 10,000 connects left ~10 % never joined here)."""
-        while self.connected < len(self.socks) and self.connected - self.joined < _JOINING:
-            sock = self.socks[self.connected]
-            sock.socket.connect(self.spec.endpoint)
+        """Connect the next connections, at most `_JOINING` subscribers' worth waiting for
+        their Welcome at once (a storm of 10,000 connects left ~10 % never joined here)."""
+        m = self.spec.per_node
+        while (
+            self.connected < len(self.sockets)
+            and min(self.connected * m, len(self.socks)) - self.joined < _JOINING * m
+        ):
+            self.sockets[self.connected].connect(self.spec.endpoint)
             self.connected += 1
-            self.hello(self.spec.protocol, only=self.connected - 1)
+            self.hello(self.spec.protocol, conn=self.connected - 1)
 
-    def hello(self, protocol: int, only: int | None = None) -> None:
+    def hello(self, protocol: int, conn: int | None = None) -> None:
+        """Every subscriber (or those of connection `conn`) says Hello with `protocol`."""
         self.ready_pending = True
-        for i, sock in enumerate(self.socks):
-            if only is not None and i != only:
-                continue
+        members = range(len(self.socks)) if conn is None else self._members_of(conn)
+        for i in members:
+            sock = self.socks[i]
             sock.protocol, sock.welcomed, sock.subscribed = protocol, False, False
             hello = Hello(
-                peer_id=f"fleet-{self.spec.index}-{i}",
+                peer_id=self._peer_id(i),
                 role="subscriber",
                 protocol_version=protocol,
                 host="fleet-bench",
                 pid=os.getpid(),
-                name=f"fleet-{self.spec.index}-{i}",
+                name=self._peer_id(i),
             )
             self._send(sock, hello)
 
-    def _send(self, sock: _Sock, message: Any) -> None:
+    def _send_bytes(self, sock: _Sock, data: bytes) -> bool:
+        socket = self.sockets[sock.conn]
         try:
-            sock.socket.send(encode(message), flags=zmq.NOBLOCK)
+            if sock.route is None:
+                socket.send(data, flags=zmq.NOBLOCK)
+            else:
+                socket.send_multipart([sock.route, data], flags=zmq.NOBLOCK)
         except zmq.Again:
+            return False
+        finally:
+            self.recheck.add(sock.conn)
+        return True
+
+    def _send(self, sock: _Sock, message: Any) -> None:
+        if not self._send_bytes(sock, encode(message)):
             self.count("send_full")
-        self.recheck.add(self.by_socket[sock.socket])
 
     def _ready(self) -> bool:
-        return self.connected == len(self.socks) and all(
+        return self.connected == len(self.sockets) and all(
             s.welcomed and s.subscribed and (s.latest is None or s.held == s.latest)
             for s in self.socks
         )
@@ -297,6 +357,16 @@ class _Worker:
             self.t_notified[i] = now
             self.notified_count += 1
 
+    def _scope(self, i: int) -> int:
+        """Who shares a fetched manifest: the subscriber, its node (connection) or the
+        whole process (`--fetch subscriber | node | process`)."""
+        match self.spec.fetch:
+            case "subscriber":
+                return i
+            case "node":
+                return self.socks[i].conn
+        return 0
+
     def _fetch(self, i: int, version: int, digest: str) -> None:
         sock = self.socks[i]
         sock.request_id += 1
@@ -308,9 +378,8 @@ class _Worker:
             ),
         )
 
-    def handle(self, i: int, data: bytes, now: float) -> None:
+    def handle(self, i: int, message: Any, now: float) -> None:
         sock = self.socks[i]
-        message = self._decode(data)
         match message:
             case Alive(heartbeat_at_least_s=pace):
                 self.count("alive")
@@ -324,17 +393,13 @@ class _Worker:
                 self.count("announced")
                 if version == self.expect and not self.t_announce[i]:
                     self.t_announce[i] = now
-                if self.spec.fetch == "process":
-                    if digest in self.process_digests:
-                        self._notified(i, version, now)
-                    elif digest in self.waiting:
-                        self.waiting[digest].append(i)
-                    else:
-                        self.waiting[digest] = [i]
-                        self._fetch(i, version, digest)
-                elif digest in sock.digests:
+                key = (self._scope(i), digest)
+                if key in self.cached:
                     self._notified(i, version, now)
+                elif key in self.waiting:
+                    self.waiting[key].append(i)
                 else:
+                    self.waiting[key] = [i]
                     self._fetch(i, version, digest)
                 sock.latest = max(sock.latest or 0, version)
             case ManifestBody(digest=digest, body=body):
@@ -349,14 +414,10 @@ class _Worker:
                     self.versions_of[digest] = manifest.version
                 sock.fetching.discard(digest)
                 version = self.versions_of[digest]
-                sock.digests.add(digest)
-                if self.spec.fetch == "process":
-                    self.process_digests.add(digest)
-                    for j in self.waiting.pop(digest, [i]):
-                        self.socks[j].digests.add(digest)
-                        self._notified(j, version, now)
-                else:
-                    self._notified(i, version, now)
+                key = (self._scope(i), digest)
+                self.cached.add(key)
+                for j in self.waiting.pop(key, [i]):
+                    self._notified(j, version, now)
             case Welcome(heartbeat_interval_s=interval, heartbeat_at_least_s=pace):
                 if not sock.joined:
                     sock.joined = True
@@ -386,7 +447,7 @@ class _Worker:
         self._send(
             sock,
             Hello(
-                peer_id=f"fleet-{self.spec.index}-{i}",
+                peer_id=self._peer_id(i),
                 role="subscriber",
                 protocol_version=sock.protocol,
                 host="fleet-bench",
@@ -396,7 +457,7 @@ class _Worker:
 
     def _pace(self, interval: float, now: float) -> None:
         """The broker paces the fleet (as `BrokerClient._paced`): one interval for every
-        socket of this process, the schedule re-anchored so that no socket skips a beat."""
+        subscriber of this process, the schedule re-anchored so that none skips a beat."""
         if interval == self.interval_s or self.hb_epoch is None:
             return
         self.count("pace_changes")
@@ -425,12 +486,7 @@ class _Worker:
             if data is None:
                 report = {} if applied is None else {self.spec.model: applied}
                 data = self.heartbeat_bytes[applied] = encode(Heartbeat(applied=report))
-            try:
-                sock.socket.send(data, flags=zmq.NOBLOCK)
-                self.count("heartbeat")
-                self.recheck.add(index)
-            except zmq.Again:
-                self.count("heartbeat_full")
+            self.count("heartbeat" if self._send_bytes(sock, data) else "heartbeat_full")
 
     def command(self, cmd: tuple[Any, ...]) -> bool:
         match cmd:
@@ -458,14 +514,33 @@ class _Worker:
         self.reported = True
         self.conn.send(("report", self.expect, self.t_announce, self.t_notified))
 
-    def drain(self, i: int) -> None:
-        """Read what socket i holds (64 frames at most, then it is looked at again)."""
-        socket = self.socks[i].socket
+    def drain(self, c: int) -> None:
+        """Read what connection c holds (64 frames at most, then it is looked at again). A
+        node's frame [members, message] is decoded once and handled for each member named,
+        as a `NodeLink` hands one frame to its engines (here in this process)."""
+        socket = self.sockets[c]
         for _ in range(64):
             if not int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return
-            self.handle(i, socket.recv(flags=zmq.NOBLOCK), time.monotonic())
-        self.recheck.add(i)
+            if self.spec.per_node == 1:
+                self.handle(c, self._decode(socket.recv(flags=zmq.NOBLOCK)), time.monotonic())
+                continue
+            frames = socket.recv_multipart(flags=zmq.NOBLOCK)
+            if len(frames) != 2:
+                self.count("to_node_itself")  # the broker refused what the node sent
+                continue
+            message, now = self._decode(frames[1]), time.monotonic()
+            members = self.members[c]
+            named = frames[0].split(b" ")
+            if len(named) > 1:
+                self.count("fan_out_frames")
+            for member in named:
+                i = members.get(member)
+                if i is None:
+                    self.count("unknown_member")
+                else:
+                    self.handle(i, message, now)
+        self.recheck.add(c)
 
     def run(self) -> None:
         self.open()
@@ -487,8 +562,8 @@ class _Worker:
                         running = self.command(self.conn.recv())
                 else:
                     ready.add(self.by_fd[fd])
-            for i in ready:
-                self.drain(i)
+            for c in ready:
+                self.drain(c)
             if not self.reported and self.notified_count == len(self.socks):
                 self.report()
             if self.ready_pending and now >= next_check and self._ready():
@@ -599,6 +674,12 @@ def bare_router_bytes_per_connection(n: int, curve: bool) -> float:
         context.destroy(linger=0)
 
 
+def connections(args: argparse.Namespace) -> int:
+    """The fleet's connections to the broker: one per subscriber, or per node."""
+    n, w, m = args.subscribers, args.workers, args.per_node
+    return sum(-(-(n // w + (1 if i < n % w else 0)) // m) for i in range(w))
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -693,7 +774,14 @@ class Fleet:
             count = n // w + (1 if index < n % w else 0)
             ours, theirs = spawn.Pipe()
             spec = WorkerSpec(
-                index, count, self.endpoint, MODEL, self.args.fetch, self.curve(), self.protocol
+                index,
+                count,
+                self.endpoint,
+                MODEL,
+                self.args.fetch,
+                self.curve(),
+                self.protocol,
+                per_node=self.args.per_node,
             )
             process = spawn.Process(target=_worker_main, args=(spec, theirs), daemon=True)
             process.start()
@@ -736,6 +824,9 @@ class Fleet:
                 totals[k] = totals.get(k, 0) + v
             late = max(late, late_s)
         return totals, late
+
+    def workers_cpu_s(self) -> float:
+        return sum(proc_cpu_s(p.pid) for p in self.workers if p.pid is not None)
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
@@ -847,6 +938,8 @@ class Round:
     cpu_s: float
     cpu_net_s: float
     window_s: float
+    workers_cpu_s: float = 0.0
+    """CPU of all subscriber worker processes over the round (heartbeats included)."""
     label: str = ""
 
     def line(self) -> str:
@@ -855,7 +948,8 @@ class Round:
             f"manifest={self.manifest_bytes / 1e3:8.1f} KB  notified p50/p99/max="
             f"{self.p50_ms:7.1f}/{self.p99_ms:7.1f}/{self.max_ms:7.1f} ms  announce p99="
             f"{self.announce_p99_ms:7.1f} ms  broker cpu={self.cpu_s * 1e3:6.0f} ms "
-            f"(net {self.cpu_net_s * 1e3:6.0f})  missing={self.missing}"
+            f"(net {self.cpu_net_s * 1e3:6.0f})  workers cpu={self.workers_cpu_s * 1e3:6.0f} ms"
+            f"  window={self.window_s * 1e3:6.0f} ms  missing={self.missing}"
         )
 
 
@@ -874,9 +968,17 @@ class Bench:
     ) -> Round | None:
         fleet, args = self.fleet, self.args
         nbytes = self.manifest_bytes[size]
-        # protocol 1 sends the manifest to everyone; protocol 2 with one fetch per subscriber
-        # too (over the same broker socket), with one fetch per process `workers` copies
-        copies = args.subscribers if protocol == 1 or args.fetch == "subscriber" else args.workers
+        # protocol 1 sends the manifest to everyone (a round's Announce is one frame per node
+        # in node mode, but switching to protocol 1 re-subscribes every member, and each gets
+        # the latest Announce of its own); protocol 2 with one fetch per subscriber too, per
+        # node `connections` copies, per process `workers` copies
+        copies = {
+            "subscriber": args.subscribers,
+            "node": connections(args),
+            "process": args.workers,
+        }[args.fetch]
+        if protocol == 1:
+            copies = args.subscribers
         if copies * nbytes > args.max_fanout_gib * (1 << 30):
             note = (
                 f"protocol {protocol} (fetch={args.fetch}), {size} manifest ({nbytes / 1e6:.2f} MB)"
@@ -897,6 +999,7 @@ class Bench:
             await client.publish(MODEL, version, rank, len(shards), shard)
         # t0: the last rank's shard leaves; the broker assembles, validates and announces
         cpu0 = proc_cpu_s(fleet.pid)
+        workers_cpu0 = fleet.workers_cpu_s()
         t0 = time.monotonic()
         published = await client.publish(MODEL, version, len(shards) - 1, len(shards), shards[-1])
         assert published.complete, published
@@ -907,6 +1010,7 @@ class Bench:
             reports = await fleet.gather("report", 30)
         window = time.monotonic() - t0
         cpu = proc_cpu_s(fleet.pid) - cpu0
+        workers_cpu = fleet.workers_cpu_s() - workers_cpu0
         notified = [t - t0 for _, _, _, ts in reports for t in ts if t]
         announced = [t - t0 for _, _, ts, _ in reports for t in ts if t]
         missing = args.subscribers - len(notified)
@@ -926,6 +1030,7 @@ class Bench:
             cpu_s=cpu,
             cpu_net_s=max(0.0, cpu - self.idle_cpu_rate * window),
             window_s=window,
+            workers_cpu_s=workers_cpu,
             label=label,
         )
         print(result.line(), flush=True)
@@ -1071,6 +1176,7 @@ def summarize(rounds: list[Round]) -> list[dict[str, Any]]:
                 "announce_p99_ms": statistics.median(r.announce_p99_ms for r in rs),
                 "cpu_ms": statistics.median(r.cpu_s for r in rs) * 1e3,
                 "cpu_net_ms": statistics.median(r.cpu_net_s for r in rs) * 1e3,
+                "workers_cpu_ms": statistics.median(r.workers_cpu_s for r in rs) * 1e3,
                 "missing": sum(r.missing for r in rs),
             }
         )
@@ -1090,6 +1196,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_before": os.getloadavg(),
         "subscribers": args.subscribers,
         "workers": args.workers,
+        "per_node": args.per_node,
+        "connections": connections(args),
         "curve": args.curve,
         "fetch": args.fetch,
         "heartbeat_s": args.heartbeat_s,
@@ -1111,7 +1219,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["rss_before_mb"] = rss0 / 1e6
         results["rss_per_subscriber_kb"] = (rss1 - rss0) / args.subscribers / 1e3
         results["bare_router_per_connection_kb"] = (
-            bare_router_bytes_per_connection(min(args.subscribers, 2000), args.curve) / 1e3
+            bare_router_bytes_per_connection(min(connections(args), 2000), args.curve) / 1e3
         )
         # this checkout's Registry (not an older broker's)
         results["registry_per_subscriber_kb"] = (
@@ -1180,20 +1288,21 @@ def _assembled(shards: list[Shard], version: int) -> Any:
 def print_summary(results: dict[str, Any]) -> None:
     print()
     print(
-        f"{results['subscribers']} subscribers, {results['workers']} worker processes, "
+        f"{results['subscribers']} subscribers on {results['connections']} connections "
+        f"({results['per_node']} per node), {results['workers']} worker processes, "
         f"curve={results['curve']}, fetch={results['fetch']}, heartbeat {results['heartbeat_s']} s"
     )
     print(
         "| case | protocol | rounds | manifest | notified p50 | p99 | max | announce p99 "
-        "| broker CPU / version (net of heartbeats) | missing |"
+        "| broker CPU / version (net of heartbeats) | workers CPU | missing |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results["summary"]:
         print(
             f"| {row['case']} | {row['protocol']} | {row['rounds']} | {row['manifest_kb']:.1f} KB "
             f"| {row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms | {row['max_ms']:.1f} ms "
             f"| {row['announce_p99_ms']:.1f} ms | {row['cpu_ms']:.0f} ms ({row['cpu_net_ms']:.0f}) "
-            f"| {row['missing']} |"
+            f"| {row['workers_cpu_ms']:.0f} ms | {row['missing']} |"
         )
     for note in results["skipped"]:
         print(f"- {note}")
@@ -1221,7 +1330,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per size and protocol")
     parser.add_argument("--sizes", default="small,large", help=f"of {list(SIZES)}")
     parser.add_argument("--protocols", default="2,1", help="alternated round by round")
-    parser.add_argument("--fetch", choices=("subscriber", "process"), default="subscriber")
+    parser.add_argument(
+        "--per-node",
+        type=int,
+        default=1,
+        help="subscribers per connection (a node link's members; 1: a connection each)",
+    )
+    parser.add_argument("--fetch", choices=("subscriber", "node", "process"), default="subscriber")
     parser.add_argument("--no-curve", dest="curve", action="store_false")
     parser.add_argument("--heartbeat-s", type=float, default=1.0, help="the broker's interval")
     parser.add_argument("--peer-timeout-s", type=float, default=10.0)
