@@ -514,6 +514,30 @@ class _Worker:
         self.reported = True
         self.conn.send(("report", self.expect, self.t_announce, self.t_notified))
 
+    def _take_push(self, c: int, message: Any, now: float) -> None:
+        """A manifest the broker pushed to node c (as a `NodeLink` keeps it): checked against
+        its digest, validated once per process, then held for the node's scope, so that its
+        members' announcement finds it (`--fetch subscriber` ignores pushes: no link cache)."""
+        if not isinstance(message, ManifestBody):
+            self.count(f"pushed_{type(message).__name__}")
+            return
+        self.count("manifest_pushed")
+        if self.spec.fetch == "subscriber":
+            return
+        if hashlib.sha256(message.body).hexdigest() != message.digest:
+            self.count("bad_manifest_push")
+            return
+        digest = message.digest
+        if digest not in self.validated:
+            manifest = decode_manifest(message.body)
+            validate_manifest(manifest, ManifestLimits())
+            self.validated.add(digest)
+            self.versions_of[digest] = manifest.version
+        key = (0 if self.spec.fetch == "process" else c, digest)
+        self.cached.add(key)
+        for j in self.waiting.pop(key, []):
+            self._notified(j, self.versions_of[digest], now)
+
     def drain(self, c: int) -> None:
         """Read what connection c holds (64 frames at most, then it is looked at again). A
         node's frame [members, message] is decoded once and handled for each member named,
@@ -530,6 +554,9 @@ class _Worker:
                 self.count("to_node_itself")  # the broker refused what the node sent
                 continue
             message, now = self._decode(frames[1]), time.monotonic()
+            if not frames[0]:  # pushed to the node itself, ahead of an announcement
+                self._take_push(c, message, now)
+                continue
             members = self.members[c]
             named = frames[0].split(b" ")
             if len(named) > 1:
@@ -716,6 +743,7 @@ class Fleet:
                 if args.max_heartbeats_per_s is not None
                 else ""
             )
+            + ("" if args.push else "link_manifest_push = false\n")
         )
         profile = ["-m", "cProfile", "-o", args.broker_profile] if args.broker_profile else []
         cmd = [
@@ -1356,6 +1384,13 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--status", action="store_true", help="also the status phase")
     parser.add_argument("--status-repeats", type=int, default=10)
+    parser.add_argument(
+        "--no-push",
+        dest="push",
+        action="store_false",
+        help="node mode: the broker pushes no manifest to the nodes (`link_manifest_push = "
+        "false`), as for links whose engines take manifests from relay peers",
+    )
     parser.add_argument("--broker-log-level", default="WARNING")
     parser.add_argument(
         "--broker-pythonpath", help="run the broker of another checkout (a same-run baseline)"

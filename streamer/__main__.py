@@ -94,6 +94,14 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 2; 0: no routes, every subscriber reads from the trainer)",
     )
     parser.add_argument(
+        "--no-link-manifest-push",
+        dest="link_manifest_push",
+        action="store_const",
+        const=False,
+        help="do not push manifests to node links with their announcements (their engines "
+        "then fetch them, through the link's cache, or take them from relay peers)",
+    )
+    parser.add_argument(
         "--discard-bad-state",
         action="store_true",
         default=None,

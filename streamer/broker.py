@@ -118,6 +118,8 @@ _BODIES_CACHED = 8
 with the same request ids, and then share one frame instead of a copy of the body each."""
 _STATE_ERROR_LOG_S = 60.0
 _MEMBERS_PER_FRAME = 256
+_PUSHED = 65_536
+"""(link, digest) pushes remembered: a few versions of a fleet of thousands of links."""
 """Members of one node link named in one frame of a fan-out (a bound on the frame)."""
 _MEMBER_ID = re.compile(rb"[A-Za-z0-9._:@+=-]{1,128}")
 """What a node link's member may call itself (no "/": it joins link and member ids; no " ":
@@ -156,6 +158,8 @@ class Broker:
         self._frame_bytes = 0
         self._bodies: OrderedDict[tuple[str, int], ManifestBody] = OrderedDict()
         """(digest, request_id) -> the reply: see `_manifest_body`."""
+        self._pushed: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """(node link, digest) whose manifest was pushed to it (`_push_manifest`), newest last."""
         self._undelivered: OrderedDict[str, list[Message]] = OrderedDict()
         self._state_error_logged_at = 0.0
         self.security = security_mode(config)
@@ -555,14 +559,7 @@ class Broker:
             raise
         self.stats.manifest_fetches_total += 1
         self.stats.manifest_fetch_bytes_total += len(body)
-        key = (message.digest, message.request_id)
-        reply = self._bodies.get(key)
-        if reply is None or reply.body is not body:
-            reply = ManifestBody(request_id=message.request_id, digest=message.digest, body=body)
-            self._bodies[key] = reply
-            while len(self._bodies) > _BODIES_CACHED:
-                self._bodies.popitem(last=False)
-        self._bodies.move_to_end(key)
+        reply = self._body_reply(message.digest, message.request_id, body)
         logger.debug(
             "manifest served peer=%s model=%s version=%d bytes=%d",
             peer_id,
@@ -570,6 +567,18 @@ class Broker:
             message.version,
             len(body),
         )
+        return reply
+
+    def _body_reply(self, digest: str, request_id: int, body: bytes) -> ManifestBody:
+        """One ManifestBody object per (digest, request id), so its frame is encoded once."""
+        key = (digest, request_id)
+        reply = self._bodies.get(key)
+        if reply is None or reply.body is not body:
+            reply = ManifestBody(request_id=request_id, digest=digest, body=body)
+            self._bodies[key] = reply
+            while len(self._bodies) > _BODIES_CACHED:
+                self._bodies.popitem(last=False)
+        self._bodies.move_to_end(key)
         return reply
 
     # administration (admin keys over ZeroMQ, or the admin token over HTTP)
@@ -604,10 +613,7 @@ class Broker:
             data = encoded.get(id(message))
             if data is None:
                 data = encoded[id(message)] = self._encode(message)
-            if end - start == 1:
-                self._send_one(outbox[start][0], [], message, data)
-            else:
-                self._send_run([peer_id for peer_id, _ in outbox[start:end]], message, data)
+            self._send_run([peer_id for peer_id, _ in outbox[start:end]], message, data)
             start = end
 
     def _send_run(self, peer_ids: list[str], message: Message, data: bytes) -> None:
@@ -619,8 +625,41 @@ class Broker:
             else:
                 self._send_one(peer_id, [], message, data)
         for link, members in by_link.items():
+            if isinstance(message, Announced):
+                self._push_manifest(link, members, message)
             for chunk in range(0, len(members), _MEMBERS_PER_FRAME):
                 self._send_one(link, members[chunk : chunk + _MEMBERS_PER_FRAME], message, data)
+
+    def _push_manifest(self, link: str, members: list[str], announced: Announced) -> None:
+        """Send a node link the announced manifest's body ahead of the announcement, once per
+        link and digest: its members' FetchManifest are then answered on their node, and the
+        broker makes one send per link instead of handling one request per link (at 1,250
+        links that request handling was most of a version's broker CPU, bench/RESULTS_FLEET.md).
+        Not to a link whose members all take manifests from relay peers."""
+        key = (link, announced.digest)
+        if key in self._pushed or not self.config.link_manifest_push:
+            return
+        relays = self.registry.relays
+        if relays.fanout > 0 and all(
+            relays.offered(f"{link}/{member}", announced.model) is not None for member in members
+        ):
+            return
+        model = self.registry.models.get(announced.model)
+        record = model.versions.get(announced.version) if model else None
+        if record is None or record.digest != announced.digest or record.unreadable is not None:
+            return
+        body = self._body_reply(announced.digest, 0, record.body)
+        try:
+            self._sender.send_multipart(
+                [link.encode("latin-1"), b"", self._encode(body)], flags=zmq.NOBLOCK
+            )
+        except zmq.ZMQError as exc:  # a full queue, or the link is gone: members fetch
+            logger.debug("manifest push to link=%s failed: %s", link, exc)
+            return
+        self.stats.manifest_pushes_total += 1
+        self._pushed[key] = None
+        while len(self._pushed) > _PUSHED:
+            self._pushed.popitem(last=False)
 
     def _send_one(self, peer_id: str, members: list[str], message: Message, data: bytes) -> None:
         """To one peer (`members` empty; a member's id is "link/member"), or to `members` of

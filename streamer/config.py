@@ -75,6 +75,9 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     relay_fanout: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     """Relay: stripes per version (and each stripe tree's arity) when subscribers offer to
     relay; 0 sends no Routes, so every subscriber reads from the trainer."""
+    link_manifest_push: bool = True
+    """Push a version's manifest to each node link once, ahead of its announcement to the
+    link's members (never to a link whose members all relay: peers serve them manifests)."""
 
     def limits(self) -> Limits:
         return Limits(

@@ -50,6 +50,7 @@ __all__ = [
     "MANIFEST_FETCHES_TOTAL",
     "MANIFEST_FETCH_BYTES_TOTAL",
     "MANIFEST_FETCH_REFUSED_TOTAL",
+    "MANIFEST_PUSHES_TOTAL",
     "MANIFEST_SOURCES",
     "MESSAGES_TOTAL",
     "PAUSE_SECONDS",
@@ -101,6 +102,7 @@ RELAY_SERVED_BYTES_TOTAL = "weightstream_relay_served_bytes_total"
 MANIFEST_FETCHES_TOTAL = "weightstream_broker_manifest_fetches_total"
 MANIFEST_FETCH_BYTES_TOTAL = "weightstream_broker_manifest_fetch_bytes_total"
 MANIFEST_FETCH_REFUSED_TOTAL = "weightstream_broker_manifest_fetch_refused_total"
+MANIFEST_PUSHES_TOTAL = "weightstream_broker_manifest_pushes_total"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -126,6 +128,8 @@ class BrokerStats:
         """FetchManifest answered with the body (protocol 2: about one per subscriber and version)."""
         self.manifest_fetch_bytes_total = 0
         self.manifest_fetch_refused_total = 0
+        self.manifest_pushes_total = 0
+        """Manifest bodies pushed to node links with an announcement (one per link and version)."""
         self.security = "loopback"
         """`curve`, `loopback` (no keys, loopback only) or `insecure` (no keys, off loopback)."""
         self.state_write_errors_total = 0
@@ -293,6 +297,11 @@ class RegistryCollector:
                 MANIFEST_FETCH_REFUSED_TOTAL,
                 "FetchManifest refused (unknown digest, unreadable version, over the per-connection cap).",
                 stats.manifest_fetch_refused_total,
+            ),
+            (
+                MANIFEST_PUSHES_TOTAL,
+                "Manifest bodies pushed to node links ahead of an announcement (once per link).",
+                stats.manifest_pushes_total,
             ),
         )
         models = [

@@ -14,9 +14,12 @@ The wire: an engine speaks the ordinary protocol to the link, which forwards it 
 as [member id, message]; the broker sees [link id, member id, message] and names the engine
 "<link id>/<member id>". The broker sends one message to several members of a link as one
 frame [member ids joined by " ", message], and the link hands each member its copy; one that
-left is skipped (counted). A member's FetchManifest for a digest the link holds is answered
-here; concurrent ones for one digest wait for the first (its body checked against the digest
-before it is kept), so a version's manifest crosses the broker's socket once per node.
+left is skipped (counted). Ahead of an announcement to its members the broker pushes the
+manifest's body to the link itself ([b"", ManifestBody], once per link and digest; not when
+all of them take manifests from relay peers). A member's FetchManifest for a digest the link
+holds is answered here; concurrent ones for a digest it lacks wait for the first (every body
+is checked against its digest before it is kept), so a version's manifest crosses the
+broker's socket once per node, with no request.
 
 Identity: the broker authenticates the link's key, and every member acts with that key's
 rights. So the link listens only where its own node reaches it (`ipc://` in a directory of
@@ -137,6 +140,8 @@ class LinkStats:
     manifests_answered: int = 0
     """Members' FetchManifest answered here (from the cache, or by the one fetch in flight)."""
     manifests_fetched: int = 0
+    manifests_pushed: int = 0
+    """Manifests the broker pushed with an announcement (kept: they matched their digest)."""
     manifests_bad: int = 0
     members_seen: int = 0
 
@@ -401,6 +406,37 @@ class NodeLink:
             again = msgspec.structs.replace(pending.request, request_id=request_id)
             self._to_broker([waiter, encode(again)])
 
+    def _take_pushed(self, payload: bytes) -> None:
+        """Keep a manifest the broker pushed (checked against its digest first), and answer
+        the members already waiting for it."""
+        try:
+            message = decode_header(payload)
+        except ProtocolError as exc:
+            logger.warning("undecodable push from the broker link=%s: %s", self.link_id, exc)
+            return
+        if not isinstance(message, ManifestBody):
+            logger.warning("unexpected %s pushed to link=%s", type(message).__name__, self.link_id)
+            return
+        if hashlib.sha256(message.body).hexdigest() != message.digest:
+            self.stats.manifests_bad += 1
+            logger.warning(
+                "pushed manifest does not match its digest link=%s digest=%s",
+                self.link_id,
+                message.digest[:12],
+            )
+            return
+        self.stats.manifests_pushed += 1
+        self._keep(message.digest, message.body)
+        pending = self._fetches.get(message.digest)
+        if pending is not None:  # the asker still gets the broker's own reply
+            self.stats.manifests_answered += len(pending.waiting)
+            for waiter, request_id in pending.waiting:
+                reply = ManifestBody(
+                    request_id=request_id, digest=message.digest, body=message.body
+                )
+                self._to_member(waiter, encode(reply))
+            pending.waiting.clear()
+
     def _keep(self, digest: str, body: bytes) -> None:
         limit = self.config.manifest_cache_bytes
         if len(body) > limit:
@@ -422,6 +458,9 @@ class NodeLink:
             )
             return
         members, payload = frames
+        if not members:  # for the link itself: a manifest pushed ahead of its announcement
+            self._take_pushed(payload)
+            return
         if self._fetches and b" " not in members and len(payload) >= 8:
             try:
                 message = decode_header(payload)

@@ -30,6 +30,7 @@ from streamer.metrics import (
     MANIFEST_FETCH_BYTES_TOTAL,
     MANIFEST_FETCH_REFUSED_TOTAL,
     MANIFEST_FETCHES_TOTAL,
+    MANIFEST_PUSHES_TOTAL,
     MANIFEST_SOURCES,
     MESSAGES_TOTAL,
     PAUSE_SECONDS,
@@ -391,6 +392,7 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         MANIFEST_FETCHES_TOTAL: "counter",
         MANIFEST_FETCH_BYTES_TOTAL: "counter",
         MANIFEST_FETCH_REFUSED_TOTAL: "counter",
+        MANIFEST_PUSHES_TOTAL: "counter",
     }
     assert all(name.startswith("weightstream_") for name in types)
     assert samples[(ANNOUNCED_TOTAL, frozenset())] == 2

@@ -1,5 +1,6 @@
 """Node links over real sockets: several engines, one broker connection, each engine a
-subscriber of its own; one fan-out frame per link; manifests fetched once per node; a bad
+subscriber of its own; one fan-out frame per link; a manifest pushed once per node, or
+fetched once per node where it was not pushed; a bad
 member id or envelope refused with a protocol error while the broker and the link serve on."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from schemas.messages import (
     FetchManifest,
     Hello,
     ManifestBody,
+    RelayOffer,
     Subscribe,
     Subscribed,
     Welcome,
@@ -30,10 +32,17 @@ from streamer.auth import AuthError
 from streamer.client import BrokerClient, connect
 from streamer.config import ClientConfig
 from streamer.frames import decode_header
-from streamer.metrics import MANIFEST_FETCHES_TOTAL
+from streamer.metrics import MANIFEST_FETCHES_TOTAL, MANIFEST_PUSHES_TOTAL
 from streamer.node_link import NodeLink, NodeLinkConfig
 from tests.streamer.test_announced import counter, shard
-from tests.support import RunningBroker, eventually, test_keys, until
+from tests.support import (
+    RunningBroker,
+    broker_config,
+    eventually,
+    run_broker,
+    test_keys,
+    until,
+)
 
 MODEL = "org/linked"
 
@@ -115,11 +124,107 @@ async def test_engines_behind_one_link_are_subscribers_each_and_the_node_fetches
         async with asyncio.timeout(5):
             assert await publisher.wait_applied(MODEL, 2, 3) == 3
 
-    # One manifest body per version crossed the broker's socket, not one per engine.
-    assert await counter(broker, MANIFEST_FETCHES_TOTAL) == 2
-    assert link.stats.manifests_fetched == 2
-    assert link.stats.manifests_answered == 4
+    # One manifest body per version crossed the broker's socket, pushed with its first
+    # announcement to the link: no engine's FetchManifest reached the broker.
+    assert await counter(broker, MANIFEST_PUSHES_TOTAL) == 2
+    assert await counter(broker, MANIFEST_FETCHES_TOTAL) == 0
+    assert link.stats.manifests_pushed == 2
+    assert link.stats.manifests_fetched == 0
+    assert link.stats.manifests_answered == 6
     assert link.stats.members_seen == 3
+
+
+async def test_engines_that_take_manifests_from_peers_get_no_push_and_the_node_fetches_once(
+    broker: RunningBroker, zmq_ctx, tmp_path: Path
+) -> None:
+    """Every engine of the link offers a relay (so peers would serve its manifests): the
+    broker pushes nothing, and the engines' fetches that do reach the link cost one fetch,
+    the others parked behind it."""
+    async with (
+        connect(broker.client_config(), role="publisher", context=zmq_ctx) as publisher,
+        running_link(broker, zmq_ctx, tmp_path) as link,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        engines: list[BrokerClient] = [
+            await stack.enter_async_context(
+                connect(engine_config(link), role="subscriber", context=zmq_ctx)
+            )
+            for _ in range(3)
+        ]
+        for index, engine in enumerate(engines):
+            offer = RelayOffer(endpoint=f"tcp://127.0.0.1:{7100 + index}")
+            assert await engine.subscribe(MODEL, relay=offer) is None
+        assert (await publisher.publish(MODEL, 1, 0, 1, shard(40))).complete
+        got = await asyncio.gather(*(e.next_manifest(MODEL, after=0) for e in engines))
+    assert [m.tensors for m in got] == [shard(40).tensors] * 3
+    assert await counter(broker, MANIFEST_PUSHES_TOTAL) == 0
+    assert await counter(broker, MANIFEST_FETCHES_TOTAL) == 1
+    assert (link.stats.manifests_pushed, link.stats.manifests_fetched) == (0, 1)
+    assert link.stats.manifests_answered == 2
+
+
+async def test_with_pushes_off_the_node_fetches_each_manifest_once(zmq_ctx, tmp_path: Path) -> None:
+    async with (
+        run_broker(broker_config(link_manifest_push=False)) as broker,
+        connect(broker.client_config(), role="publisher", context=zmq_ctx) as publisher,
+        running_link(broker, zmq_ctx, tmp_path) as link,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        engines: list[BrokerClient] = [
+            await stack.enter_async_context(
+                connect(engine_config(link), role="subscriber", context=zmq_ctx)
+            )
+            for _ in range(3)
+        ]
+        for engine in engines:
+            assert await engine.subscribe(MODEL) is None
+        assert (await publisher.publish(MODEL, 1, 0, 1, shard(40))).complete
+        got = await asyncio.gather(*(e.next_manifest(MODEL, after=0) for e in engines))
+        assert [m.tensors for m in got] == [shard(40).tensors] * 3
+        assert await counter(broker, MANIFEST_PUSHES_TOTAL) == 0
+        assert await counter(broker, MANIFEST_FETCHES_TOTAL) == 1
+    assert (link.stats.manifests_fetched, link.stats.manifests_answered) == (1, 2)
+
+
+async def test_a_pushed_manifest_that_does_not_match_its_digest_is_not_kept(
+    zmq_ctx, tmp_path: Path
+) -> None:
+    """A lying broker (a raw ROUTER) pushes a body under another digest: the link drops it,
+    and a member's FetchManifest for that digest goes on to the broker."""
+    liar = zmq_ctx.socket(zmq.ROUTER)
+    liar.setsockopt(zmq.LINGER, 0)
+    port = liar.bind_to_random_port("tcp://127.0.0.1")
+    config = NodeLinkConfig(broker=f"tcp://127.0.0.1:{port}", listen=f"ipc://{tmp_path}/l.sock")
+    link = NodeLink(config, context=zmq_ctx)
+    task = asyncio.create_task(link.run())
+    member = zmq_ctx.socket(zmq.DEALER)
+    member.setsockopt(zmq.LINGER, 0)
+    member.setsockopt(zmq.ROUTING_ID, b"m-1")
+    member.connect(link.endpoint)
+    digest = hashlib.sha256(b"the real manifest").hexdigest()
+    try:
+        await member.send(encode(Hello(peer_id="m-1", role="subscriber")))
+        async with asyncio.timeout(5):
+            route, member_id, _ = await liar.recv_multipart()  # the link is connected
+        lie = ManifestBody(request_id=0, digest=digest, body=b"another manifest")
+        await liar.send_multipart([route, b"", encode(lie)])
+        announced = Announced(model=MODEL, version=1, digest=digest, nbytes=17)
+        await liar.send_multipart([route, member_id, encode(announced)])
+        async with asyncio.timeout(5):  # in order after the push: the link has handled it
+            assert decode_header(await member.recv()) == announced
+        fetch = FetchManifest(request_id=3, model=MODEL, version=1, digest=digest)
+        await member.send(encode(fetch))
+        async with asyncio.timeout(5):
+            frames = await liar.recv_multipart()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        link.close()
+        member.close(linger=0)
+        liar.close(linger=0)
+    assert frames[1:] == [b"m-1", encode(fetch)]  # not answered from the lie
+    assert (link.stats.manifests_bad, link.stats.manifests_pushed) == (1, 0)
 
 
 async def _three(broker: RunningBroker) -> list[dict[str, object]] | None:
@@ -149,9 +254,14 @@ async def test_one_frame_per_link_carries_an_announcement_to_all_its_members(
             assert (to, subscribed) == (member, Subscribed(request_id=1, model=MODEL))
         async with connect(broker.client_config(), role="publisher", context=zmq_ctx) as pub:
             assert (await pub.publish(MODEL, 1, 0, 1, shard(1))).complete
+            to, pushed = await _receive(link)  # for the link itself, ahead of the announcement
+            assert to == b""
+            assert isinstance(pushed, ManifestBody)
             to, announced = await _receive(link)
             assert isinstance(announced, Announced)
             assert sorted(to.split(b" ")) == members  # one frame, every member named
+            assert pushed.digest == announced.digest
+            assert hashlib.sha256(pushed.body).hexdigest() == announced.digest
             # A member's own request is answered to it alone.
             fetch = FetchManifest(request_id=9, model=MODEL, version=1, digest=announced.digest)
             await link.send_multipart([b"m-2", encode(fetch)])
