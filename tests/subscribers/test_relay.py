@@ -614,13 +614,19 @@ async def relay_subscriber(
     model: str = MODEL,
     shapes: dict[str, torch.Tensor] | None = None,
     name: str = "",
+    via: str | None = None,
 ) -> AsyncIterator[tuple[Subscriber, dict[str, torch.Tensor]]]:
     """A relay subscriber of `model` (an engine shaped like `shapes`, default this module's
-    weights), running (`Subscriber.run`) until the block ends."""
+    weights), running (`Subscriber.run`) until the block ends; `via`: a node link's endpoint
+    to reach the broker through (keyless: the link's key speaks for it)."""
     receiver = ZmqFrameReceiver(timeout_s=5.0)
     tensors = {n: torch.zeros_like(t) for n, t in (shapes or weights(0)).items()}
     server = RelayServer()
     client_config = msgspec.structs.replace(broker.client_config(), name=name)
+    if via is not None:
+        client_config = msgspec.structs.replace(
+            client_config, broker=via, key_file=None, broker_key_file=None
+        )
     try:
         async with connect(client_config, role="subscriber", context=zmq_ctx) as client:
             subscriber = Subscriber(

@@ -17,6 +17,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -28,14 +29,22 @@ from publishers.sources import synthetic_llama
 from schemas.frames import RelayManifestRead, RelayRead, decode_relay_read
 from schemas.messages import RelayOffer, RelaySource
 from streamer.client import PEER_MANIFEST_S, BrokerClient, connect
-from streamer.metrics import APPLIED_MANIFEST_SOURCES_TOTAL
+from streamer.metrics import APPLIED_MANIFEST_SOURCES_TOTAL, MANIFEST_PUSHES_TOTAL
+from streamer.node_link import NodeLink, NodeLinkConfig
 from streamer.transport import ZmqFrameSender
 from subscribers.relay import MAX_HELD, MAX_MANIFESTS_PER_MODEL, RelayError, RelayServer
 from subscribers.relay_client import RelayClient
 from subscribers.subscriber import PullConfig, Subscriber
 from tests.e2e.procs import get_json, get_text, metric
 from tests.subscribers.test_relay import relay_subscriber
-from tests.support import RunningBroker, broker_config, eventually, run_broker, until
+from tests.support import (
+    RunningBroker,
+    broker_config,
+    eventually,
+    run_broker,
+    test_keys,
+    until,
+)
 
 MODEL = "org/relay-manifest"
 MODEL_BYTES = 256 << 10
@@ -195,11 +204,12 @@ class Node:
 
 @contextlib.asynccontextmanager
 async def relay_node(
-    broker: RunningBroker, zmq_ctx: zmq.asyncio.Context, name: str
+    broker: RunningBroker, zmq_ctx: zmq.asyncio.Context, name: str, *, via: str | None = None
 ) -> AsyncIterator[Node]:
-    """A relay subscriber named `name`, running (`Subscriber.run`) until the block ends."""
+    """A relay subscriber named `name`, running (`Subscriber.run`) until the block ends
+    (`via`: through that node link)."""
     async with relay_subscriber(
-        broker, zmq_ctx, CONFIG, model=MODEL, shapes=weights(0), name=name
+        broker, zmq_ctx, CONFIG, model=MODEL, shapes=weights(0), name=name, via=via
     ) as (subscriber, tensors):
         yield Node(subscriber, tensors)
 
@@ -275,6 +285,66 @@ async def test_relay_subscribers_take_the_manifest_from_peers_and_the_broker_ser
             relay = node.subscriber.relay
             assert relay is not None
             assert (MODEL, 1, digest) in relay.manifests()
+
+
+async def test_relay_engines_behind_node_links_take_manifests_from_peers_not_pushes(
+    broker: RunningBroker, zmq_ctx, tmp_path: Path
+) -> None:
+    """Two node links of two relay engines each: the broker pushes no manifest to the links
+    (their engines all relay), serves one body, and the other engines read theirs from
+    peers, as without links."""
+    async with contextlib.AsyncExitStack() as stack:
+        links = []
+        for index in range(2):
+            link = NodeLink(
+                NodeLinkConfig(
+                    broker=broker.endpoint,
+                    listen=f"ipc://{tmp_path}/link-{index}/engines.sock",
+                    key_file=test_keys().key_file(),
+                    broker_key_file=test_keys().broker_public_file,
+                ),
+                context=zmq_ctx,
+            )
+            stack.callback(link.close)
+            task = asyncio.create_task(link.run())
+            stack.push_async_callback(_cancelled, task)
+            links.append(link)
+        nodes = [
+            await stack.enter_async_context(
+                relay_node(broker, zmq_ctx, f"node-{i}", via=links[i % 2].endpoint)
+            )
+            for i in range(NODES)
+        ]
+        await relay_offers(broker, NODES)
+        publisher = await stack.enter_async_context(
+            open_publisher(
+                broker.client_config(),
+                model=MODEL,
+                sender=ZmqFrameSender(),
+                bucket_bytes=BUCKET_BYTES,
+                context=zmq_ctx,
+            )
+        )
+        await publisher.publish(1, weights(1))
+        await asyncio.wait_for(publisher.wait_applied(1, NODES), 30)
+        for node in nodes:
+            assert engine_holds(node.tensors, 1)
+        assert await broker_bodies(broker) == 1
+        text = await get_text(f"{broker.url}/metrics")
+        assert metric(text, MANIFEST_PUSHES_TOTAL) == 0
+        assert sum(n.client.peer_manifest_fetches for n in nodes) == NODES - 1
+        rows = (await get_json(f"{broker.url}/v1/subscribers"))["subscribers"]
+        assert sorted(row["peer_id"].split("/")[0] for row in rows) == sorted(
+            [links[0].link_id] * 2 + [links[1].link_id] * 2
+        )
+        sources = sorted(row["manifest_source"].split(":")[0] for row in rows)
+        assert sources == ["broker", "peer", "peer", "peer"]
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class LyingPeer:
