@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANONYMOUS",
+    "CLOSED_HANDSHAKES",
+    "HANDSHAKE_EVENTS",
     "Allowlist",
     "AuthError",
     "CurveKeys",
@@ -91,6 +93,18 @@ ANY_MODEL = "*"
 FIRST_VERSION_LIMIT = 2**53
 """The largest first version of a model (a global step fits; 2^64-1 does not)."""
 _MAX_KEYS = 10_000
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+"""The CURVE handshake events a client of the broker watches (`BrokerClient`, `NodeLink`)."""
+CLOSED_HANDSHAKES = 3
+"""Handshakes in a row the broker closes before they complete (no success between) that
+mean the two sides disagree on keys: a keyless client's greeting to a CURVE broker is often
+answered only by the connection closing (the mechanism mismatch seen by the broker first), not
+by a protocol error. One or two are a broker restarting."""
 _Z85 = r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$"
 
 KeyName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]

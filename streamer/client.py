@@ -80,7 +80,14 @@ from schemas.messages import (
     Welcome,
     Withdraw,
 )
-from streamer.auth import AuthError, Forbidden, load_keys, load_public_key
+from streamer.auth import (
+    CLOSED_HANDSHAKES,
+    HANDSHAKE_EVENTS,
+    AuthError,
+    Forbidden,
+    load_keys,
+    load_public_key,
+)
 from streamer.errors import (
     BrokerError,
     IncompatiblePeer,
@@ -189,7 +196,7 @@ class BrokerClient:
             self._socket.curve_secretkey = keys.secret
             self._socket.curve_publickey = keys.public
             self._socket.curve_serverkey = load_public_key(config.broker_key_file)
-        self._monitor = self._socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._monitor = self._socket.get_monitor_socket(HANDSHAKE_EVENTS)
         self._socket.connect(config.broker)
         self._last_heard = time.monotonic()
         self.heartbeat_s = config.heartbeat_interval_s
@@ -902,7 +909,7 @@ class BrokerClient:
                 continue
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 closed += 1
-                if closed < _CLOSED_HANDSHAKES:
+                if closed < CLOSED_HANDSHAKES:
                     continue
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 reason = (
@@ -941,19 +948,6 @@ class BrokerClient:
         self._socket.disable_monitor()
         self._monitor.close(linger=0)
         self._socket.close(linger=100)
-
-
-_HANDSHAKE_EVENTS = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-_CLOSED_HANDSHAKES = 3
-"""Handshakes in a row the broker closes before they complete (no success between) that
-mean the two sides disagree on keys: a keyless client's greeting to a CURVE broker is often
-answered only by the connection closing (the mechanism mismatch seen by the broker first), not
-by a protocol error. One or two are a broker restarting."""
 
 
 def _broker_error(code: ErrorCode, detail: str) -> BrokerError:

@@ -48,7 +48,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from schemas.codec import encode
 from schemas.messages import Error, ErrorCode, FetchManifest, ManifestBody, Message
-from streamer.auth import load_keys, load_public_key
+from streamer.auth import CLOSED_HANDSHAKES, HANDSHAKE_EVENTS, load_keys, load_public_key
 from streamer.errors import ProtocolError
 from streamer.frames import decode_header
 
@@ -71,15 +71,6 @@ _PEEK_BYTES = 4096
 _FETCHES_IN_FLIGHT = 64
 _WAITERS_PER_FETCH = 4096
 _MANIFESTS_CACHED = 16
-_HANDSHAKE_EVENTS = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-_CLOSED_HANDSHAKES = 3
-"""Handshakes closed in a row before they complete that mean a key mismatch (as the
-client's `watch` counts them: a CURVE broker often just closes a wrong key's connection)."""
 
 
 class NodeLinkConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -198,7 +189,7 @@ class NodeLink:
         except BaseException:
             self.close()
             raise
-        self._monitor = self.back.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._monitor = self.back.get_monitor_socket(HANDSHAKE_EVENTS)
         self._closed_handshakes = 0
         self.refused: str | None = None
         """Why the broker refuses this link's key (its members are told), or None."""
@@ -259,7 +250,7 @@ class NodeLink:
             return
         if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self._closed_handshakes += 1
-            if self._closed_handshakes < _CLOSED_HANDSHAKES:
+            if self._closed_handshakes < CLOSED_HANDSHAKES:
                 return
         reason = (
             f"the broker at {self.config.broker} refused node link {self.link_id}'s key: add "

@@ -79,6 +79,18 @@ def engine_config(link: NodeLink, **overrides: float) -> ClientConfig:
     )
 
 
+async def engines_of(
+    link: NodeLink, stack: contextlib.AsyncExitStack, zmq_ctx, count: int = 3
+) -> list[BrokerClient]:
+    """`count` engines connected through `link`, closed with `stack`."""
+    return [
+        await stack.enter_async_context(
+            connect(engine_config(link), role="subscriber", context=zmq_ctx)
+        )
+        for _ in range(count)
+    ]
+
+
 async def rows(broker: RunningBroker) -> list[dict[str, object]]:
     async with (
         aiohttp.ClientSession() as session,
@@ -97,12 +109,7 @@ async def test_engines_behind_one_link_are_subscribers_each_and_the_node_fetches
         contextlib.AsyncExitStack() as stack,
     ):
         assert (await publisher.publish(MODEL, 1, 0, 1, shard(50))).complete
-        engines: list[BrokerClient] = [
-            await stack.enter_async_context(
-                connect(engine_config(link), role="subscriber", context=zmq_ctx)
-            )
-            for _ in range(3)
-        ]
+        engines = await engines_of(link, stack, zmq_ctx)
         for engine in engines:
             assert await engine.subscribe(MODEL) == 1
         first = await asyncio.gather(*(e.next_manifest(MODEL, after=0) for e in engines))
@@ -134,56 +141,32 @@ async def test_engines_behind_one_link_are_subscribers_each_and_the_node_fetches
     assert link.stats.members_seen == 3
 
 
-async def test_engines_that_take_manifests_from_peers_get_no_push_and_the_node_fetches_once(
-    broker: RunningBroker, zmq_ctx, tmp_path: Path
+@pytest.mark.parametrize("why", ["engines relay", "pushes off"])
+async def test_where_nothing_is_pushed_the_node_fetches_each_manifest_once(
+    zmq_ctx, tmp_path: Path, why: str
 ) -> None:
-    """Every engine of the link offers a relay (so peers would serve its manifests): the
-    broker pushes nothing, and the engines' fetches that do reach the link cost one fetch,
-    the others parked behind it."""
+    """No push when every engine of the link offers a relay (peers would serve its
+    manifests), or with `link_manifest_push = false`: the engines' fetches that reach the link
+    then cost the broker one fetch, the others parked behind it."""
+    config = broker_config(link_manifest_push=why != "pushes off")
     async with (
+        run_broker(config) as broker,
         connect(broker.client_config(), role="publisher", context=zmq_ctx) as publisher,
         running_link(broker, zmq_ctx, tmp_path) as link,
         contextlib.AsyncExitStack() as stack,
     ):
-        engines: list[BrokerClient] = [
-            await stack.enter_async_context(
-                connect(engine_config(link), role="subscriber", context=zmq_ctx)
-            )
-            for _ in range(3)
-        ]
+        engines = await engines_of(link, stack, zmq_ctx)
         for index, engine in enumerate(engines):
             offer = RelayOffer(endpoint=f"tcp://127.0.0.1:{7100 + index}")
-            assert await engine.subscribe(MODEL, relay=offer) is None
-        assert (await publisher.publish(MODEL, 1, 0, 1, shard(40))).complete
-        got = await asyncio.gather(*(e.next_manifest(MODEL, after=0) for e in engines))
-    assert [m.tensors for m in got] == [shard(40).tensors] * 3
-    assert await counter(broker, MANIFEST_PUSHES_TOTAL) == 0
-    assert await counter(broker, MANIFEST_FETCHES_TOTAL) == 1
-    assert (link.stats.manifests_pushed, link.stats.manifests_fetched) == (0, 1)
-    assert link.stats.manifests_answered == 2
-
-
-async def test_with_pushes_off_the_node_fetches_each_manifest_once(zmq_ctx, tmp_path: Path) -> None:
-    async with (
-        run_broker(broker_config(link_manifest_push=False)) as broker,
-        connect(broker.client_config(), role="publisher", context=zmq_ctx) as publisher,
-        running_link(broker, zmq_ctx, tmp_path) as link,
-        contextlib.AsyncExitStack() as stack,
-    ):
-        engines: list[BrokerClient] = [
-            await stack.enter_async_context(
-                connect(engine_config(link), role="subscriber", context=zmq_ctx)
-            )
-            for _ in range(3)
-        ]
-        for engine in engines:
-            assert await engine.subscribe(MODEL) is None
+            relay = offer if why == "engines relay" else None
+            assert await engine.subscribe(MODEL, relay=relay) is None
         assert (await publisher.publish(MODEL, 1, 0, 1, shard(40))).complete
         got = await asyncio.gather(*(e.next_manifest(MODEL, after=0) for e in engines))
         assert [m.tensors for m in got] == [shard(40).tensors] * 3
         assert await counter(broker, MANIFEST_PUSHES_TOTAL) == 0
         assert await counter(broker, MANIFEST_FETCHES_TOTAL) == 1
-    assert (link.stats.manifests_fetched, link.stats.manifests_answered) == (1, 2)
+    assert (link.stats.manifests_pushed, link.stats.manifests_fetched) == (0, 1)
+    assert link.stats.manifests_answered == 2
 
 
 async def test_a_pushed_manifest_that_does_not_match_its_digest_is_not_kept(

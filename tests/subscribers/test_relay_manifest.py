@@ -231,6 +231,27 @@ async def broker_bodies(broker: RunningBroker) -> int:
 NODES = 4
 
 
+async def publish_to_all(
+    stack: contextlib.AsyncExitStack, broker: RunningBroker, zmq_ctx, nodes: list[Node]
+) -> None:
+    """Once the broker knows every node's relay offer, publish version 1 and wait until every
+    node applied it, byte for byte."""
+    await relay_offers(broker, len(nodes))
+    publisher = await stack.enter_async_context(
+        open_publisher(
+            broker.client_config(),
+            model=MODEL,
+            sender=ZmqFrameSender(),
+            bucket_bytes=BUCKET_BYTES,
+            context=zmq_ctx,
+        )
+    )
+    await publisher.publish(1, weights(1))
+    await asyncio.wait_for(publisher.wait_applied(1, len(nodes)), 30)
+    for node in nodes:
+        assert engine_holds(node.tensors, 1)
+
+
 async def test_relay_subscribers_take_the_manifest_from_peers_and_the_broker_serves_one(
     broker: RunningBroker, zmq_ctx
 ) -> None:
@@ -239,20 +260,7 @@ async def test_relay_subscribers_take_the_manifest_from_peers_and_the_broker_ser
             await stack.enter_async_context(relay_node(broker, zmq_ctx, f"node-{i}"))
             for i in range(NODES)
         ]
-        await relay_offers(broker, NODES)
-        publisher = await stack.enter_async_context(
-            open_publisher(
-                broker.client_config(),
-                model=MODEL,
-                sender=ZmqFrameSender(),
-                bucket_bytes=BUCKET_BYTES,
-                context=zmq_ctx,
-            )
-        )
-        await publisher.publish(1, weights(1))
-        await asyncio.wait_for(publisher.wait_applied(1, NODES), 30)
-        for node in nodes:
-            assert engine_holds(node.tensors, 1)
+        await publish_to_all(stack, broker, zmq_ctx, nodes)
         # Fanout 2 over node-0..3: stripe 0's tree is node-0 -> (node-1, node-2), node-1 ->
         # node-3. Its root asks the broker; the others their stripe-0 parent.
         fetches = {
@@ -315,20 +323,7 @@ async def test_relay_engines_behind_node_links_take_manifests_from_peers_not_pus
             )
             for i in range(NODES)
         ]
-        await relay_offers(broker, NODES)
-        publisher = await stack.enter_async_context(
-            open_publisher(
-                broker.client_config(),
-                model=MODEL,
-                sender=ZmqFrameSender(),
-                bucket_bytes=BUCKET_BYTES,
-                context=zmq_ctx,
-            )
-        )
-        await publisher.publish(1, weights(1))
-        await asyncio.wait_for(publisher.wait_applied(1, NODES), 30)
-        for node in nodes:
-            assert engine_holds(node.tensors, 1)
+        await publish_to_all(stack, broker, zmq_ctx, nodes)
         assert await broker_bodies(broker) == 1
         text = await get_text(f"{broker.url}/metrics")
         assert metric(text, MANIFEST_PUSHES_TOTAL) == 0
