@@ -57,8 +57,8 @@ from gpu.digest import DigestBatch, digest_of, wmix128_tensor  # noqa: E402
 from gpu.host import HostRegistration  # noqa: E402
 from publishers.packing import pack, plan  # noqa: E402
 from schemas.manifest import BucketSpec, TensorSpec  # noqa: E402
-from subscribers.cuda_stage import CudaStager, host_tensor  # noqa: E402
-from subscribers.node_share import NodeShare, exchange_shares, owner_blocks  # noqa: E402
+from subscribers.cuda.node_share import NodeShare, exchange_shares, owner_blocks  # noqa: E402
+from subscribers.cuda.stage import CudaStager, host_tensor  # noqa: E402
 
 GB = 1e9
 MiB = 1 << 20

@@ -64,8 +64,8 @@ from streamer.client import connect  # noqa: E402
 from streamer.config import BrokerConfig, ClientConfig  # noqa: E402
 from streamer.server import serve  # noqa: E402
 from streamer.transport import ShmReceiver  # noqa: E402
-from subscribers.cuda_stage import CudaStager  # noqa: E402
-from subscribers.cuda_swap import CudaSwapper  # noqa: E402
+from subscribers.cuda.stage import CudaStager  # noqa: E402
+from subscribers.cuda.swap import CudaSwapper  # noqa: E402
 from subscribers.pull import PullReport  # noqa: E402
 from subscribers.staging import Staging  # noqa: E402
 from subscribers.subscriber import PullConfig, Subscriber  # noqa: E402
@@ -294,7 +294,7 @@ async def _subscribe_main(args: argparse.Namespace) -> tuple[dict[str, Any], Any
     if world > 1 and not args.independent:
         import torch.distributed as dist
 
-        from subscribers.node_share import NodeShare, exchange_shares
+        from subscribers.cuda.node_share import NodeShare, exchange_shares
 
         dist.init_process_group("gloo")
         store = dist.TCPStore(  # type: ignore[attr-defined]

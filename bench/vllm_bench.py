@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, path: Path, endpoint: str) -> dict[str, Any]:
     from publishers.sources import load_checkpoint
     from streamer.config import ClientConfig
     from streamer.transport import MooncakeSender
-    from subscribers.vllm_follow import WeightStream
+    from subscribers.vllm.follow import WeightStream
     from tests.vllm.tiny_llama import PROMPTS
 
     load_average = os.getloadavg()[0]

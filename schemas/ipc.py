@@ -1,7 +1,7 @@
 """CUDA IPC handles as wire types: how a GPU process lets its node-local peers read its staging.
 
 Within a node, each GPU process fetches part of a version and exports its GPU staging buffer;
-its peers open the handle and copy the rest over NVLink (`subscribers.node_share`). What they
+its peers open the handle and copy the rest over NVLink (`subscribers.cuda.node_share`). What they
 exchange is a `StagingShare`: msgpack bytes of plain, bounded fields, never a pickle. The handle bytes
 are opaque here (torch's `_share_cuda_()` makes them; `_new_shared_cuda` opens them), so this
 module needs no torch. A handle only means something on the same node, to another process.

@@ -118,7 +118,7 @@ class ShmLocator(msgspec.Struct, frozen=True, tag="shm"):
     nbytes: NonNegative
 
 
-# The same-GPU offer (publishers/publisher.py `offer_gpu`; subscribers/cuda_swap.py reads it).
+# The same-GPU offer (publishers/publisher.py `offer_gpu`; subscribers/cuda/swap.py reads it).
 
 IpcHandle = Annotated[bytes, msgspec.Meta(max_length=1024)]
 """cudaIpcMemHandle_t and cudaIpcEventHandle_t are 64 bytes; torch's names are short too."""

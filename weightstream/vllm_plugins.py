@@ -32,7 +32,7 @@ def register_backend() -> None:
     check_top_level_names()
     if multiprocessing.parent_process() is None:  # once, in the process the user started
         _check_endpoint_named(os.environ)
-    from subscribers.vllm_swap import register_backend as register
+    from subscribers.vllm.swap import register_backend as register
 
     register()
 
@@ -41,7 +41,7 @@ def __getattr__(name: str) -> object:
     """`WeightstreamEndpoint`, the endpoint plugin, resolved when vLLM loads the entry point."""
     if name == "WeightstreamEndpoint":
         check_top_level_names()
-        from subscribers.vllm_server import WeightstreamEndpoint
+        from subscribers.vllm.server import WeightstreamEndpoint
 
         return WeightstreamEndpoint
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

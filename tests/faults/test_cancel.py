@@ -17,7 +17,7 @@ import torch
 
 from streamer.transport.base import Region
 from streamer.transport.zmq_frames import ZmqFrameReceiver, ZmqFrameSender
-from subscribers.cuda_swap import CudaSwapper
+from subscribers.cuda.swap import CudaSwapper
 from subscribers.pull import pull
 from subscribers.staging import Staging
 from subscribers.swap import TorchSwapper, VersionGate

@@ -29,7 +29,7 @@ from streamer.client import connect
 from streamer.config import ClientConfig
 from streamer.errors import ChecksumMismatch
 from streamer.transport import ShmReceiver
-from subscribers.cuda_stage import CudaStager
+from subscribers.cuda.stage import CudaStager
 from subscribers.staging import Staging
 from subscribers.subscriber import Subscriber
 from tests.gpu.test_cuda_swap import BUCKET_BYTES, FAST, MODEL, Engine, weights

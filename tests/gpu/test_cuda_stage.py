@@ -25,8 +25,8 @@ from publishers.packing import pack, plan
 from schemas.ipc import decode_staging_share, encode_staging_share
 from schemas.manifest import BucketSpec, Shard
 from streamer.checksum import wmix128
-from subscribers.cuda_stage import CudaStager, host_tensor
-from subscribers.node_share import NodeShare, exchange_shares, owner_blocks
+from subscribers.cuda.node_share import NodeShare, exchange_shares, owner_blocks
+from subscribers.cuda.stage import CudaStager, host_tensor
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

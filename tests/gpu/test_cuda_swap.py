@@ -28,7 +28,7 @@ from publishers.sources import synthetic_llama
 from streamer.client import connect
 from streamer.errors import ChecksumMismatch
 from streamer.transport import ShmReceiver
-from subscribers.cuda_swap import CudaSwapper, SwapMode
+from subscribers.cuda.swap import CudaSwapper, SwapMode
 from subscribers.staging import Staging
 from subscribers.subscriber import PullConfig, Subscriber
 from subscribers.swap import SwapError

@@ -10,8 +10,8 @@ import pytest
 with warnings.catch_warnings():  # vLLM's own imports warn; pytest turns warnings into errors
     warnings.simplefilter("ignore")
     pytest.importorskip("vllm")
-    from subscribers.vllm_follow import FollowConfig, transport_names
-    from subscribers.vllm_swap import checkpoint_tensors
+    from subscribers.vllm.follow import FollowConfig, transport_names
+    from subscribers.vllm.swap import checkpoint_tensors
 
 from safetensors.torch import load_file
 

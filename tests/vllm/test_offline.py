@@ -22,7 +22,7 @@ import pytest
 with warnings.catch_warnings():  # vLLM's own imports warn; pytest turns warnings into errors
     warnings.simplefilter("ignore")
     pytest.importorskip("vllm")
-    from subscribers.vllm_follow import WeightStream
+    from subscribers.vllm.follow import WeightStream
 
 from publishers.publisher import SyncPublisher
 from publishers.sources import load_checkpoint

@@ -10,7 +10,7 @@ import pytest
 with warnings.catch_warnings():  # vLLM's own imports warn; pytest turns warnings into errors
     warnings.simplefilter("ignore")
     pytest.importorskip("vllm")
-    from subscribers.vllm_follow import FollowConfig
+    from subscribers.vllm.follow import FollowConfig
 
 from streamer.signing_keys import new_signing_key
 

@@ -174,7 +174,7 @@ class WeightstreamTransferEngine(
 class WeightstreamWorkerExtension:
     """The same load for vLLM versions without the weight-transfer API.
 
-    Start the engine with `worker_extension_cls="subscribers.vllm_swap.WeightstreamWorkerExtension"`
+    Start the engine with `worker_extension_cls="subscribers.vllm.swap.WeightstreamWorkerExtension"`
     instead of `weight_transfer_config`; vLLM mixes this class into every worker, and the
     swapper calls `collective_rpc("weightstream_reload", args=(json,))`: one reload bracket
     (`model_runner.reload_weights`, checkpoint format, layer order) per version.

@@ -10,7 +10,7 @@
                           applies it before its next generate call, apply_latest() on demand
 
 `follow()` is the coroutine both modes run: `WeightStream` runs it on a background thread for
-an offline `LLM`; `subscribers.vllm_server` runs it on the API server's event loop. Failed
+an offline `LLM`; `subscribers.vllm.server` runs it on the API server's event loop. Failed
 pulls follow the Subscriber's policy: reported to the broker (its /v1/subscribers shows
 `last_error`), the engine stays on its version, the next version is tried as usual.
 """
@@ -37,7 +37,7 @@ from streamer.signing_keys import load_trusted_keys
 from streamer.transport.choice import make_receivers, parse_transports, receiver_names
 from subscribers.staging import Staging
 from subscribers.subscriber import FollowerStopped, PullConfig, Subscriber
-from subscribers.vllm_swap import PauseMode, VllmSwapper
+from subscribers.vllm.swap import PauseMode, VllmSwapper
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

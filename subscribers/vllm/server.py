@@ -6,7 +6,7 @@
 
 vLLM loads endpoint plugins in the API server process only, and only when named in
 VLLM_PLUGINS. `init_state` runs on the server's event loop with the engine client (an
-AsyncLLM): it starts `subscribers.vllm_follow.follow` there as a task, so versions are pulled
+AsyncLLM): it starts `subscribers.vllm.follow.follow` there as a task, so versions are pulled
 while the server serves, and swapped in between requests:
 
     pause_generation(mode="wait")   requests in flight finish on the old version; new ones queue
@@ -26,8 +26,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from subscribers.vllm_follow import FollowConfig, FollowStatus, follow
-from subscribers.vllm_swap import VllmSwapper
+from subscribers.vllm.follow import FollowConfig, FollowStatus, follow
+from subscribers.vllm.swap import VllmSwapper
 
 if TYPE_CHECKING:
     from argparse import Namespace

@@ -45,8 +45,8 @@ from schemas.ipc import buffer_of
 from schemas.manifest import ALIGNMENT, CudaIpcLocator
 from streamer.errors import ChecksumMismatch, TransportError
 from streamer.transport.shm import host_id
-from subscribers.cuda_stage import CudaStager
-from subscribers.host_pins import HostPins
+from subscribers.cuda.host_pins import HostPins
+from subscribers.cuda.stage import CudaStager
 from subscribers.swap import (
     SwapError,
     SwapReport,
@@ -60,8 +60,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from schemas.manifest import Manifest
-    from subscribers.cuda_stage import PullResult, SwapPlan
-    from subscribers.node_share import NodeShare
+    from subscribers.cuda.node_share import NodeShare
+    from subscribers.cuda.stage import PullResult, SwapPlan
     from subscribers.staging import Staging
 
 __all__ = ["CudaSwapper", "StageReport", "SwapMode"]

@@ -35,13 +35,13 @@ from gpu.ipc import export_buffer, export_event, ipc_event, open_buffer, open_ev
 from gpu.streams import new_stream
 from schemas.ipc import StagingShare, decode_staging_share, encode_staging_share
 from streamer.errors import ProtocolError
-from subscribers.cuda_stage import PullResult
+from subscribers.cuda.stage import PullResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from gpu.digest import DigestBatch
-    from subscribers.cuda_stage import BucketLike, CudaStager
+    from subscribers.cuda.stage import BucketLike, CudaStager
 
 __all__ = ["KeyValueStore", "NodeShare", "event_group", "exchange_shares", "owner_blocks"]
 
