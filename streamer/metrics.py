@@ -53,8 +53,10 @@ __all__ = [
     "MANIFEST_PUSHES_TOTAL",
     "MANIFEST_SOURCES",
     "MESSAGES_TOTAL",
+    "NODE_LINKS",
     "PAUSE_SECONDS",
     "PEERS",
+    "PEER_CONNECTIONS",
     "PENDING_MISSING_RANKS",
     "PENDING_VERSIONS",
     "PROTOCOL_ERRORS_TOTAL",
@@ -92,6 +94,8 @@ UNREADABLE_VERSIONS = "weightstream_unreadable_versions"
 SUBSCRIBER_VERSION = "weightstream_subscriber_version"
 SUBSCRIBER_LAG = "weightstream_subscriber_lag_versions"
 PEERS = "weightstream_peers"
+PEER_CONNECTIONS = "weightstream_peer_connections"
+NODE_LINKS = "weightstream_node_links"
 PULL_SECONDS = "weightstream_pull_seconds"
 PAUSE_SECONDS = "weightstream_pause_seconds"
 ANNOUNCE_TO_APPLIED_SECONDS = "weightstream_announce_to_applied_seconds"
@@ -229,6 +233,9 @@ class _Snapshot:
     subscribers: list[tuple[str, str, int, int | None]]
     """(model, subscriber name, applied version, the model's latest)"""
     roles: dict[str, int]
+    connections: int
+    """Connections the live peers use: a node link's engines share one."""
+    node_links: int
     relay: RelaySnapshot
 
 
@@ -317,12 +324,19 @@ class RegistryCollector:
         latest = {name: model.latest for name, model in registry.models.items()}
         newest: dict[tuple[str, str], tuple[float, int]] = {}
         roles: dict[str, int] = {}
+        links: set[str] = set()
+        direct = 0
         # One pass, no sort: the newest connection of a name wins (a restarted subscriber's
         # row over its old self).
         for peer in registry.peers.values():
             if peer.gone:
                 continue
             roles[peer.role] = roles.get(peer.role, 0) + 1
+            link, slash, _ = peer.peer_id.partition("/")
+            if slash:
+                links.add(link)
+            else:
+                direct += 1
             if peer.role != "subscriber":
                 continue
             for name, applied in peer.applied.items():
@@ -341,6 +355,8 @@ class RegistryCollector:
             models=models,
             subscribers=subscribers,
             roles=roles,
+            connections=direct + len(links),
+            node_links=len(links),
             relay=relay_snapshot(registry),
         )
 
@@ -406,6 +422,12 @@ def _families(snapshot: _Snapshot) -> Iterator[Metric]:
     for role, count in sorted(snapshot.roles.items()):
         peers.add_metric([role], count)
     yield peers
+    yield GaugeMetricFamily(
+        PEER_CONNECTIONS,
+        "Connections the live peers use (the engines behind a node link share one).",
+        value=snapshot.connections,
+    )
+    yield GaugeMetricFamily(NODE_LINKS, "Node links with live engines.", value=snapshot.node_links)
     yield from relay_families(snapshot.relay)
 
 

@@ -33,7 +33,9 @@ from streamer.metrics import (
     MANIFEST_PUSHES_TOTAL,
     MANIFEST_SOURCES,
     MESSAGES_TOTAL,
+    NODE_LINKS,
     PAUSE_SECONDS,
+    PEER_CONNECTIONS,
     PEERS,
     PENDING_MISSING_RANKS,
     PENDING_VERSIONS,
@@ -393,6 +395,8 @@ async def test_metrics_is_prometheus_text_with_the_expected_names(
         MANIFEST_FETCH_BYTES_TOTAL: "counter",
         MANIFEST_FETCH_REFUSED_TOTAL: "counter",
         MANIFEST_PUSHES_TOTAL: "counter",
+        PEER_CONNECTIONS: "gauge",
+        NODE_LINKS: "gauge",
     }
     assert all(name.startswith("weightstream_") for name in types)
     assert samples[(ANNOUNCED_TOTAL, frozenset())] == 2

@@ -32,7 +32,12 @@ from streamer.auth import AuthError
 from streamer.client import BrokerClient, connect
 from streamer.config import ClientConfig
 from streamer.frames import decode_header
-from streamer.metrics import MANIFEST_FETCHES_TOTAL, MANIFEST_PUSHES_TOTAL
+from streamer.metrics import (
+    MANIFEST_FETCHES_TOTAL,
+    MANIFEST_PUSHES_TOTAL,
+    NODE_LINKS,
+    PEER_CONNECTIONS,
+)
 from streamer.node_link import NodeLink, NodeLinkConfig
 from tests.streamer.test_announced import counter, shard
 from tests.support import (
@@ -130,6 +135,9 @@ async def test_engines_behind_one_link_are_subscribers_each_and_the_node_fetches
             await engine.report_applied(MODEL, 2, pull_s=0.1, pause_s=0.01, nbytes=960)
         async with asyncio.timeout(5):
             assert await publisher.wait_applied(MODEL, 2, 3) == 3
+        # Four peers on two connections: the publisher's, and the link's for its 3 engines.
+        assert await counter(broker, PEER_CONNECTIONS) == 2
+        assert await counter(broker, NODE_LINKS) == 1
 
     # One manifest body per version crossed the broker's socket, pushed with its first
     # announcement to the link: no engine's FetchManifest reached the broker.
