@@ -46,7 +46,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from schemas.codec import encode
+from schemas.codec import MAX_MESSAGE_BYTES, encode
 from schemas.messages import Error, ErrorCode, FetchManifest, ManifestBody, Message
 from streamer.auth import CLOSED_HANDSHAKES, HANDSHAKE_EVENTS, load_keys, load_public_key
 from streamer.errors import ProtocolError
@@ -175,6 +175,8 @@ class NodeLink:
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.setsockopt(zmq.SNDHWM, config.queue_size)
         self.back.setsockopt(zmq.RCVHWM, config.queue_size)
+        # The largest a broker sends: a manifest body at the codec's limit, and its header.
+        self.back.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 64 * 1024)
         try:
             if config.key_file is not None and config.broker_key_file is not None:
                 keys = load_keys(config.key_file)
