@@ -340,9 +340,7 @@ class NodeLink:
         body = self._bodies.get(message.digest)
         if body is not None:
             self._bodies.move_to_end(message.digest)
-            self.stats.manifests_answered += 1
-            reply = ManifestBody(request_id=message.request_id, digest=message.digest, body=body)
-            self._to_member(member, encode(reply))
+            self._answer([(member, message.request_id)], message.digest, body)
             return True
         now = time.monotonic()
         pending = self._fetches.get(message.digest)
@@ -369,21 +367,9 @@ class NodeLink:
             if pending is None or pending.asker != (member, message.request_id):
                 return
             del self._fetches[message.digest]
-            if hashlib.sha256(message.body).hexdigest() == message.digest:
-                self._keep(message.digest, message.body)
-                self.stats.manifests_answered += len(pending.waiting)
-                for waiter, request_id in pending.waiting:
-                    reply = ManifestBody(
-                        request_id=request_id, digest=message.digest, body=message.body
-                    )
-                    self._to_member(waiter, encode(reply))
+            if self._keep_checked(message, "fetched"):
+                self._answer(pending.waiting, message.digest, message.body)
                 return
-            self.stats.manifests_bad += 1
-            logger.warning(
-                "manifest body does not match its digest link=%s digest=%s",
-                self.link_id,
-                message.digest[:12],
-            )
         elif isinstance(message, Error):
             found = [
                 d
@@ -410,25 +396,34 @@ class NodeLink:
         if not isinstance(message, ManifestBody):
             logger.warning("unexpected %s pushed to link=%s", type(message).__name__, self.link_id)
             return
+        if not self._keep_checked(message, "pushed"):
+            return
+        self.stats.manifests_pushed += 1
+        pending = self._fetches.get(message.digest)
+        if pending is not None:  # the asker still gets the broker's own reply
+            self._answer(pending.waiting, message.digest, message.body)
+            pending.waiting.clear()
+
+    def _keep_checked(self, message: ManifestBody, how: str) -> bool:
+        """Keep a body that matches its digest; count and log one that does not."""
         if hashlib.sha256(message.body).hexdigest() != message.digest:
             self.stats.manifests_bad += 1
             logger.warning(
-                "pushed manifest does not match its digest link=%s digest=%s",
+                "%s manifest does not match its digest link=%s digest=%s",
+                how,
                 self.link_id,
                 message.digest[:12],
             )
-            return
-        self.stats.manifests_pushed += 1
+            return False
         self._keep(message.digest, message.body)
-        pending = self._fetches.get(message.digest)
-        if pending is not None:  # the asker still gets the broker's own reply
-            self.stats.manifests_answered += len(pending.waiting)
-            for waiter, request_id in pending.waiting:
-                reply = ManifestBody(
-                    request_id=request_id, digest=message.digest, body=message.body
-                )
-                self._to_member(waiter, encode(reply))
-            pending.waiting.clear()
+        return True
+
+    def _answer(self, waiting: list[tuple[bytes, int]], digest: str, body: bytes) -> None:
+        """Hand `body` to each (member, request id) as the reply to its FetchManifest."""
+        self.stats.manifests_answered += len(waiting)
+        for member, request_id in waiting:
+            reply = ManifestBody(request_id=request_id, digest=digest, body=body)
+            self._to_member(member, encode(reply))
 
     def _keep(self, digest: str, body: bytes) -> None:
         limit = self.config.manifest_cache_bytes
