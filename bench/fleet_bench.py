@@ -407,17 +407,8 @@ class _Worker:
                 if digest not in sock.fetching or hashlib.sha256(body).hexdigest() != digest:
                     self.count("bad_manifest_body")
                     return
-                if digest not in self.validated:
-                    manifest = decode_manifest(body)
-                    validate_manifest(manifest, ManifestLimits())
-                    self.validated.add(digest)
-                    self.versions_of[digest] = manifest.version
                 sock.fetching.discard(digest)
-                version = self.versions_of[digest]
-                key = (self._scope(i), digest)
-                self.cached.add(key)
-                for j in self.waiting.pop(key, [i]):
-                    self._notified(j, version, now)
+                self._hold(self._scope(i), digest, body, now, fetcher=i)
             case Welcome(heartbeat_interval_s=interval, heartbeat_at_least_s=pace):
                 if not sock.joined:
                     sock.joined = True
@@ -527,15 +518,23 @@ class _Worker:
         if hashlib.sha256(message.body).hexdigest() != message.digest:
             self.count("bad_manifest_push")
             return
-        digest = message.digest
+        scope = 0 if self.spec.fetch == "process" else c
+        self._hold(scope, message.digest, message.body, now)
+
+    def _hold(
+        self, scope: int, digest: str, body: bytes, now: float, *, fetcher: int | None = None
+    ) -> None:
+        """A manifest checked against its digest: validated once per process, held for
+        `scope`, and every subscriber waiting on it there (the `fetcher` too) notified."""
         if digest not in self.validated:
-            manifest = decode_manifest(message.body)
+            manifest = decode_manifest(body)
             validate_manifest(manifest, ManifestLimits())
             self.validated.add(digest)
             self.versions_of[digest] = manifest.version
-        key = (0 if self.spec.fetch == "process" else c, digest)
+        key = (scope, digest)
         self.cached.add(key)
-        for j in self.waiting.pop(key, []):
+        default = [] if fetcher is None else [fetcher]
+        for j in self.waiting.pop(key, default):
             self._notified(j, self.versions_of[digest], now)
 
     def drain(self, c: int) -> None:
