@@ -429,6 +429,9 @@ class NodeLink:
         limit = self.config.manifest_cache_bytes
         if len(body) > limit:
             return
+        if digest in self._bodies:  # pushed after a fetch kept it, say: counted once
+            self._bodies.move_to_end(digest)
+            return
         self._bodies[digest] = body
         self._body_bytes += len(body)
         while self._body_bytes > limit or len(self._bodies) > _MANIFESTS_CACHED:

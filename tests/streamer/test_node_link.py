@@ -371,3 +371,19 @@ async def test_a_socket_directory_others_can_enter_is_refused(zmq_ctx, tmp_path:
     config = NodeLinkConfig(listen=f"ipc://{shared}/link.sock")
     with pytest.raises(ValueError, match="mode 0700"):
         NodeLink(config, context=zmq_ctx)
+
+
+def test_a_manifest_kept_again_is_counted_once_against_the_cache_bound(
+    zmq_ctx, tmp_path: Path
+) -> None:
+    """Room for two bodies: one kept three times (fetched, then pushed) leaves room for another."""
+    first, second = b"a" * 1000, b"b" * 1000
+    config = NodeLinkConfig(listen=f"ipc://{tmp_path}/l.sock", manifest_cache_bytes=2000)
+    link = NodeLink(config, context=zmq_ctx)
+    try:
+        for body in (first, first, first, second):
+            digest = hashlib.sha256(body).hexdigest()
+            assert link._keep_checked(ManifestBody(request_id=0, digest=digest, body=body), "t")
+        assert list(link._bodies.values()) == [first, second]
+    finally:
+        link.close()
