@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -231,21 +232,24 @@ async def broker_bodies(broker: RunningBroker) -> int:
 NODES = 4
 
 
+def publishing(broker: RunningBroker, zmq_ctx: zmq.asyncio.Context) -> Any:
+    """The trainer of these tests: MODEL over ZeroMQ frames, in BUCKET_BYTES buckets."""
+    return open_publisher(
+        broker.client_config(),
+        model=MODEL,
+        sender=ZmqFrameSender(),
+        bucket_bytes=BUCKET_BYTES,
+        context=zmq_ctx,
+    )
+
+
 async def publish_to_all(
     stack: contextlib.AsyncExitStack, broker: RunningBroker, zmq_ctx, nodes: list[Node]
 ) -> None:
     """Once the broker knows every node's relay offer, publish version 1 and wait until every
     node applied it, byte for byte."""
     await relay_offers(broker, len(nodes))
-    publisher = await stack.enter_async_context(
-        open_publisher(
-            broker.client_config(),
-            model=MODEL,
-            sender=ZmqFrameSender(),
-            bucket_bytes=BUCKET_BYTES,
-            context=zmq_ctx,
-        )
-    )
+    publisher = await stack.enter_async_context(publishing(broker, zmq_ctx))
     await publisher.publish(1, weights(1))
     await asyncio.wait_for(publisher.wait_applied(1, len(nodes)), 30)
     for node in nodes:
@@ -382,15 +386,7 @@ async def test_a_peer_with_a_wrong_or_no_manifest_costs_a_fetch_from_the_broker(
         await liar.subscribe(MODEL, relay=RelayOffer(endpoint=liar_server.endpoint))
         honest = await stack.enter_async_context(relay_node(broker, zmq_ctx, "b-honest"))
         await relay_offers(broker, 2)
-        publisher = await stack.enter_async_context(
-            open_publisher(
-                broker.client_config(),
-                model=MODEL,
-                sender=ZmqFrameSender(),
-                bucket_bytes=BUCKET_BYTES,
-                context=zmq_ctx,
-            )
-        )
+        publisher = await stack.enter_async_context(publishing(broker, zmq_ctx))
         await publisher.publish(1, weights(1))
         started = time.monotonic()
         await until(lambda: honest.client.peer_manifest_failures == 1, timeout_s=10)
